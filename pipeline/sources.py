@@ -1,0 +1,283 @@
+"""Readers for Kaggle's DSB2018 layout (folder or .zip, local or URI), plain image trees and synthetic data.
+
+Listing happens once on the driver and yields small picklable SampleRefs plus a list of problems;
+loading a ref (decode, merge masks) happens wherever the ref is sent: a loop, a Ray task, a test.
+Pure Python: no Ray or TensorFlow import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import posixpath
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from pipeline import fileio
+from pipeline.images import IMAGE_EXTENSIONS, DEFAULT_MAX_PIXELS, BadImageError, decode_image, decode_mask
+
+MAX_MEMBER_BYTES = 1 << 30  # an archive member larger than this is refused (zip bombs)
+SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lives. `kind` is 'file' (folder or URI), 'zip' (archive member) or 'synthetic'."""
+
+    image_id: str
+    kind: str
+    source: str  # folder, zip path/URI, or the synthetic seed as text
+    image_path: str = ""  # path inside source (relative, POSIX)
+    mask_paths: tuple[str, ...] = ()
+    has_masks: bool = False
+    index: int = 0  # synthetic sample number
+
+    def to_row(self) -> dict:
+        """A plain dict for Ray Data rows."""
+        row = dataclasses.asdict(self)
+        row["mask_paths"] = list(self.mask_paths)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> "SampleRef":
+        values = {name: row[name] for name in (f.name for f in dataclasses.fields(cls))}
+        values["mask_paths"] = tuple(values["mask_paths"])
+        values["index"] = int(values["index"])
+        values["has_masks"] = bool(values["has_masks"])
+        return cls(**values)
+
+
+@dataclass
+class Listing:
+    """What a source holds: usable refs, and every file that was left out with the reason."""
+
+    refs: list[SampleRef] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+@dataclass
+class Sample:
+    """A decoded sample at its original resolution."""
+
+    image_id: str
+    image: np.ndarray  # HxWx3 uint8 RGB
+    mask: np.ndarray | None  # HxW uint8 in {0, 1}: union of the nuclei
+    labels: np.ndarray | None  # HxW int32: 0 background, 1..N one label per nucleus
+    nuclei: int  # number of mask files
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _strip_extension(path: str) -> str:
+    root, _ = posixpath.splitext(path)
+    return root
+
+
+# ---------------------------------------------------------------- listing
+
+def list_kaggle(source: str) -> Listing:
+    """List a Kaggle-layout dataset (`<id>/images/<id>.png`, `<id>/masks/*.png`) in a folder or zip."""
+    if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
+        raise ValueError("use pipeline.synthetic.synthetic_refs for synthetic data")
+    paths, problems, kind = _list_files(source)
+    groups: dict[str, dict[str, list[str]]] = {}
+    for path in paths:
+        parts = path.split("/")
+        if len(parts) == 3 and parts[1] in ("images", "masks"):
+            groups.setdefault(parts[0], {"images": [], "masks": []})[parts[1]].append(path)
+        else:
+            problems.append((path, "not in Kaggle layout <id>/images/<id>.png or <id>/masks/*.png"))
+    listing = Listing(problems=problems)
+    for image_id in sorted(groups):
+        images = sorted(p for p in groups[image_id]["images"] if _is_image_name(p))
+        masks = sorted(p for p in groups[image_id]["masks"] if _is_image_name(p))
+        if not images:
+            listing.problems.append((f"{image_id}/images", "no image file in the images/ folder"))
+            continue
+        preferred = [p for p in images if _strip_extension(posixpath.basename(p)) == image_id]
+        image_path = (preferred or images)[0]
+        for extra in images:
+            if extra != image_path:
+                listing.problems.append((extra, f"second image for id {image_id}; using {image_path}"))
+        listing.refs.append(SampleRef(image_id=image_id, kind=kind, source=source, image_path=image_path,
+                                      mask_paths=tuple(masks), has_masks=bool(masks)))
+    return listing
+
+
+def list_images(source: str) -> Listing:
+    """List every image under a folder tree or zip (recursive), for inference.
+
+    Ids are the path relative to the source without extension, so equal names in different
+    subfolders stay distinct; Kaggle's `<id>/images/<id>.png` gets the plain id and its masks are
+    labels, not inputs.
+    """
+    paths, problems, kind = _list_files(source)
+    listing = Listing(problems=problems)
+    seen: dict[str, str] = {}
+    for path in sorted(paths):
+        parts = path.split("/")
+        if len(parts) >= 3 and parts[-2] == "masks":
+            continue  # Kaggle labels beside their image
+        if not _is_image_name(path):
+            listing.problems.append((path, "not an image file (extension is not one of "
+                                           + ", ".join(IMAGE_EXTENSIONS) + ")"))
+            continue
+        if len(parts) >= 3 and parts[-2] == "images":
+            image_id = parts[-3]
+        else:
+            image_id = _strip_extension(path)
+        if image_id in seen:
+            listing.problems.append((path, f"duplicate image id {image_id!r} (also {seen[image_id]})"))
+            continue
+        seen[image_id] = path
+        listing.refs.append(SampleRef(image_id=image_id, kind=kind, source=source, image_path=path))
+    return listing
+
+
+def _list_files(source: str) -> tuple[list[str], list[tuple[str, str]], str]:
+    """All file paths (relative, POSIX) in a folder or zip, the problems met, and the ref kind."""
+    if str(source).lower().endswith(".zip"):
+        return (*_list_zip(source), "zip")
+    if not fileio.is_uri(source):
+        return (*_list_local(source), "file")
+    fs, root = fileio.resolve(source)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"input folder not found: {source}")
+    paths = []
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if entry.type == pafs.FileType.File:
+            paths.append(posixpath.relpath(entry.path, root))
+    return paths, [], "file"
+
+
+def _list_local(source: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Walk a local folder without following symlinked folders; symlinks leading outside are refused."""
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"input folder not found: {source}")
+    root = os.path.realpath(source)
+    paths: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for directory, subdirectories, files in os.walk(root, onerror=lambda error: problems.append(
+            (os.path.relpath(error.filename or root, root), f"unreadable folder: {error.strerror}"))):
+        for name in sorted(subdirectories):
+            full = os.path.join(directory, name)
+            if os.path.islink(full):
+                problems.append((os.path.relpath(full, root).replace(os.sep, "/"), "symlinked folder not followed"))
+        subdirectories.sort()
+        for name in sorted(files):
+            full = os.path.join(directory, name)
+            relative = os.path.relpath(full, root).replace(os.sep, "/")
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if not os.path.exists(target):
+                    problems.append((relative, "broken or looping symlink"))
+                    continue
+                if os.path.commonpath([root, target]) != root:
+                    problems.append((relative, "symlink points outside the input folder"))
+                    continue
+            paths.append(relative)
+    return paths, problems
+
+
+def _list_zip(source: str) -> tuple[list[str], list[tuple[str, str]]]:
+    archive = _open_zip(source)
+    paths, problems = [], []
+    for info in archive.infolist():
+        if info.is_dir():
+            continue
+        try:
+            name = fileio.check_relative(info.filename)
+        except fileio.UnsafePathError as error:
+            problems.append((info.filename, f"unsafe archive member: {error}"))
+            continue
+        paths.append(name)
+    return paths, problems
+
+
+# ---------------------------------------------------------------- reading
+
+@functools.lru_cache(maxsize=8)
+def _open_zip(source: str) -> zipfile.ZipFile:
+    """Open an archive once per process (its central directory is parsed once)."""
+    if fileio.is_uri(source):
+        fs, path = fileio.resolve(source)
+        return zipfile.ZipFile(fs.open_input_file(path))
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"archive not found: {source}")
+    return zipfile.ZipFile(source)
+
+
+def _member_name(archive: zipfile.ZipFile, path: str) -> zipfile.ZipInfo:
+    for candidate in (path, path.replace("/", "\\")):
+        try:
+            return archive.getinfo(candidate)
+        except KeyError:
+            continue
+    raise BadImageError(f"archive member not found: {path}")
+
+
+def read_file(ref: SampleRef, path: str) -> bytes:
+    """Bytes of a file of a ref (its image or one of its masks), wherever the ref lives."""
+    path = fileio.check_relative(path)
+    if ref.kind == "zip":
+        archive = _open_zip(ref.source)
+        info = _member_name(archive, path)
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise BadImageError(f"archive member is {info.file_size:,} bytes, over {MAX_MEMBER_BYTES:,}")
+        return archive.read(info)
+    location = fileio.safe_join(ref.source, path)
+    try:
+        return fileio.read_bytes(location)
+    except OSError as error:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise BadImageError(f"unreadable file: {reason}") from error
+
+
+def load_sample(ref: SampleRef, *, with_masks: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
+    """Decode a ref: the RGB image and, when asked, the merged mask and instance labels.
+
+    Raises BadImageError naming what is wrong (the caller adds the file path).
+    """
+    if ref.kind == "synthetic":
+        from pipeline.synthetic import render_sample
+
+        return render_sample(int(ref.source), ref.index, with_masks=with_masks)
+    image = decode_image(read_file(ref, ref.image_path), max_pixels=max_pixels)
+    if not with_masks:
+        return Sample(ref.image_id, image, None, None, 0)
+    if not ref.mask_paths:
+        raise BadImageError("no masks/ folder (or it holds no mask files)")
+    labels = np.zeros(image.shape[:2], np.int32)
+    for number, mask_path in enumerate(ref.mask_paths, start=1):
+        try:
+            nucleus = decode_mask(read_file(ref, mask_path))
+        except BadImageError as error:
+            raise BadImageError(f"{mask_path}: {error}") from None
+        if nucleus.shape != labels.shape:
+            raise BadImageError(f"{mask_path}: mask is {nucleus.shape[1]}x{nucleus.shape[0]} but the image is "
+                                f"{labels.shape[1]}x{labels.shape[0]}")
+        labels[nucleus] = number
+    return Sample(ref.image_id, image, (labels > 0).astype(np.uint8), labels, len(ref.mask_paths))
+
+
+def describe(ref: SampleRef) -> str:
+    """Human-readable location of a ref's image, for error messages."""
+    if ref.kind == "synthetic":
+        return f"synthetic sample {ref.index} (seed {ref.source})"
+    if ref.kind == "zip":
+        return f"{ref.source}!{ref.image_path}"
+    return fileio.safe_join(ref.source, ref.image_path) if ref.image_path else ref.source
