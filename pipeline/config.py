@@ -1,0 +1,115 @@
+"""The one configuration object of each job, and the command line generated from it.
+
+Each field carries its own help text; `parse_args` builds argparse from the dataclass, so a flag is
+defined once and the same object travels to Ray workers (it is a plain, picklable dataclass).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+
+def option(default, help: str, choices=None, flag: str | None = None, hidden: bool = False):
+    """A config field with its command-line help."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "hidden": hidden})
+
+
+@dataclass
+class DataConfig:
+    """How images become model inputs (shared by training and inference)."""
+
+    image_size: int = option(128, "model input size in pixels (a multiple of 32)")
+    max_pixels: int = option(100_000_000, "refuse images with more pixels than this (decompression-bomb guard)")
+    blocks: int = option(0, "Ray Data blocks to split the listing into (0 = automatic)")
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """Everything jobs/train.py needs; saved as config.json in the run folder."""
+
+    data: str = option("synthetic", "training data: a Kaggle-layout folder or .zip (local path or URI such as "
+                                    "s3://bucket/stage1_train.zip), or 'synthetic' for generated nuclei")
+    synthetic_count: int = option(96, "number of synthetic images when --data synthetic")
+    output: str = option("runs/latest", "run folder: model.keras, run.json, TensorBoard logs, snapshots")
+    storage: str = option("", "where Ray keeps checkpoints (local path or URI); default: <output>/ray")
+    epochs: int = option(30, "maximum number of epochs")
+    batch_size: int = option(16, "images per batch on each worker")
+    workers: int = option(1, "Ray Train workers (MultiWorkerMirroredStrategy replicas)")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker; fractional values leave room for Ray Data")
+    gpu: str = option("auto", "use a GPU per worker: auto (when the cluster has one), yes or no",
+                      choices=("auto", "yes", "no"))
+    backbone_weights: str = option("auto", "MobileNetV2 weights: imagenet (download, needs internet), none "
+                                           "(random init), a local .h5 weights file, or auto (imagenet, else none)")
+    encoder_width: float = option(1.0, "MobileNetV2 width multiplier alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
+    freeze_encoder: bool = option(False, "keep the encoder's weights fixed (useful with imagenet weights)")
+    num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
+                              choices=(2, 3))
+    val_fraction: float = option(0.2, "fraction of images held out for validation (seeded split)")
+    learning_rate: float = option(1e-3, "peak Adam learning rate")
+    warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up; early stopping waits for them")
+    patience: int = option(8, "early stopping: epochs without validation-loss improvement")
+    bn_momentum: float = option(0.9, "BatchNorm momentum (Keras' 0.999 lags ~1000 steps from random init)")
+    snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
+    max_failures: int = option(2, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
+    resume: bool = option(False, "continue the run in --output from its last checkpoint")
+    seed: int = option(42, "seed for the split, synthetic data and initialisation")
+    crash_at_epoch: int = option(-1, "test hook: worker rank 1 exits at the end of this epoch once", hidden=True)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass
+class SegmentConfig(DataConfig):
+    """Everything jobs/segment.py and jobs/submit.py need."""
+
+    model: str = option("runs/latest/model.keras", "trained model (model.keras; run.json beside it)")
+    input: str = option("", "folder or .zip of images (Kaggle test layout or any tree), local or URI")
+    output: str = option("", "output folder (segment.py) or submission CSV (submit.py)")
+    batch_size: int = option(32, "images per model call")
+    concurrency: int = option(1, "model replicas (Ray actors); one per GPU or per few CPUs")
+    cpus_per_actor: float = option(1.0, "CPUs reserved per model replica (fractional leaves room for decoding)")
+    gpu: str = option("auto", "use a GPU per model replica: auto, yes or no", choices=("auto", "yes", "no"))
+    min_size: int = option(10, "drop predicted nuclei smaller than this many pixels")
+    threshold: float = option(0.5, "probability above which a pixel is nucleus")
+    overlays: int = option(0, "write an overlay PNG for this many images (-1: all) for a person to look at")
+    labels: str = option("", "Kaggle-layout folder or zip with masks: score the result locally")
+    redo: bool = option(False, "recompute images whose outputs already exist (default: skip them)")
+
+
+def _add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        meta = item.metadata
+        flag = meta.get("flag") or "--" + item.name.replace("_", "-")
+        help_text = argparse.SUPPRESS if meta.get("hidden") else f"{meta.get('help', '')} (default: {item.default!r})"
+        kind = hints[item.name]
+        if kind is bool:
+            parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction,
+                                default=item.default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=item.name, type=kind, default=item.default,
+                                choices=meta.get("choices"), help=help_text)
+
+
+def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] = (), prog: str | None = None):
+    """Parse a command line into a config dataclass instance; `required` names fields that must be given."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    _add_arguments(parser, cls)
+    namespace = parser.parse_args(argv)
+    for name in required:
+        if not getattr(namespace, name):
+            parser.error(f"--{name.replace('_', '-')} is required")
+    config = cls(**vars(namespace))
+    if config.image_size % 32:
+        parser.error(f"--image-size must be a multiple of 32, got {config.image_size}")
+    return config

@@ -1,0 +1,143 @@
+"""The Ray Data image pipeline: listing -> parallel decode, resize, normalise -> training/inference rows.
+
+Rows carry `image` (HxWx3 float32 in [0, 1]), `image_id`, the original `height` and `width`, and for
+training a `mask` (HxWx1 uint8 class targets). Inference rows also carry `path`, `ok` and `error`, so a
+bad file travels to the manifest instead of being dropped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+
+import numpy as np
+
+from pipeline.images import BadImageError, normalise, resize_image, resize_mask
+from pipeline.sources import SampleRef, describe, list_kaggle, load_sample
+from pipeline.synthetic import synthetic_refs
+
+# The Keras that trains under MultiWorkerMirroredStrategy is tf-keras (see pipeline/model.py); TensorFlow
+# reads this variable at import time, so every process Ray starts must have it from the beginning.
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster of a Ray job (RAY_ADDRESS set), or start a quiet local Ray on this machine."""
+    import ray
+
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    if ray.is_initialized():
+        return
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=os.environ.get("NUCLEI_RAY_LOGS") == "1",
+                 runtime_env={"env_vars": WORKER_ENV})
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = os.environ.get("NUCLEI_PROGRESS", "1") == "1"
+    context.print_on_execution_start = False
+
+
+def auto_blocks(count: int, requested: int = 0) -> int:
+    """Blocks for `count` images: enough to keep every CPU busy, few enough to keep overhead low."""
+    if requested > 0:
+        return min(count, requested) or 1
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
+    return max(1, min(count, max(4 * cpus, math.ceil(count / 48))))
+
+
+def split_refs(refs: list[SampleRef], val_fraction: float, seed: int) -> tuple[list[SampleRef], list[SampleRef]]:
+    """Seeded, reproducible train/validation split of a listing (by image id, independent of order)."""
+    ordered = sorted(refs, key=lambda ref: ref.image_id)
+    random.Random(seed).shuffle(ordered)
+    n_val = int(round(len(ordered) * val_fraction)) if len(ordered) > 1 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 and len(ordered) > 1 else 0), len(ordered) - 1)
+    return ordered[n_val:], ordered[:n_val]
+
+
+def training_refs(data: str, synthetic_count: int, seed: int) -> list[SampleRef]:
+    """Refs of a training source: 'synthetic', or a Kaggle-layout folder/zip (every sample must have masks)."""
+    if data == "synthetic":
+        return synthetic_refs(synthetic_count, seed)
+    listing = list_kaggle(data)
+    if listing.problems:
+        path, reason = listing.problems[0]
+        raise BadImageError(f"{data}: {path}: {reason}" +
+                            (f" (and {len(listing.problems) - 1} more problems)" if len(listing.problems) > 1 else ""))
+    if not listing.refs:
+        raise BadImageError(f"{data}: no samples in Kaggle layout <id>/images/<id>.png found")
+    missing = [ref for ref in listing.refs if not ref.has_masks]
+    if missing:
+        raise BadImageError(f"{describe(missing[0])}: no masks/ folder (training needs masks)")
+    return listing.refs
+
+
+def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int) -> dict:
+    """Ray Data UDF: decode refs and their masks, resize to the model size; strict (raises naming the file)."""
+    from submission.instances import border_targets
+
+    images, masks = [], []
+    for ref in _refs(batch):
+        try:
+            sample = load_sample(ref, with_masks=True, max_pixels=max_pixels)
+        except BadImageError as error:
+            raise BadImageError(f"{describe(ref)}: {error}") from None
+        images.append(normalise(resize_image(sample.image, image_size)))
+        labels = resize_mask(sample.labels, image_size)
+        target = border_targets(labels) if num_classes == 3 else (labels > 0).astype(np.uint8)
+        masks.append(target[..., None])
+    return {"image": np.stack(images), "mask": np.stack(masks).astype(np.uint8),
+            "image_id": np.asarray(batch["image_id"])}
+
+
+def preprocess_inference(batch: dict, image_size: int, max_pixels: int) -> dict:
+    """Ray Data UDF: decode and resize images for prediction; lenient (a bad file becomes ok=False + error)."""
+    count = len(batch["image_id"])
+    images = np.zeros((count, image_size, image_size, 3), np.float32)
+    heights, widths = np.zeros(count, np.int64), np.zeros(count, np.int64)
+    ok, errors = np.zeros(count, bool), [""] * count
+    for row, ref in enumerate(_refs(batch)):
+        try:
+            sample = load_sample(ref, with_masks=False, max_pixels=max_pixels)
+        except Exception as error:  # noqa: BLE001 - lenient: every failure is reported, none stops the run
+            errors[row] = str(error).splitlines()[0] or type(error).__name__
+            continue
+        images[row] = normalise(resize_image(sample.image, image_size))
+        heights[row], widths[row], ok[row] = sample.height, sample.width, True
+    return {"image": images, "image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["image_path"]),
+            "source": np.asarray(batch["source"]), "kind": np.asarray(batch["kind"]),
+            "height": heights, "width": widths, "ok": ok, "error": np.asarray(errors, dtype=object)}
+
+
+def _refs(batch: dict) -> list[SampleRef]:
+    names = ("image_id", "kind", "source", "image_path", "mask_paths", "has_masks", "index")
+    return [SampleRef.from_row({name: batch[name][i] for name in names}) for i in range(len(batch["image_id"]))]
+
+
+def refs_dataset(refs: list[SampleRef], blocks: int = 0):
+    """A Ray dataset of ref rows, split into blocks that the next stages process in parallel."""
+    import ray
+
+    return ray.data.from_items([ref.to_row() for ref in refs], override_num_blocks=auto_blocks(len(refs), blocks))
+
+
+def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0):
+    """Preprocessed training rows for `refs`, materialised (decoding masks is the expensive part: do it once)."""
+    dataset = refs_dataset(refs, blocks).map_batches(
+        preprocess_training, batch_size=None, batch_format="numpy",
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "num_classes": num_classes})
+    return dataset.materialize()
+
+
+def inference_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, blocks: int = 0):
+    """Streaming (lazy) dataset of decoded, resized images for prediction."""
+    return refs_dataset(refs, blocks).map_batches(
+        preprocess_inference, batch_size=None, batch_format="numpy",
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels})

@@ -1,0 +1,44 @@
+"""The DSB2018 metric: mean over IoU thresholds 0.50..0.95 of TP / (TP + FP + FN), per image."""
+from __future__ import annotations
+
+import numpy as np
+
+THRESHOLDS = np.arange(0.5, 1.0, 0.05)
+
+
+def iou_matrix(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
+    """IoU between every true nucleus (rows) and predicted nucleus (columns) of two label images."""
+    true_ids, true_flat = np.unique(true_labels, return_inverse=True)
+    pred_ids, pred_flat = np.unique(pred_labels, return_inverse=True)
+    n_true, n_pred = true_ids.size, pred_ids.size
+    intersection = np.bincount(true_flat.ravel() * n_pred + pred_flat.ravel(),
+                               minlength=n_true * n_pred).reshape(n_true, n_pred)
+    area_true = intersection.sum(axis=1, keepdims=True)
+    area_pred = intersection.sum(axis=0, keepdims=True)
+    union = area_true + area_pred - intersection
+    iou = intersection / np.maximum(union, 1)
+    keep_true = true_ids > 0
+    keep_pred = pred_ids > 0
+    return iou[np.ix_(keep_true, keep_pred)]
+
+
+def image_scores(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
+    """TP/(TP+FP+FN) at each threshold for one image (a match needs IoU strictly above it)."""
+    iou = iou_matrix(true_labels, pred_labels)
+    n_true, n_pred = iou.shape
+    if n_true == 0 and n_pred == 0:
+        return np.ones(THRESHOLDS.size)
+    scores = np.empty(THRESHOLDS.size)
+    for k, threshold in enumerate(THRESHOLDS):
+        # IoU > 0.5 makes matches one-to-one, so counting rows and columns with a hit is exact.
+        hits = iou > threshold
+        tp = int(hits.any(axis=1).sum())
+        fp = n_pred - int(hits.any(axis=0).sum())
+        fn = n_true - tp
+        scores[k] = tp / (tp + fp + fn)
+    return scores
+
+
+def image_score(true_labels: np.ndarray, pred_labels: np.ndarray) -> float:
+    """The competition's score of one image: the mean over the ten thresholds."""
+    return float(image_scores(true_labels, pred_labels).mean())
