@@ -19,23 +19,23 @@ from pipeline.synthetic import synthetic_refs
 
 # The Keras that trains under MultiWorkerMirroredStrategy is tf-keras (see pipeline/model.py); TensorFlow
 # reads this variable at import time, so every process Ray starts must have it from the beginning.
-WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None:
     """Connect to the cluster of a Ray job (RAY_ADDRESS set), or start a quiet local Ray on this machine."""
     import ray
 
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
     if ray.is_initialized():
         return
-    quiet = dict(logging_level=logging.ERROR, log_to_driver=os.environ.get("NUCLEI_RAY_LOGS") == "1",
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=log_to_driver or os.environ.get("NUCLEI_RAY_LOGS") == "1",
                  runtime_env={"env_vars": WORKER_ENV})
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
     from ray.data import DataContext
 
     context = DataContext.get_current()

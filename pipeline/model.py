@@ -1,0 +1,174 @@
+"""U-Net with a MobileNetV2 encoder (the TensorFlow segmentation tutorial's design), in tf-keras.
+
+Encoder: Keras' MobileNetV2 without its top; skips at block_1/3/6/13_expand_relu, bottleneck at
+block_16_project. Decoder: pix2pix upsample blocks concatenated with the skips, then a transposed
+convolution to per-pixel logits. Inputs are RGB in [0, 1]; the model rescales to MobileNetV2's [-1, 1].
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from pipeline.tfkeras import keras, tf
+
+SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
+               "block_13_expand_relu", "block_16_project")
+DECODER_FILTERS = (512, 256, 128, 64)
+
+
+class BackboneWeightsError(RuntimeError):
+    """The requested encoder weights cannot be loaded; the message says what to use instead."""
+
+
+def upsample(filters: int, size: int, dropout: bool = False, name: str | None = None) -> keras.Sequential:
+    """pix2pix decoder block: Conv2DTranspose (stride 2) -> BatchNorm -> optional Dropout -> ReLU.
+
+    Written here because tensorflow_examples (where the tutorial takes it from) is not on PyPI.
+    """
+    block = keras.Sequential(name=name)
+    block.add(keras.layers.Conv2DTranspose(filters, size, strides=2, padding="same", use_bias=False,
+                                           kernel_initializer=keras.initializers.RandomNormal(0.0, 0.02)))
+    block.add(keras.layers.BatchNormalization())
+    if dropout:
+        block.add(keras.layers.Dropout(0.5))
+    block.add(keras.layers.ReLU())
+    return block
+
+
+def _encoder(image_size: int, weights: str, alpha: float) -> keras.Model:
+    """MobileNetV2 without top; `weights` is 'imagenet', 'none', 'auto' or a local weights file."""
+    shape = (image_size, image_size, 3)
+    if weights == "none":
+        return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha)
+    if weights not in ("imagenet", "auto"):
+        if not os.path.isfile(weights):
+            raise BackboneWeightsError(f"backbone weights file not found: {weights}")
+        try:
+            return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=weights, alpha=alpha)
+        except (ValueError, OSError) as error:
+            raise BackboneWeightsError(f"cannot load backbone weights from {weights}: "
+                                       f"{str(error).splitlines()[0]}") from None
+    try:
+        return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights="imagenet", alpha=alpha)
+    except Exception as error:  # noqa: BLE001 - a download failure surfaces as many exception types
+        reason = str(error).splitlines()[0][:200]
+        message = (f"ImageNet weights for MobileNetV2 could not be downloaded ({reason}); use "
+                   "--backbone-weights none (random initialisation) or --backbone-weights PATH "
+                   "(a local mobilenet_v2 *_no_top.h5 file)")
+        if weights == "imagenet":
+            raise BackboneWeightsError(message) from None
+        print(f"warning: {message}; falling back to random initialisation", flush=True)
+        return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha)
+
+
+def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: str = "none",
+               encoder_width: float = 1.0, freeze_encoder: bool = False, bn_momentum: float | None = 0.9,
+               input_size: int | None = None) -> keras.Model:
+    """The segmentation model: per-pixel logits of shape (H, W, num_classes).
+
+    `image_size` (a multiple of 32) shapes the encoder; `input_size=None` makes the built model accept any
+    multiple of 32 (fully convolutional), which native-resolution inference uses.
+    `bn_momentum` replaces MobileNetV2's 0.999: from random init its moving statistics otherwise lag by
+    ~1000 steps and validation predicts only background for the first epochs.
+    """
+    if image_size % 32:
+        raise ValueError(f"image size must be a multiple of 32, got {image_size}")
+    base = _encoder(image_size, backbone_weights, encoder_width)
+    encoder = keras.Model(base.input, [base.get_layer(name).output for name in SKIP_LAYERS], name="encoder")
+    encoder.trainable = not freeze_encoder
+    decoder = [upsample(filters, 3, name=f"up_{filters}") for filters in DECODER_FILTERS]
+
+    inputs = keras.layers.Input(shape=(input_size, input_size, 3) if input_size else (None, None, 3), name="image")
+    x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
+    skips = encoder(x)
+    x = skips[-1]
+    for block, skip in zip(decoder, reversed(skips[:-1])):
+        x = block(x)
+        x = keras.layers.Concatenate()([x, skip])
+    logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", name="logits")(x)
+    model = keras.Model(inputs, logits, name="unet_mobilenetv2")
+    if bn_momentum is not None:
+        for layer in _all_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+    return model
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+class NucleusIoU(keras.metrics.IoU):
+    """IoU of the nucleus classes (1 and above) against background, from logits and sparse labels."""
+
+    def __init__(self, num_classes: int = 2, name: str = "nucleus_iou", **kwargs):
+        kwargs.pop("target_class_ids", None)
+        kwargs.pop("sparse_y_pred", None)
+        super().__init__(num_classes=2, target_class_ids=[1], name=name, sparse_y_pred=True, **kwargs)
+        self.model_classes = num_classes
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        nucleus_true = tf.cast(y_true > 0, tf.int32)
+        nucleus_pred = tf.cast(tf.argmax(y_pred, axis=-1) > 0, tf.int32)
+        return super().update_state(nucleus_true, nucleus_pred, sample_weight)
+
+    def get_config(self):
+        return {"num_classes": self.model_classes, "name": self.name}
+
+
+class NucleusDice(NucleusIoU):
+    """Dice coefficient (F1) of the nucleus pixels: 2*IoU / (1 + IoU) over the whole evaluation."""
+
+    def __init__(self, num_classes: int = 2, name: str = "nucleus_dice", **kwargs):
+        super().__init__(num_classes=num_classes, name=name, **kwargs)
+
+    def result(self):
+        iou = super().result()
+        return 2.0 * iou / (1.0 + iou)
+
+
+CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice}
+
+
+def compile_model(model: keras.Model, learning_rate: float, num_classes: int) -> keras.Model:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy", NucleusIoU(num_classes), NucleusDice(num_classes)])
+    return model
+
+
+def save_model(model: keras.Model, path: str) -> None:
+    """Save as the Keras v3 `.keras` format (explicit: tf-keras in a non-main thread would write HDF5)."""
+    model.save(path, save_format="keras_v3")
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, not a Keras model, or does not match its run.json."""
+
+
+def load_model(path: str, compile: bool = False) -> tuple[keras.Model, dict]:
+    """Load `model.keras` in Keras' safe mode plus the run.json beside it; check they agree."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file not found: {path}")
+    info_path = os.path.join(os.path.dirname(path), "run.json")
+    info = {}
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as stream:
+            info = json.load(stream)
+    try:
+        model = keras.models.load_model(path, compile=compile, safe_mode=True, custom_objects=CUSTOM_OBJECTS)
+    except Exception as error:  # noqa: BLE001 - Keras raises many types for a file that is not a model
+        raise ModelFileError(f"{path} is not a loadable Keras model: {str(error).splitlines()[0][:200]}") from None
+    classes = int(model.output_shape[-1])
+    if info.get("num_classes") not in (None, classes):
+        raise ModelFileError(f"{path} predicts {classes} classes but {info_path} says {info['num_classes']}")
+    size = model.input_shape[1]
+    if size is not None and info.get("image_size") not in (None, size):
+        raise ModelFileError(f"{path} takes {size}x{size} inputs but {info_path} says {info['image_size']}")
+    info.setdefault("num_classes", classes)
+    info.setdefault("image_size", size or 128)
+    return model, info

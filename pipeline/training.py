@@ -1,0 +1,312 @@
+"""Distributed training with Ray Train: TensorflowTrainer + MultiWorkerMirroredStrategy + tf-keras fit.
+
+The driver (`run_training`) lists and preprocesses data with Ray Data, starts the trainer and, when it
+finishes, copies the best model out of Ray's checkpoint storage into the run folder as `model.keras`.
+Each worker (`train_loop_per_worker`) builds or restores the model inside the strategy scope and fits
+on its own shard; every epoch it reports a checkpoint, so a lost worker resumes from the last one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from pipeline.config import TrainConfig
+from pipeline.fileio import write_text_atomic
+
+CHECKPOINT_PREFIX = "epoch_"
+FINAL_CHECKPOINT = "final"
+
+
+# ---------------------------------------------------------------- worker side
+
+def learning_rate_at(epoch: int, config: TrainConfig) -> float:
+    """Linear warm-up for `warmup_epochs`, then cosine decay to 5% of the peak at the last epoch."""
+    peak = config.learning_rate
+    if epoch < config.warmup_epochs:
+        return peak * (epoch + 1) / (config.warmup_epochs + 1)
+    span = max(1, config.epochs - config.warmup_epochs)
+    progress = min(1.0, (epoch - config.warmup_epochs) / span)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _snapshot_strip(images: np.ndarray, truth: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """input | true mask | predicted mask, one row per image, as RGB uint8."""
+    classes = logits.shape[-1]
+    scale = 255 // max(1, classes - 1)
+    rows = []
+    for image, mask, logit in zip(images, truth, logits):
+        as_rgb = lambda labels: np.repeat((labels.astype(np.uint8) * scale)[..., None], 3, axis=2)  # noqa: E731
+        rows.append(np.concatenate([(image * 255).astype(np.uint8), as_rgb(mask[..., 0]),
+                                    as_rgb(np.argmax(logit, axis=-1))], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: dict, snapshot_images, snapshot_masks,
+                    resumed: bool):
+    """The Keras callbacks of one worker: LR schedule, early stopping, TensorBoard, snapshots, Ray reports."""
+    import ray.train
+    from pipeline.images import encode_png
+    from pipeline.model import save_model
+    from pipeline.tfkeras import keras, tf
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        """EarlyStopping whose best value, patience count and best weights survive a restart."""
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            saved = state.get("early_stopping")
+            if saved:
+                self.best, self.wait, self.best_epoch = saved["best"], saved["wait"], saved["best_epoch"]
+                self.best_weights = state.get("best_weights")
+
+    early_stopping = ResumableEarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True,
+                                            start_from_epoch=config.warmup_epochs, verbose=1 if rank == 0 else 0)
+    log_dir = os.path.join(os.path.abspath(config.output), "tensorboard")
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "snapshots")) if rank == 0 else None
+
+    class Snapshots(keras.callbacks.Callback):
+        """Each epoch, draw fixed validation images with their truth and prediction (PNG + TensorBoard)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if snapshot_images is None or not len(snapshot_images):
+                return
+            logits = self.model(snapshot_images, training=False).numpy()
+            if rank != 0:
+                return
+            strip = _snapshot_strip(snapshot_images, snapshot_masks, logits)
+            folder = os.path.join(os.path.abspath(config.output), "snapshots")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"epoch_{epoch + 1:03d}.png"), "wb") as stream:
+                stream.write(encode_png(strip))
+            with writer.as_default():
+                tf.summary.image("input | truth | prediction", strip[None], step=epoch)
+                writer.flush()
+
+    class ReportCheckpoint(keras.callbacks.Callback):
+        """Every rank saves (MWMS needs all of them to); rank 0 reports the checkpoint to Ray Train."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            metrics = {key: float(value) for key, value in (logs or {}).items()}
+            metrics["epoch"] = epoch + 1
+            _report(self.model, metrics, f"{CHECKPOINT_PREFIX}{epoch + 1:04d}", {
+                "epoch": epoch + 1,
+                "early_stopping": {"best": float(early_stopping.best), "wait": int(early_stopping.wait),
+                                   "best_epoch": int(early_stopping.best_epoch)},
+            }, early_stopping.best_weights)
+            if config.crash_at_epoch == epoch + 1 and rank == world - 1 and not resumed:
+                print(f"[test hook] worker rank {rank} exits after epoch {epoch + 1}", flush=True)
+                os._exit(1)
+
+    def _report(model, metrics, name, worker_state, best_weights):
+        with tempfile.TemporaryDirectory() as folder:
+            save_model(model, os.path.join(folder, "model.keras"))
+            if rank == 0:
+                if best_weights is not None:
+                    np.savez(os.path.join(folder, "best_weights.npz"), *best_weights)
+                with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as stream:
+                    json.dump(worker_state, stream)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=name)
+            else:
+                ray.train.report(metrics)
+
+    callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, _: learning_rate_at(epoch, config)),
+                 early_stopping]
+    if rank == 0:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0))
+    callbacks += [Snapshots(), ReportCheckpoint()]
+    return callbacks, early_stopping, _report
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Body run by every Ray Train worker: MWMS scope, model, shards of the data, fit, final report."""
+    import ray.train
+    from pipeline.model import CUSTOM_OBJECTS, build_unet, compile_model
+    from pipeline.tfkeras import keras, tf
+
+    config = TrainConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    keras.utils.set_random_seed(config.seed)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    state: dict = {}
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                model = keras.models.load_model(os.path.join(folder, "model.keras"), custom_objects=CUSTOM_OBJECTS,
+                                                safe_mode=True)
+                with open(os.path.join(folder, "state.json"), encoding="utf-8") as stream:
+                    state = json.load(stream)
+                best_path = os.path.join(folder, "best_weights.npz")
+                if os.path.exists(best_path):
+                    with np.load(best_path) as saved:
+                        state["best_weights"] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            if rank == 0:
+                print(f"resuming from the checkpoint of epoch {state.get('epoch', 0)}", flush=True)
+        else:
+            model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
+                                             config.encoder_width, config.freeze_encoder, config.bn_momentum),
+                                  config.learning_rate, config.num_classes)
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+
+    def shard(name: str, shuffle: bool):
+        """This worker's Ray Data shard, read once into memory, as a distributed dataset of per-worker batches.
+
+        Reading the shard once avoids a Ray Data epoch barrier inside every Keras epoch (prefetching
+        across it can deadlock the workers); going through distribute_datasets_from_function stops
+        Keras from re-batching each worker's batches as global ones (an empty split batch: NaN loss).
+        """
+        columns = {"image": [], "mask": []}
+        for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
+            columns["image"].append(batch["image"])
+            columns["mask"].append(batch["mask"])
+        images, masks = np.concatenate(columns["image"]), np.concatenate(columns["mask"])
+        sizes[name] = len(images)
+
+        def make(_context):
+            dataset = tf.data.Dataset.from_tensor_slices((images, masks))
+            if shuffle:
+                dataset = dataset.shuffle(len(images), seed=config.seed + rank, reshuffle_each_iteration=True)
+            return dataset.batch(config.batch_size).repeat().prefetch(2).with_options(options)
+
+        return strategy.distribute_datasets_from_function(make)
+
+    sizes: dict[str, int] = {}
+    train_data, val_data = shard("train", True), shard("val", False)
+
+    def steps(name: str) -> int:
+        return max(1, math.ceil(sizes[name] / config.batch_size))  # Ray splits equally: same on every worker
+
+    snapshots = loop_config.get("snapshots") or {}
+    callbacks, early_stopping, report = _make_callbacks(
+        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None)
+    initial_epoch = int(state.get("epoch", 0))
+    if initial_epoch < config.epochs:
+        model.fit(train_data, validation_data=val_data, epochs=config.epochs,
+                  steps_per_epoch=steps("train"), validation_steps=steps("val"), initial_epoch=initial_epoch, callbacks=callbacks, verbose=2 if rank == 0 else 0)
+    elif state.get("best_weights") is not None:
+        model.set_weights(state["best_weights"])
+    final = {"final": 1, "epoch": initial_epoch if initial_epoch >= config.epochs else early_stopping_epoch(model),
+             "best_epoch": int(early_stopping.best_epoch) + 1, "best_val_loss": float(early_stopping.best)}
+    report(model, final, FINAL_CHECKPOINT, {"epoch": config.epochs, "final": True}, None)
+
+
+def early_stopping_epoch(model) -> int:
+    history = getattr(model, "history", None)
+    epochs = getattr(history, "epoch", None) or [0]
+    return int(epochs[-1]) + 1
+
+
+# ---------------------------------------------------------------- driver side
+
+def _latest_checkpoint(storage: str, name: str):
+    """The newest per-epoch checkpoint of a run in local storage, or None."""
+    import ray.train
+
+    folders = sorted(glob.glob(os.path.join(storage, name, f"{CHECKPOINT_PREFIX}*")))
+    folders = [folder for folder in folders if os.path.exists(os.path.join(folder, "model.keras"))]
+    return ray.train.Checkpoint(folders[-1]) if folders else None
+
+
+def _snapshot_arrays(val_dataset, count: int) -> dict | None:
+    if count <= 0 or val_dataset.count() == 0:
+        return None
+    batch = val_dataset.take_batch(count, batch_format="numpy")
+    return {"image": np.asarray(batch["image"]), "mask": np.asarray(batch["mask"])}
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train as configured; returns run.json's content. The run folder ends with model.keras beside it."""
+    from pipeline.data import ensure_ray, split_refs, training_dataset, training_refs
+
+    started = time.time()
+    output = os.path.abspath(config.output)
+    os.makedirs(output, exist_ok=True)
+    run_state_path = os.path.join(output, "ray_run.json")
+    if config.resume and not os.path.exists(run_state_path):
+        raise FileNotFoundError(f"--resume: no interrupted run in {output} (ray_run.json missing)")
+    ensure_ray(log_to_driver=True)
+    import ray
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    refs = training_refs(config.data, config.synthetic_count, config.seed)
+    train_refs, val_refs = split_refs(refs, config.val_fraction, config.seed)
+    if len(val_refs) < config.workers or len(train_refs) < config.workers:
+        raise ValueError(f"{len(refs)} images are too few for {config.workers} workers with --val-fraction "
+                         f"{config.val_fraction}: every worker needs training and validation images")
+    print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
+    train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks)
+    val_data = training_dataset(val_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks)
+
+    storage = config.storage or os.path.join(output, "ray")
+    if config.resume:
+        with open(run_state_path, encoding="utf-8") as stream:
+            name = json.load(stream)["name"]
+        resume_from = _latest_checkpoint(storage, name) if "://" not in storage else None
+    else:
+        name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        resume_from = None
+        write_text_atomic(run_state_path, json.dumps({"name": name, "storage": storage}))
+    write_text_atomic(os.path.join(output, "config.json"), config.to_json())
+
+    use_gpu = config.gpu == "yes" or (config.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= config.workers)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": dataclasses.asdict(config), "snapshots": _snapshot_arrays(val_data, config.snapshots),
+                           "sizes": {"train": len(train_refs), "val": len(val_refs)}},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_data, "val": val_data},
+        resume_from_checkpoint=resume_from,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        shutil.copyfile(os.path.join(folder, "model.keras"), os.path.join(output, ".model.keras.partial"))
+    os.replace(os.path.join(output, ".model.keras.partial"), os.path.join(output, "model.keras"))
+
+    history = _metrics_history(result)
+    best = min((m for m in history if "val_loss" in m), key=lambda m: m["val_loss"], default={})
+    info = {
+        "format": "nuclei-unet/1", "model": "model.keras", "keras": "tf-keras",
+        "image_size": config.image_size, "num_classes": config.num_classes,
+        "classes": ["background", "nucleus"] if config.num_classes == 2 else ["background", "interior", "border"],
+        "normalisation": "RGB uint8 / 255 -> [0, 1] float32 (the model rescales to [-1, 1] itself)",
+        "resize": "INTER_AREA down / INTER_LINEAR up to image_size x image_size",
+        "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "encoder_width": config.encoder_width,
+        "data": config.data, "train_images": len(train_refs), "val_images": len(val_refs),
+        "workers": config.workers, "epochs_run": int(max((m.get("epoch", 0) for m in history), default=0)),
+        "best_epoch": best.get("epoch"), "final_metrics": {k: v for k, v in best.items() if k != "epoch"},
+        "train_seconds": round(time.time() - started, 1), "config": dataclasses.asdict(config),
+    }
+    write_text_atomic(os.path.join(output, "run.json"), json.dumps(info, indent=2))
+    return info
+
+
+def _metrics_history(result) -> list[dict]:
+    """Per-epoch metrics reported by rank 0 (from the result's dataframe when Ray provides it)."""
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is None or len(frame) == 0:
+        return [result.metrics or {}]
+    rows = frame.to_dict("records")
+    return [{k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+             and k not in ("final", "best_epoch", "best_val_loss")}
+            for row in rows if row.get("final") != 1]
