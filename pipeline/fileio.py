@@ -49,8 +49,9 @@ def check_relative(path: str) -> str:
 def safe_join(root: str, relative: str) -> str:
     """Join an untrusted relative path under root; the result is guaranteed to stay inside root."""
     relative = check_relative(relative)
-    if is_uri(root):
-        return posixpath.join(root.rstrip("/"), relative)
+    if is_uri(root):  # keep a query (?endpoint_override=...) at the end, where pyarrow reads it
+        base, _, query = root.partition("?")
+        return posixpath.join(base.rstrip("/"), relative) + (f"?{query}" if query else "")
     root_abs = os.path.realpath(root)
     joined = os.path.realpath(os.path.join(root_abs, relative))
     if os.path.commonpath([root_abs, joined]) != root_abs:

@@ -149,7 +149,7 @@ def list_images(source: str) -> Listing:
 
 def _list_files(source: str) -> tuple[list[str], list[tuple[str, str]], str]:
     """All file paths (relative, POSIX) in a folder or zip, the problems met, and the ref kind."""
-    if str(source).lower().endswith(".zip"):
+    if str(source).split("?")[0].lower().endswith(".zip"):
         return (*_list_zip(source), "zip")
     if not fileio.is_uri(source):
         return (*_list_local(source), "file")

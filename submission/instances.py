@@ -60,7 +60,7 @@ def split_touching(binary: np.ndarray, min_distance: int = 4) -> np.ndarray:
 def instances_from_foreground(foreground: np.ndarray, threshold: float = 0.5,
                               min_size: int = DEFAULT_MIN_SIZE, split: bool = True) -> np.ndarray:
     """Nuclei from a foreground probability map (or a binary mask) of a two-class model."""
-    binary = np.asarray(foreground) > threshold
+    binary = ndimage.binary_fill_holes(np.asarray(foreground) > threshold)  # before splitting: a hole is no neck
     labels = split_touching(binary) if split else ndimage.label(binary)[0]
     return _finish(labels, min_size)
 

@@ -1,0 +1,47 @@
+"""Predicted masks to nuclei: touching discs split, specks dropped, holes filled, three-class targets."""
+import cv2
+import numpy as np
+
+from submission.instances import border_targets, instances_from_foreground, instances_from_interior
+
+
+def touching_discs():
+    mask = np.zeros((80, 120), np.uint8)
+    cv2.circle(mask, (40, 40), 18, 1, -1)
+    cv2.circle(mask, (73, 40), 18, 1, -1)
+    return mask
+
+
+def test_two_touching_discs_are_split():
+    labels = instances_from_foreground(touching_discs().astype(float))
+    assert labels.max() == 2
+    assert labels[40, 30] != labels[40, 85] and labels[40, 30] > 0 and labels[40, 85] > 0
+
+
+def test_specks_dropped_and_holes_filled():
+    mask = np.zeros((60, 60), np.uint8)
+    cv2.circle(mask, (30, 30), 12, 1, -1)
+    mask[30, 30] = 0  # a hole
+    mask[2, 2] = 1  # a speck
+    labels = instances_from_foreground(mask.astype(float), min_size=10)
+    assert labels.max() == 1 and labels[30, 30] == 1 and labels[2, 2] == 0
+
+
+def test_empty_prediction_gives_no_nuclei():
+    assert instances_from_foreground(np.zeros((30, 30))).max() == 0
+
+
+def test_border_targets_separate_touching_nuclei_and_rebuild_them():
+    labels = np.zeros((80, 120), np.int32)
+    left = np.zeros_like(labels, np.uint8)
+    cv2.circle(left, (40, 40), 18, 1, -1)
+    labels[left > 0] = 1
+    right = np.zeros_like(left)
+    cv2.circle(right, (74, 40), 18, 1, -1)
+    labels[(right > 0) & (labels == 0)] = 2
+    target = border_targets(labels)
+    assert set(np.unique(target)) == {0, 1, 2}
+    interior = (target == 1).astype(float)
+    nucleus = (target > 0).astype(float)
+    rebuilt = instances_from_interior(interior, nucleus)
+    assert rebuilt.max() == 2
