@@ -37,7 +37,7 @@ def upsample(filters: int, size: int, dropout: bool = False, name: str | None = 
 
 def _encoder(image_size: int, weights: str, alpha: float) -> keras.Model:
     """MobileNetV2 without top; `weights` is 'imagenet', 'none', 'auto' or a local weights file."""
-    shape = (image_size, image_size, 3)
+    shape = (None, None, 3)  # fully convolutional: any multiple of 32 at inference
     if weights == "none":
         return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha)
     if weights not in ("imagenet", "auto"):
@@ -49,7 +49,12 @@ def _encoder(image_size: int, weights: str, alpha: float) -> keras.Model:
             raise BackboneWeightsError(f"cannot load backbone weights from {weights}: "
                                        f"{str(error).splitlines()[0]}") from None
     try:
-        return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights="imagenet", alpha=alpha)
+        # Without fixed rows/cols Keras would take the 224-pixel weights; the encoder's shapes suit any size.
+        base = keras.applications.MobileNetV2(input_shape=(image_size, image_size, 3), include_top=False,
+                                              weights="imagenet", alpha=alpha)
+        encoder = keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha)
+        encoder.set_weights(base.get_weights())
+        return encoder
     except Exception as error:  # noqa: BLE001 - a download failure surfaces as many exception types
         reason = str(error).splitlines()[0][:200]
         message = (f"ImageNet weights for MobileNetV2 could not be downloaded ({reason}); use "

@@ -96,6 +96,9 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
         def on_epoch_end(self, epoch, logs=None):
             metrics = {key: float(value) for key, value in (logs or {}).items()}
             metrics["epoch"] = epoch + 1
+            if rank == 0:
+                with open(os.path.join(os.path.abspath(config.output), "history.jsonl"), "a", encoding="utf-8") as log:
+                    log.write(json.dumps(metrics) + "\n")
             _report(self.model, metrics, f"{CHECKPOINT_PREFIX}{epoch + 1:04d}", {
                 "epoch": epoch + 1,
                 "early_stopping": {"best": float(early_stopping.best), "wait": int(early_stopping.wait),

@@ -1,0 +1,63 @@
+"""Benchmark helpers: the real data's location, medians of repeated timings, peak memory while code runs."""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import threading
+import time
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+REAL_ZIP = os.path.join(ROOT, "..", "shared", "data", "dsb2018", "stage1_train.zip")
+
+
+def require_real_zip() -> str:
+    if not os.path.isfile(REAL_ZIP):
+        sys.exit(f"skipped: real DSB2018 data not found at {os.path.normpath(REAL_ZIP)}")
+    return REAL_ZIP
+
+
+def median_time(function, repeats: int = 3) -> float:
+    """Median wall-clock seconds of `function()` over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def used_memory() -> int:
+    """Bytes of memory in use on this machine (MemTotal - MemAvailable), read from /proc/meminfo."""
+    values = {}
+    with open("/proc/meminfo") as stream:
+        for line in stream:
+            key, value = line.split(":", 1)
+            values[key] = int(value.split()[0]) * 1024
+    return values["MemTotal"] - values["MemAvailable"]
+
+
+class PeakMemory:
+    """Peak rise of the machine's used memory (all processes: driver, Ray workers, object store) during a block."""
+
+    def __enter__(self):
+        self.baseline = used_memory()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, used_memory())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.baseline) / 2**20

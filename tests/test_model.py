@@ -1,0 +1,64 @@
+"""The U-Net: shapes at several sizes, backbone-weight choices, safe loading with clear errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.model import BackboneWeightsError, ModelFileError, build_unet, load_model, save_model
+
+
+@pytest.mark.parametrize("size, classes", [(128, 2), (256, 3)])
+def test_output_shape(size, classes):
+    model = build_unet(size, classes, "none", encoder_width=0.35)
+    x = np.zeros((1, size, size, 3), np.float32)
+    assert model.predict(x, verbose=0).shape == (1, size, size, classes)
+
+
+def test_fully_convolutional_on_other_multiples_of_32():
+    model = build_unet(64, 2, "none", encoder_width=0.35)
+    assert model.predict(np.zeros((1, 96, 160, 3), np.float32), verbose=0).shape == (1, 96, 160, 2)
+
+
+def test_imagenet_without_internet_fails_fast_naming_the_alternatives():
+    import time
+
+    started = time.time()
+    try:
+        build_unet(128, 2, "imagenet")
+    except BackboneWeightsError as error:
+        assert "--backbone-weights none" in str(error) and "PATH" in str(error)
+        assert time.time() - started < 60
+    else:
+        pytest.skip("this machine reached the internet and downloaded the ImageNet weights")
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    from pipeline.tfkeras import keras
+
+    source = keras.applications.MobileNetV2(input_shape=(128, 128, 3), include_top=False, weights=None, alpha=0.35)
+    path = str(tmp_path / "mobilenet_v2_no_top.h5")
+    source.save_weights(path)
+    model = build_unet(128, 2, path, encoder_width=0.35)
+    kernel = model.get_layer("encoder").get_layer("Conv1").get_weights()[0]
+    assert np.array_equal(kernel, source.get_layer("Conv1").get_weights()[0])
+    with pytest.raises(BackboneWeightsError, match="not found"):
+        build_unet(128, 2, str(tmp_path / "missing.h5"))
+
+
+def test_save_load_round_trip_and_mismatch_errors(tmp_path):
+    model = build_unet(64, 2, "none", encoder_width=0.35)
+    path = str(tmp_path / "model.keras")
+    save_model(model, path)
+    loaded, info = load_model(path)
+    x = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
+    assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    (tmp_path / "run.json").write_text(json.dumps({"num_classes": 3}))
+    with pytest.raises(ModelFileError, match="predicts 2 classes"):
+        load_model(path)
+    (tmp_path / "run.json").unlink()
+    (tmp_path / "fake.keras").write_text("not a model")
+    with pytest.raises(ModelFileError, match="not a loadable Keras model"):
+        load_model(str(tmp_path / "fake.keras"))
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(str(tmp_path / "nope.keras"))

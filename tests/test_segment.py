@@ -1,0 +1,154 @@
+"""segment.py and submit.py end to end: original sizes, manifests, bad files, reruns, kills, submissions."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def png(array):
+    return cv2.imencode(".png", array)[1].tobytes()
+
+
+def read_manifest(folder):
+    with open(os.path.join(folder, "manifest.csv")) as stream:
+        return {row["path"]: row for row in csv.DictReader(stream)}
+
+
+@pytest.fixture(scope="module")
+def model_path(trained_run):
+    return os.path.join(trained_run[0].output, "model.keras")
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory, synthetic_folder):
+    """Good synthetic images mixed with every kind of bad or odd file, and odd names."""
+    root = tmp_path_factory.mktemp("corpus")
+    shutil.copytree(synthetic_folder, root / "good")
+    odd = root / "odd dir ü"
+    odd.mkdir()
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    (odd / "-leading dash.png").write_bytes(png(picture))
+    (odd / "grey16.png").write_bytes(png(rng.integers(0, 65535, (30, 30), dtype=np.uint16)))
+    (odd / "float.tif").write_bytes(cv2.imencode(".tiff", rng.random((33, 31)).astype(np.float32))[1].tobytes())
+    (odd / "rgba.png").write_bytes(png(np.dstack([picture, np.full((40, 50), 128, np.uint8)])))
+    (odd / "tiny.png").write_bytes(png(np.zeros((1, 1), np.uint8)))
+    (odd / "photo.jpg").write_bytes(cv2.imencode(".jpg", picture)[1].tobytes())
+    (odd / "empty.png").write_bytes(b"")
+    (odd / "page.png").write_text("<html>not an image</html>")
+    (odd / "truncated.png").write_bytes(png(picture)[:60])
+    (odd / "readme.txt").write_text("not an input")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    (root / "escape.png").symlink_to("/etc/hostname")
+    return str(root)
+
+
+def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
+    from pipeline.config import SegmentConfig
+    from pipeline.inference import run_segmentation
+
+    output = str(tmp_path / "out")
+    config = SegmentConfig(model=model_path, input=bad_corpus, output=output, batch_size=8, overlays=2,
+                           cpus_per_actor=0.5)
+    result = run_segmentation(config, output)
+    manifest = read_manifest(output)
+    good = [row for row in manifest.values() if row["status"] == "done"]
+    assert len(good) == 12 + 6  # synthetic + the odd-but-valid files
+    for reason_path, fragment in [("odd dir ü/empty.png", "empty file"), ("odd dir ü/page.png", "not a decodable"),
+                                  ("odd dir ü/truncated.png", "not a decodable"),
+                                  ("odd dir ü/readme.txt", "not an image file"),
+                                  ("loop.png", "looping symlink"), ("escape.png", "outside the input folder")]:
+        assert fragment in manifest[reason_path]["error"], manifest[reason_path]
+    labels = cv2.imread(os.path.join(output, "labels", "odd dir ü", "-leading dash.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (40, 50) and labels.dtype == np.uint16
+    for row in good:
+        stem = os.path.splitext(row["path"])[0] + ".png"
+        labels = cv2.imread(os.path.join(output, "labels", stem), cv2.IMREAD_UNCHANGED)
+        assert labels.shape == (int(row["height"]), int(row["width"]))  # original size restored
+        assert int(row["nuclei"]) == labels.max()
+    assert len(os.listdir(os.path.join(output, "overlays", "good"))) == 2 or \
+        sum(len(files) for _, _, files in os.walk(os.path.join(output, "overlays"))) == 2
+    assert result.failed == 3
+
+    rerun = run_segmentation(config, output)  # everything finished is skipped
+    assert sum(row["status"] == "existing" for row in rerun.rows) == 18
+
+
+def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic_folder, tmp_path):
+    def command(output):
+        return [sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--model", model_path, "--input",
+                synthetic_folder, "--output", output, "--batch-size", "4", "--blocks", "12", "--cpus-per-actor", "0.5"]
+
+    def label_files(output):
+        folder = os.path.join(output, "labels")
+        return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+                for d, _, files in os.walk(folder) for f in files}
+
+    reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    env = {**os.environ, "NUCLEI_PROGRESS": "0"}
+    assert subprocess.run(command(reference), env=env, capture_output=True, timeout=600).returncode == 0
+    process = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(label_files(interrupted)) < 3:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = label_files(interrupted)
+    assert 0 < len(partial) < 12, "the kill should land mid-run"
+    assert not any(".partial-" in name for name in partial)  # no half-written file where a finished one goes
+    assert subprocess.run(command(interrupted), env=env, capture_output=True, timeout=600).returncode == 0
+    assert label_files(interrupted) == label_files(reference)
+
+
+def test_submit_writes_a_valid_scored_submission(model_path, synthetic_folder, tmp_path):
+    output = tmp_path / "submission.csv"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "submit.py"), "--model", model_path,
+                           "--input", synthetic_folder, "--output", str(output), "--labels", synthetic_folder,
+                           "--cpus-per-actor", "0.5"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("score=")
+    assert float(done.stdout.strip().splitlines()[-1][6:]) > 0.0
+    from submission.validate import main as validate
+
+    assert validate([str(output), "--images", synthetic_folder]) == 0
+
+
+def test_segment_real_images_at_original_size(model_path, real_zip, tmp_path, ray_session):
+    from pipeline.config import SegmentConfig
+    from pipeline.inference import run_segmentation
+    from pipeline.sources import list_kaggle, load_sample
+
+    refs = list_kaggle(real_zip).refs[:400:50]
+    folder = tmp_path / "real"
+    for ref in refs:
+        (folder / ref.image_id / "images").mkdir(parents=True)
+        (folder / ref.image_id / "images" / (ref.image_id + ".png")).write_bytes(png(load_sample(ref).image[..., ::-1]))
+    output = str(tmp_path / "out")
+    run_segmentation(SegmentConfig(model=model_path, input=str(folder), output=output, cpus_per_actor=0.5), output)
+    for ref in refs:
+        labels = cv2.imread(os.path.join(output, "labels", ref.image_id, "images", ref.image_id + ".png"),
+                            cv2.IMREAD_UNCHANGED)
+        assert labels.shape == load_sample(ref, with_masks=False).image.shape[:2]
+
+
+def test_bad_model_file_is_one_clear_line(tmp_path, synthetic_folder):
+    fake = tmp_path / "model.keras"
+    fake.write_text("not a model")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--model", str(fake),
+                           "--input", synthetic_folder, "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "not a loadable Keras model" in done.stderr
