@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     run = os.path.join(args.output, "run")
     test = os.path.join(args.output, "test")
     status = train.main(["--data", "synthetic", "--synthetic-count", str(args.train_images), "--epochs",
-                         str(args.epochs), "--output", run, "--backbone-weights", "none", "--warmup-epochs", "1"])
+                         str(args.epochs), "--output", run, "--backbone-weights", "none", "--warmup-epochs", "1",
+                         "--batch-size", "8", "--learning-rate", "2e-3"])
     if status:
         return status
     write_dataset(test, args.test_images, seed=1000)  # a different seed: never seen in training

@@ -50,7 +50,7 @@ def _snapshot_strip(images: np.ndarray, truth: np.ndarray, logits: np.ndarray) -
 
 
 def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: dict, snapshot_images, snapshot_masks,
-                    resumed: bool):
+                    resumed: bool, train_rows: int):
     """The Keras callbacks of one worker: LR schedule, early stopping, TensorBoard, snapshots, Ray reports."""
     import ray.train
     from pipeline.images import encode_png
@@ -90,6 +90,17 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
                 tf.summary.image("input | truth | prediction", strip[None], step=epoch)
                 writer.flush()
 
+    class Throughput(keras.callbacks.Callback):
+        """Adds `epoch_seconds` and `samples_per_second` (all workers together) to each epoch's logs."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self.started
+            logs["epoch_seconds"] = seconds
+            logs["samples_per_second"] = train_rows * world / seconds
+
     class ReportCheckpoint(keras.callbacks.Callback):
         """Every rank saves (MWMS needs all of them to); rank 0 reports the checkpoint to Ray Train."""
 
@@ -122,7 +133,7 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
                 ray.train.report(metrics)
 
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, _: learning_rate_at(epoch, config)),
-                 early_stopping]
+                 early_stopping, Throughput()]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0))
     callbacks += [Snapshots(), ReportCheckpoint()]
@@ -194,7 +205,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     snapshots = loop_config.get("snapshots") or {}
     callbacks, early_stopping, report = _make_callbacks(
-        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None)
+        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None,
+        train_rows=sizes["train"])
     initial_epoch = int(state.get("epoch", 0))
     if initial_epoch < config.epochs:
         model.fit(train_data, validation_data=val_data, epochs=config.epochs,

@@ -14,7 +14,7 @@ os.environ.setdefault("NUCLEI_PROGRESS", "0")
 REAL_ZIP = os.path.join(ROOT, "..", "shared", "data", "dsb2018", "stage1_train.zip")
 
 # Small but real: every training test uses the same architecture at a size CPUs train in seconds.
-TINY = dict(image_size=64, encoder_width=0.35, batch_size=8, backbone_weights="none")
+TINY = dict(image_size=128, encoder_width=0.35, batch_size=4, backbone_weights="none")
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +55,8 @@ def trained_run(tmp_path_factory, ray_session):
     from pipeline.training import run_training
 
     output = str(tmp_path_factory.mktemp("run"))
-    config = TrainConfig(data="synthetic", synthetic_count=48, output=output, epochs=6, workers=2,
-                         cpus_per_worker=0.5, learning_rate=2e-3, warmup_epochs=1, patience=10, crash_at_epoch=2,
+    config = TrainConfig(data="synthetic", synthetic_count=64, output=output, epochs=12, workers=2,
+                         cpus_per_worker=0.5, learning_rate=3e-3, warmup_epochs=1, patience=10, crash_at_epoch=2,
                          snapshots=2, seed=3, **TINY)
     info = run_training(config)
     return config, info

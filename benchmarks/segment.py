@@ -1,0 +1,112 @@
+"""Bulk segmentation throughput, measured side by side on the same images and model.
+
+(a) segment.py's pipeline end to end (Ray Data + actor pool, warm Ray), (b) the raw model forward pass on
+already decoded and resized arrays, (c) a single-process per-image loop (read, resize, predict one
+image, resize back, label, encode). Also peak memory of (a) for --images and --large images.
+Last line: `ratio=<a/c>`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from common import PeakMemory, REAL_ZIP
+
+
+def make_folder(count: int, folder: str) -> None:
+    """`count` test images in Kaggle's test layout: the real images (cycled), else synthetic ones."""
+    from pipeline.images import encode_png
+    from pipeline.sources import list_kaggle, load_sample, read_file
+    from pipeline.synthetic import render_sample
+
+    refs = list_kaggle(REAL_ZIP).refs if os.path.isfile(REAL_ZIP) else []
+    for index in range(count):
+        image_id = f"img{index:06d}"
+        target = os.path.join(folder, image_id, "images", image_id + ".png")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as stream:
+            if refs:
+                ref = refs[index % len(refs)]
+                stream.write(read_file(ref, ref.image_path))
+            else:
+                stream.write(encode_png(render_sample(0, index, with_masks=False).image))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="runs/quickstart/run/model.keras")
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--large", type=int, default=6000, help="image count for the second memory reading")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    if not os.path.isfile(args.model):
+        raise SystemExit(f"no model at {args.model}: run jobs/quickstart.py first or pass --model")
+
+    from pipeline.config import SegmentConfig
+    from pipeline.data import ensure_ray
+    from pipeline.images import normalise, resize_image
+    from pipeline.inference import Predictor, labels_at_original_size, run_segmentation
+    from pipeline.sources import list_images, load_sample
+    from submission.rle import encode_labels
+
+    work = tempfile.mkdtemp()
+    images = os.path.join(work, "images")
+    make_folder(args.images, images)
+    refs = list_images(images).refs
+    started = time.perf_counter()
+    ensure_ray()
+    startup = time.perf_counter() - started
+
+    def pipeline_rate(folder: str, count: int) -> tuple[float, float]:
+        output = os.path.join(work, "out")
+        shutil.rmtree(output, ignore_errors=True)
+        config = SegmentConfig(model=args.model, input=folder, output=output, batch_size=args.batch_size,
+                               cpus_per_actor=1.0)
+        with PeakMemory() as memory:
+            began = time.perf_counter()
+            result = run_segmentation(config, output)
+            seconds = time.perf_counter() - began
+        assert result.done == count, (result.done, count)
+        return count / seconds, memory.mib
+
+    rate_a, memory_small = pipeline_rate(images, len(refs))
+
+    predictor = Predictor(os.path.abspath(args.model), args.batch_size, threads=2)
+    arrays = np.stack([normalise(resize_image(load_sample(ref, with_masks=False).image, 128)) for ref in refs])
+    predictor.predict(arrays[: args.batch_size])  # trace once
+    began = time.perf_counter()
+    predictor.predict(arrays)
+    rate_b = len(arrays) / (time.perf_counter() - began)
+
+    single = Predictor(os.path.abspath(args.model), 1, threads=2)
+    single.predict(arrays[:1])
+    loop_refs = refs[:200]
+    began = time.perf_counter()
+    for ref in loop_refs:
+        image = load_sample(ref, with_masks=False).image
+        probabilities = single.predict(normalise(resize_image(image, 128))[None])[0]
+        encode_labels(labels_at_original_size(probabilities, image.shape[0], image.shape[1], 0.5, 10))
+    rate_c = len(loop_refs) / (time.perf_counter() - began)
+
+    large = os.path.join(work, "large")
+    make_folder(args.large, large)
+    _, memory_large = pipeline_rate(large, args.large)
+
+    print(f"images: {len(refs)} {'real DSB2018' if os.path.isfile(REAL_ZIP) else 'synthetic'} PNGs, batch "
+          f"{args.batch_size}, Ray start-up {startup:.1f}s (not included)")
+    print(f"(a) segment pipeline end to end: {rate_a:.1f} images/s")
+    print(f"(b) raw forward pass on resized arrays: {rate_b:.1f} images/s  (a/b = {rate_a / rate_b:.2f})")
+    print(f"(c) single-process per-image loop: {rate_c:.1f} images/s ({len(loop_refs)} images)")
+    print(f"peak memory rise of (a): {memory_small:.0f} MiB for {len(refs)} images, "
+          f"{memory_large:.0f} MiB for {args.large}")
+    print(f"ratio={rate_a / rate_c:.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
