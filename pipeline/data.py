@@ -43,6 +43,9 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     context = DataContext.get_current()
     context.enable_progress_bars = os.environ.get("NUCLEI_PROGRESS", "1") == "1"
     context.print_on_execution_start = False
+    # Ray Data reserves half the CPUs per operator by default; on a small machine that leaves a
+    # one-operator pipeline running one task at a time. Let every CPU work on whatever is ready.
+    context.op_resource_reservation_enabled = False
 
 
 def auto_blocks(count: int, requested: int = 0) -> int:

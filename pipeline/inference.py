@@ -35,8 +35,11 @@ class Predictor:
     def __init__(self, model_path: str, batch_size: int, threads: int):
         from pipeline.tfkeras import tf
 
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, threads))
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, threads))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow already running in this process (a plain loop): keep its threads
+            pass
         from pipeline.model import load_model
 
         self.model, self.info = load_model(model_path)
