@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import pytest
@@ -60,3 +61,10 @@ def trained_run(tmp_path_factory, ray_session):
                          snapshots=2, seed=3, **TINY)
     info = run_training(config)
     return config, info
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

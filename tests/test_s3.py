@@ -8,15 +8,14 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import free_port
 from tests.test_sources import zip_folder
 
 
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's standalone S3 server on loopback, started and stopped here."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

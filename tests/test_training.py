@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +57,10 @@ def test_model_does_not_predict_only_background(trained_run):
     assert predicted.mean() > 0.2 * batch["mask"].mean()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_ray_job_submit_against_a_local_head(tmp_path):
     """`ray start --head` on loopback, `ray job submit ... jobs/train.py`, then stop only that head."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    port, dashboard, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    port, dashboard, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
