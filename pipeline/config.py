@@ -39,12 +39,23 @@ class TrainConfig(DataConfig):
     batch_size: int = option(16, "images per batch on each worker")
     workers: int = option(1, "Ray Train workers (MultiWorkerMirroredStrategy replicas)")
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker; fractional values leave room for Ray Data")
+    placement: str = option("PACK", "where workers go: PACK (fill nodes first) or SPREAD (one per node where possible)",
+                            choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     gpu: str = option("auto", "use a GPU per worker: auto (when the cluster has one), yes or no",
                       choices=("auto", "yes", "no"))
     backbone_weights: str = option("auto", "MobileNetV2 weights: imagenet (download, needs internet), none "
                                            "(random init), a local .h5 weights file, or auto (imagenet, else none)")
     encoder_width: float = option(1.0, "MobileNetV2 width multiplier alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
     freeze_encoder: bool = option(False, "keep the encoder's weights fixed (useful with imagenet weights)")
+    mode: str = option("resize", "resize: whole images resized to --image-size (the notebook's recipe); native: "
+                                 "train on --image-size crops at full resolution, predict whole images",
+                       choices=("resize", "native"))
+    appearance: str = option("rgb", "rgb: colours as they are; standardised: grey, bright-field and stained images "
+                                    "inverted, contrast stretched per image (one model for all kinds)",
+                             choices=("rgb", "standardised"))
+    crops_per_image: int = option(8, "native mode: random crops cut from each training image")
+    augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
+    border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
     num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
                               choices=(2, 3))
     val_fraction: float = option(0.2, "fraction of images held out for validation (seeded split)")
@@ -54,9 +65,12 @@ class TrainConfig(DataConfig):
     bn_momentum: float = option(0.9, "BatchNorm momentum (Keras' 0.999 lags ~1000 steps from random init)")
     snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
     max_failures: int = option(2, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
-    resume: bool = option(False, "continue the run in --output from its last checkpoint")
+    resume: bool = option(False, "continue the interrupted run in --output from its last checkpoint, with the "
+                                 "settings saved in its config.json (other flags are ignored)")
     seed: int = option(42, "seed for the split, synthetic data and initialisation")
     crash_at_epoch: int = option(-1, "test hook: worker rank 1 exits at the end of this epoch once", hidden=True)
+    preset: str = option("", "named configuration whose values replace the defaults (flags given still win): "
+                             "dsb2018 = the best measured recipe for the DSB2018 data", choices=("", "dsb2018"))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -66,6 +80,14 @@ class TrainConfig(DataConfig):
         values = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+# Named configurations for `--preset`: values replace the defaults; flags given on the command line still win.
+TRAIN_PRESETS = {
+    "dsb2018": dict(mode="native", num_classes=3, appearance="standardised", image_size=128, crops_per_image=12,
+                    augment=True, border_weight=2.0, encoder_width=0.5, batch_size=16, learning_rate=2e-3,
+                    epochs=30, warmup_epochs=2, patience=10, val_fraction=0.2),
+}
 
 
 @dataclass
@@ -81,6 +103,9 @@ class SegmentConfig(DataConfig):
     gpu: str = option("auto", "use a GPU per model replica: auto, yes or no", choices=("auto", "yes", "no"))
     min_size: int = option(10, "drop predicted nuclei smaller than this many pixels")
     threshold: float = option(0.5, "probability above which a pixel is nucleus")
+    tta: bool = option(False, "test-time augmentation: average predictions over flips (4x the model work)")
+    tile: int = option(1024, "native-mode models: images larger than this are predicted in overlapping tiles")
+    overlap: int = option(64, "pixels shared by neighbouring tiles (blended)")
     overlays: int = option(0, "write an overlay PNG for this many images (-1: all) for a person to look at")
     labels: str = option("", "Kaggle-layout folder or zip with masks: score the result locally")
     redo: bool = option(False, "recompute images whose outputs already exist (default: skip them)")
@@ -106,6 +131,10 @@ def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     _add_arguments(parser, cls)
     namespace = parser.parse_args(argv)
+    preset = getattr(namespace, "preset", "")
+    if preset:  # the preset's values become defaults, so flags given explicitly still override them
+        parser.set_defaults(**TRAIN_PRESETS[preset])
+        namespace = parser.parse_args(argv)
     for name in required:
         if not getattr(namespace, name):
             parser.error(f"--{name.replace('_', '-')} is required")
@@ -113,3 +142,13 @@ def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] 
     if config.image_size % 32:
         parser.error(f"--image-size must be a multiple of 32, got {config.image_size}")
     return config
+
+
+@dataclass
+class EvaluateConfig(SegmentConfig):
+    """jobs/evaluate.py: segment a run's held-out validation images and score them against their masks."""
+
+    data: str = option("", "Kaggle-layout folder or zip with masks (default: the data the run was trained on)")
+    split: str = option("val", "val: the run's held-out images (its seed and --val-fraction); all: every image",
+                        choices=("val", "all"))
+    pictures: int = option(3, "write this many best and worst validation images as pictures (0: none)")

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import zlib
 
 import numpy as np
 
@@ -84,28 +85,56 @@ def training_refs(data: str, synthetic_count: int, seed: int) -> list[SampleRef]
     return listing.refs
 
 
-def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int) -> dict:
-    """Ray Data UDF: decode refs and their masks, resize to the model size; strict (raises naming the file)."""
+def _training_target(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, border between nuclei)."""
     from submission.instances import border_targets
 
-    images, masks = [], []
+    return border_targets(labels) if num_classes == 3 else (labels > 0).astype(np.uint8)
+
+
+def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int, mode: str = "resize",
+                        appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
+                        seed: int = 0) -> dict:
+    """Ray Data UDF: decode refs and their masks into model-size training rows; strict (raises naming the file).
+
+    mode 'resize': each image resized to image_size (the notebook's recipe). mode 'native':
+    `crops_per_image` random image_size crops at full resolution (augmented when `augment`), so small
+    nuclei keep their pixels; the crops are seeded by image id, so a rerun gives the same rows.
+    """
+    from pipeline.augment import apply_appearance, random_crops
+
+    images, masks, ids = [], [], []
     for ref in _refs(batch):
         try:
             sample = load_sample(ref, with_masks=True, max_pixels=max_pixels)
         except BadImageError as error:
             raise BadImageError(f"{describe(ref)}: {error}") from None
-        images.append(normalise(resize_image(sample.image, image_size)))
-        labels = resize_mask(sample.labels, image_size)
-        target = border_targets(labels) if num_classes == 3 else (labels > 0).astype(np.uint8)
-        masks.append(target[..., None])
-    return {"image": np.stack(images), "mask": np.stack(masks).astype(np.uint8),
-            "image_id": np.asarray(batch["image_id"])}
+        image = apply_appearance(sample.image, appearance)
+        if mode == "native":
+            rng = np.random.default_rng([seed, zlib.crc32(ref.image_id.encode())])
+            for crop, labels in random_crops(image, sample.labels, image_size, crops_per_image, rng, augment):
+                images.append(normalise(crop))
+                masks.append(_training_target(labels, num_classes)[..., None])
+                ids.append(ref.image_id)
+        else:
+            images.append(normalise(resize_image(image, image_size)))
+            masks.append(_training_target(resize_mask(sample.labels, image_size), num_classes)[..., None])
+            ids.append(ref.image_id)
+    return {"image": np.stack(images), "mask": np.stack(masks).astype(np.uint8), "image_id": np.asarray(ids)}
 
 
-def preprocess_inference(batch: dict, image_size: int, max_pixels: int) -> dict:
-    """Ray Data UDF: decode and resize images for prediction; lenient (a bad file becomes ok=False + error)."""
+def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: str = "resize",
+                         appearance: str = "rgb") -> dict:
+    """Ray Data UDF: decode images for prediction; lenient (a bad file becomes ok=False + error).
+
+    mode 'resize': image_size x image_size arrays; mode 'native': each image at its own size (ragged).
+    """
+    from pipeline.augment import apply_appearance
+
     count = len(batch["image_id"])
-    images = np.zeros((count, image_size, image_size, 3), np.float32)
+    native = mode == "native"
+    images = [np.zeros((1, 1, 3), np.float32)] * count if native else np.zeros((count, image_size, image_size, 3),
+                                                                                np.float32)
     heights, widths = np.zeros(count, np.int64), np.zeros(count, np.int64)
     ok, errors = np.zeros(count, bool), [""] * count
     for row, ref in enumerate(_refs(batch)):
@@ -114,8 +143,13 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int) -> dict:
         except Exception as error:  # noqa: BLE001 - lenient: every failure is reported, none stops the run
             errors[row] = str(error).splitlines()[0] or type(error).__name__
             continue
-        images[row] = normalise(resize_image(sample.image, image_size))
+        image = apply_appearance(sample.image, appearance)
+        images[row] = normalise(image if native else resize_image(image, image_size))
         heights[row], widths[row], ok[row] = sample.height, sample.width, True
+    if native:
+        ragged = np.empty(count, dtype=object)
+        ragged[:] = images
+        images = ragged
     return {"image": images, "image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["image_path"]),
             "source": np.asarray(batch["source"]), "kind": np.asarray(batch["kind"]),
             "height": heights, "width": widths, "ok": ok, "error": np.asarray(errors, dtype=object)}
@@ -133,16 +167,20 @@ def refs_dataset(refs: list[SampleRef], blocks: int = 0):
     return ray.data.from_items([ref.to_row() for ref in refs], override_num_blocks=auto_blocks(len(refs), blocks))
 
 
-def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0):
+def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0, *,
+                     mode: str = "resize", appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
+                     seed: int = 0):
     """Preprocessed training rows for `refs`, materialised (decoding masks is the expensive part: do it once)."""
     dataset = refs_dataset(refs, blocks).map_batches(
         preprocess_training, batch_size=None, batch_format="numpy",
-        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "num_classes": num_classes})
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "num_classes": num_classes, "mode": mode,
+                   "appearance": appearance, "crops_per_image": crops_per_image, "augment": augment, "seed": seed})
     return dataset.materialize()
 
 
-def inference_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, blocks: int = 0):
-    """Streaming (lazy) dataset of decoded, resized images for prediction."""
+def inference_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, blocks: int = 0, *,
+                      mode: str = "resize", appearance: str = "rgb"):
+    """Streaming (lazy) dataset of decoded images for prediction (resized, or at native size)."""
     return refs_dataset(refs, blocks).map_batches(
         preprocess_inference, batch_size=None, batch_format="numpy",
-        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels})
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "mode": mode, "appearance": appearance})

@@ -30,9 +30,14 @@ def output_paths(output: str, image_path: str) -> tuple[str, str]:
 
 
 class Predictor:
-    """Ray Data actor: holds one model replica and turns image batches into class probabilities."""
+    """Ray Data actor: holds one model replica and turns image batches into class probabilities.
 
-    def __init__(self, model_path: str, batch_size: int, threads: int):
+    Resize-mode models get fixed-size batches; native-mode models get each image whole (padded to a
+    multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes.
+    """
+
+    def __init__(self, model_path: str, batch_size: int, threads: int, tta: bool = False, tile: int = 1024,
+                 overlap: int = 64):
         from pipeline.tfkeras import tf
 
         try:
@@ -43,26 +48,46 @@ class Predictor:
         from pipeline.model import load_model
 
         self.model, self.info = load_model(model_path)
-        self.batch_size = batch_size
+        self.batch_size, self.tta, self.tile, self.overlap = batch_size, tta, tile, overlap
+        self.native = self.info.get("mode") == "native"
         self.forward = tf.function(lambda x: tf.nn.softmax(self.model(x, training=False), axis=-1),
                                    reduce_retracing=True)
 
+    def _forward(self, images: np.ndarray) -> np.ndarray:
+        return self.forward(images).numpy()
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities; batches are padded to a fixed size so results never depend on batching."""
+        from pipeline.augment import flip_average
+
         outputs = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
             padded[:len(chunk)] = chunk
-            outputs.append(self.forward(padded).numpy()[:len(chunk)])
+            probabilities = flip_average(padded, self._forward) if self.tta else self._forward(padded)
+            outputs.append(probabilities[:len(chunk)])
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+    def predict_whole(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities of one image at its own size (native-mode models)."""
+        from pipeline.augment import predict_full_image
+
+        return predict_full_image(np.asarray(image, np.float32), self._forward, self.tile, self.overlap, self.tta)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], bool)
-        probabilities = np.zeros((len(ok), *batch["image"].shape[1:3], self.model.output_shape[-1]), np.float16)
-        if ok.any():
-            probabilities[ok] = self.predict(np.asarray(batch["image"])[ok]).astype(np.float16)
         result = {key: value for key, value in batch.items() if key != "image"}
+        classes = self.model.output_shape[-1]
+        if self.native:
+            probabilities = np.empty(len(ok), dtype=object)
+            for row in range(len(ok)):
+                probabilities[row] = (self.predict_whole(batch["image"][row]).astype(np.float16) if ok[row]
+                                      else np.zeros((1, 1, classes), np.float16))
+        else:
+            probabilities = np.zeros((len(ok), *batch["image"].shape[1:3], classes), np.float16)
+            if ok.any():
+                probabilities[ok] = self.predict(np.asarray(batch["image"])[ok]).astype(np.float16)
         result["probabilities"] = probabilities
         return result
 
@@ -74,7 +99,9 @@ def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, 
 
     from submission.instances import instances_from_probabilities
 
-    upsampled = cv2.resize(probabilities.astype(np.float32), (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+    upsampled = probabilities.astype(np.float32)
+    if upsampled.shape[:2] != (int(height), int(width)):
+        upsampled = cv2.resize(upsampled, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
     if upsampled.ndim == 2:
         upsampled = upsampled[..., None]
     return instances_from_probabilities(upsampled, threshold=threshold, min_size=min_size)
@@ -195,11 +222,13 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         use_gpu = config.gpu == "yes" or (config.gpu == "auto" and gpus >= config.concurrency)
         wanted = len(todo) if config.overlays < 0 else config.overlays
         overlay_ids = frozenset(ref.image_id for ref in sorted(todo, key=lambda r: r.image_id)[:wanted])
-        dataset = inference_dataset(todo, image_size, config.max_pixels, config.blocks)
+        dataset = inference_dataset(todo, image_size, config.max_pixels, config.blocks,
+                                    mode=info.get("mode", "resize"), appearance=info.get("appearance", "rgb"))
         dataset = dataset.map_batches(
             Predictor, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model_path": os.path.abspath(config.model), "batch_size": config.batch_size,
-                                   "threads": max(1, math.ceil(config.cpus_per_actor * 2))},
+                                   "threads": max(1, math.ceil(config.cpus_per_actor * 2)), "tta": config.tta,
+                                   "tile": config.tile, "overlap": config.overlap},
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
         dataset = dataset.map_batches(

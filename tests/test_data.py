@@ -50,3 +50,23 @@ def test_real_images_through_the_pipeline(ray_session, real_zip):
     refs = training_refs(real_zip, 0, 0)[:40]
     batch = training_dataset(refs, 128, 10**8, 2).take_batch(40)
     assert batch["image"].shape == (40, 128, 128, 3) and batch["mask"].max() == 1
+
+
+def test_native_mode_cuts_seeded_crops_at_full_resolution(ray_session, synthetic_folder):
+    refs = training_refs(synthetic_folder, 0, 0)[:4]
+    options = dict(mode="native", appearance="standardised", crops_per_image=5, augment=True, seed=1)
+    batch = training_dataset(refs, 96, 10**8, 3, **options).take_batch(100)
+    again = training_dataset(refs, 96, 10**8, 3, **options).take_batch(100)
+    assert batch["image"].shape == (20, 96, 96, 3) and batch["mask"].shape == (20, 96, 96, 1)
+    assert sorted(batch["image_id"]) == sorted(np.repeat([r.image_id for r in refs], 5))
+    assert set(np.unique(batch["mask"])) == {0, 1, 2}
+    order = np.argsort(batch["image_id"], kind="stable"), np.argsort(again["image_id"], kind="stable")
+    np.testing.assert_array_equal(batch["image"][order[0]], again["image"][order[1]])
+
+
+def test_native_mode_inference_rows_keep_each_image_size(ray_session, synthetic_folder):
+    refs = list_images(synthetic_folder).refs
+    rows = list(inference_dataset(refs, 128, 10**8, mode="native", appearance="standardised").iter_rows())
+    assert len(rows) == 12
+    for row in rows:
+        assert row["ok"] and row["image"].shape == (row["height"], row["width"], 3)

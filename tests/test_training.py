@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import socket
 import shutil
 import subprocess
@@ -99,3 +100,79 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         os.killpg(head.pid, 15)
         head.wait(60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+TWO_NODE_SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+from ray.cluster_utils import Cluster
+from pipeline.config import TrainConfig
+from pipeline.training import run_training
+
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+os.environ["RAY_ADDRESS"] = cluster.address
+try:
+    info = run_training(TrainConfig(data="synthetic", synthetic_count=16, output={output!r}, epochs=2, workers=2,
+                                    cpus_per_worker=0.5, placement="STRICT_SPREAD", image_size=64, encoder_width=0.35,
+                                    batch_size=4, backbone_weights="none", snapshots=1))
+    print("EPOCHS_RUN", info["epochs_run"], flush=True)
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_workers_on_two_simulated_nodes(tmp_path):
+    """ray.cluster_utils.Cluster: a head and a worker node, one MWMS worker on each (STRICT_SPREAD)."""
+    output = str(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A subprocess: this test session is already connected to its own local Ray.
+    done = subprocess.run([sys.executable, "-c", TWO_NODE_SCRIPT.format(root=ROOT, output=output)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    nodes = set(re.findall(r"worker rank \d of 2 on node (\w+)", log))
+    assert len(nodes) == 2, log[-4000:]
+    assert "EPOCHS_RUN 2" in log
+    assert os.path.isfile(os.path.join(output, "model.keras"))
+
+
+def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
+    """SIGKILL the whole training job (driver and its Ray) after epoch 2, then `--resume` finishes the run."""
+    output = tmp_path / "run"
+    flags = ["--output", str(output), "--epochs", "6", "--synthetic-count", "16", "--image-size", "64",
+             "--encoder-width", "0.35", "--batch-size", "4", "--backbone-weights", "none", "--snapshots", "0",
+             "--warmup-epochs", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train.py"), *flags], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        def committed() -> str:  # Ray Train's record of the checkpoints it has registered
+            found = glob.glob(str(output / "ray" / "*" / "checkpoint_manager_snapshot.json"))
+            return open(found[0]).read() if found else ""
+
+        while "epoch_0002" not in committed():
+            assert job.poll() is None and time.time() < deadline, "training ended before its second checkpoint"
+            time.sleep(0.1)
+    finally:
+        os.killpg(job.pid, 9)
+        job.wait(60)
+    done_before = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
+    assert 2 <= max(done_before) < 6, done_before
+    assert not (output / "model.keras").exists()
+
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--resume", "--output",
+                              str(output)], env=env, capture_output=True, text=True, timeout=900)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-4000:]
+    started_at = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
+    assert started_at >= 2  # continued, not started over
+    assert started_at >= max(done_before) - 1  # at most the epoch in flight when it was killed is redone
+    epochs = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
+    assert epochs == list(range(1, 7))  # one line per epoch: lines of redone epochs were replaced
+    assert (output / "model.keras").is_file()
+    assert json.loads((output / "run.json").read_text())["epochs_run"] == 6

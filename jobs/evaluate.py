@@ -1,0 +1,33 @@
+"""Score a trained model on its run's held-out validation images (DSB2018 metric, overall and per kind).
+
+`python jobs/evaluate.py --model RUN/model.keras` re-creates the run's seeded validation split from its
+run.json, segments those images as jobs/segment.py does, and prints a table (mean score and mean at IoU
+0.5 for all images, fluorescence, stained and bright-field) and a last line `score=<mean>`. Writes
+scores.csv, summary.json and best/worst pictures to --output (default: RUN/evaluation).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.cli import run_job  # noqa: E402
+from pipeline.config import EvaluateConfig, parse_args  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(EvaluateConfig, argv, description=__doc__, prog="jobs/evaluate.py")
+
+    def work() -> None:
+        from pipeline.evaluation import evaluate, format_table
+
+        summary = evaluate(config)
+        print(format_table(summary))
+        print(f"score={summary['table'][0]['score']:.4f}")
+
+    return run_job(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

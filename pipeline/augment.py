@@ -1,0 +1,152 @@
+"""Pure numpy/OpenCV functions for native-resolution work: appearance, training crops, tiled prediction.
+
+- `standardise_appearance` lets one model serve fluorescence, bright-field and stained images: grey,
+  inverted when the background is light, contrast stretched per image.
+- `random_crops` cuts augmented training crops (scale jitter, flips, 90-degree rotations, brightness and
+  contrast) from a full-resolution image and its instance labels.
+- `predict_full_image` runs a fully convolutional model on a whole image padded to a multiple of 32,
+  in overlapping blended tiles when it is large, averaged over flips (test-time augmentation).
+No Ray or TensorFlow here: the model comes in as a function from a float32 NHWC batch to probabilities.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import cv2
+import numpy as np
+
+APPEARANCES = ("rgb", "standardised")
+
+
+def standardise_appearance(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> RGB uint8 with nuclei bright on dark: grey, inverted if the background is light, stretched.
+
+    The median pixel is background in nucleus images, so a light median means bright-field or stained
+    tissue (dark nuclei): inverting makes all three kinds look like fluorescence.
+    """
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    histogram = np.bincount(grey.ravel(), minlength=256)
+    cumulative = np.cumsum(histogram) / max(1, grey.size)
+    if np.searchsorted(cumulative, 0.5) > 127:
+        grey = 255 - grey
+        cumulative = np.cumsum(histogram[::-1]) / max(1, grey.size)
+    low, high = int(np.searchsorted(cumulative, 0.01)), int(np.searchsorted(cumulative, 0.998))
+    if high - low < 8:  # flat image: nothing to stretch
+        stretched = grey
+    else:
+        lookup = np.clip((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
+        stretched = lookup[grey]
+    return cv2.cvtColor(stretched, cv2.COLOR_GRAY2RGB)
+
+
+def apply_appearance(image: np.ndarray, appearance: str) -> np.ndarray:
+    """The model-side look of an RGB uint8 image: 'rgb' (as is) or 'standardised'."""
+    if appearance == "rgb":
+        return image
+    if appearance == "standardised":
+        return standardise_appearance(image)
+    raise ValueError(f"unknown appearance {appearance!r}; choose one of {APPEARANCES}")
+
+
+def _orient(array: np.ndarray, flip: int, turns: int) -> np.ndarray:
+    if flip:
+        array = array[:, ::-1]
+    return np.rot90(array, turns) if turns else array
+
+
+def random_crops(image: np.ndarray, labels: np.ndarray, size: int, count: int, rng: np.random.Generator,
+                 augment: bool = True, scale_range: tuple[float, float] = (0.7, 1.4)) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` (image, labels) crops of size x size from a full-resolution image and its instance labels.
+
+    With `augment`: each crop has its own scale (zoom by a factor from `scale_range`), a random flip and
+    90-degree rotation, and brightness/contrast jitter. Images smaller than a crop are padded (reflected
+    image, background labels).
+    """
+    crops = []
+    height, width = labels.shape
+    for _ in range(count):
+        scale = float(np.exp(rng.uniform(*np.log(scale_range)))) if augment else 1.0
+        window = max(8, int(round(size / scale)))
+        top = int(rng.integers(0, max(1, height - window + 1)))
+        left = int(rng.integers(0, max(1, width - window + 1)))
+        piece = image[top:top + window, left:left + window]
+        piece_labels = labels[top:top + window, left:left + window]
+        pad_y, pad_x = window - piece.shape[0], window - piece.shape[1]
+        if pad_y or pad_x:
+            piece = cv2.copyMakeBorder(piece, 0, pad_y, 0, pad_x, cv2.BORDER_REFLECT_101 if min(piece.shape[:2]) > 1
+                                       else cv2.BORDER_REPLICATE)
+            piece_labels = np.pad(piece_labels, ((0, pad_y), (0, pad_x)))
+        if window != size:
+            piece = cv2.resize(piece, (size, size), interpolation=cv2.INTER_AREA if window > size else cv2.INTER_LINEAR)
+            piece_labels = cv2.resize(piece_labels.astype(np.int32).astype(np.float32), (size, size),
+                                      interpolation=cv2.INTER_NEAREST).astype(labels.dtype)
+        if augment:
+            flip, turns = int(rng.integers(0, 2)), int(rng.integers(0, 4))
+            piece, piece_labels = _orient(piece, flip, turns), _orient(piece_labels, flip, turns)
+            contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(-25, 25)
+            piece = np.clip(piece.astype(np.float32) * contrast + brightness, 0, 255).astype(np.uint8)
+        crops.append((np.ascontiguousarray(piece), np.ascontiguousarray(piece_labels)))
+    return crops
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of `tile` pixels covering `length` with at least `overlap` shared pixels."""
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def _ramp(tile: int, overlap: int) -> np.ndarray:
+    """1-D tile weights: 1 in the middle, ramping down over the overlap, so tile seams blend smoothly."""
+    ramp = np.ones(tile, np.float32)
+    if overlap > 0:
+        edge = (np.arange(overlap, dtype=np.float32) + 1) / (overlap + 1)
+        ramp[:overlap], ramp[-overlap:] = edge, edge[::-1]
+    return ramp
+
+
+def flip_average(batch: np.ndarray, forward: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Test-time augmentation: the mean prediction of an NHWC batch as is, flipped left-right, up-down and both."""
+    total = None
+    for axes in ((), (2,), (1,), (1, 2)):
+        view = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
+        out = forward(view)
+        out = np.flip(out, axes) if axes else out
+        total = out.astype(np.float32) if total is None else total + out
+    return total / 4.0
+
+
+def predict_full_image(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray], tile: int = 1024,
+                       overlap: int = 64, flips: bool = False, multiple: int = 32) -> np.ndarray:
+    """HxWxC probabilities for a whole float32 HxWx3 image from a fully convolutional model.
+
+    The image is padded (reflected) to a multiple of `multiple`; images larger than `tile` go through
+    overlapping tiles blended by a ramped window, so memory is bounded by the tile size. With `flips`,
+    predictions of the image flipped left-right, up-down and both are averaged (test-time augmentation).
+    """
+    height, width = image.shape[:2]
+    tile = max(multiple, tile - tile % multiple)
+    overlap = min(overlap, tile // 2)
+    padded_h = max(multiple, -(-height // multiple) * multiple)
+    padded_w = max(multiple, -(-width // multiple) * multiple)
+    padded = cv2.copyMakeBorder(np.ascontiguousarray(image), 0, padded_h - height, 0, padded_w - width,
+                                cv2.BORDER_REFLECT_101 if min(height, width) > 1 else cv2.BORDER_REPLICATE)
+    tile_h, tile_w = min(tile, padded_h), min(tile, padded_w)
+
+    def predict_view(view: np.ndarray) -> np.ndarray:
+        return (flip_average(view[None], forward) if flips else forward(view[None]))[0]
+
+    total, weights = None, None
+    window = np.outer(_ramp(tile_h, overlap if padded_h > tile_h else 0),
+                      _ramp(tile_w, overlap if padded_w > tile_w else 0))[..., None]
+    for top in tile_starts(padded_h, tile_h, overlap):
+        for left in tile_starts(padded_w, tile_w, overlap):
+            probabilities = predict_view(padded[top:top + tile_h, left:left + tile_w]).astype(np.float32)
+            if total is None:
+                total = np.zeros((padded_h, padded_w, probabilities.shape[-1]), np.float32)
+                weights = np.zeros((padded_h, padded_w, 1), np.float32)
+            total[top:top + tile_h, left:left + tile_w] += probabilities * window
+            weights[top:top + tile_h, left:left + tile_w] += window
+    return (total / np.maximum(weights, 1e-6))[:height, :width]

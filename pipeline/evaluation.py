@@ -1,0 +1,124 @@
+"""Score a trained model on held-out Kaggle-layout images: DSB metric overall and per kind of image.
+
+The validation split is recomputed from the run's own config (seed, fraction, data), so the images
+scored are exactly the ones training never saw. Images go through the same streaming segmentation as
+jobs/segment.py; scores use submission.metric.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from pipeline import fileio
+from pipeline.config import EvaluateConfig
+
+KINDS = ("fluorescence", "stained", "bright-field")
+
+
+def image_kind(image: np.ndarray) -> str:
+    """fluorescence (light nuclei on dark), bright-field (dark on light grey) or stained (colour tissue)."""
+    pixels = image.reshape(-1, 3).astype(np.int16)[:: max(1, image.shape[0] * image.shape[1] // 20000)]
+    colour = float(np.abs(pixels - pixels.mean(axis=1, keepdims=True)).mean())
+    if colour > 6.0:
+        return "stained"
+    return "bright-field" if float(np.median(pixels)) > 127 else "fluorescence"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean score and mean score at IoU 0.5, overall and per kind, from per-image rows."""
+    table = []
+    for kind in ("all", *KINDS):
+        chosen = [row for row in rows if kind == "all" or row["kind"] == kind]
+        if chosen:
+            table.append({"kind": kind, "images": len(chosen),
+                          "score": float(np.mean([row["score"] for row in chosen])),
+                          "score_iou50": float(np.mean([row["score_iou50"] for row in chosen]))})
+    return table
+
+
+def picture(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray, height: int = 256) -> np.ndarray:
+    """image | true nuclei outlined | predicted nuclei outlined, scaled to `height` pixels."""
+    import cv2
+    from skimage.segmentation import find_boundaries
+
+    def outlined(labels):
+        drawn = image.copy()
+        drawn[find_boundaries(labels, mode="inner")] = (255, 255, 0)
+        return drawn
+
+    strip = np.concatenate([image, outlined(truth), outlined(predicted)], axis=1)
+    scale = height / image.shape[0]
+    return cv2.resize(strip, (int(round(strip.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Segment and score the held-out images of config.model's run; writes scores.csv and pictures/."""
+    import cv2
+    import pandas as pd
+
+    from pipeline.data import split_refs, training_refs
+    from pipeline.images import encode_png
+    from pipeline.inference import output_paths, run_segmentation
+    from pipeline.model import load_model
+    from pipeline.sources import load_sample, read_file
+    from submission.metric import THRESHOLDS, image_scores
+
+    _, info = load_model(config.model)
+    trained = info.get("config", {})
+    data = config.data or trained.get("data", "")
+    if not data:
+        raise ValueError("--data is needed: the model's run.json does not name its training data")
+    refs = training_refs(data, int(trained.get("synthetic_count", 96)), int(trained.get("seed", 42)))
+    if config.split == "val":
+        _, refs = split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))
+    output = os.path.abspath(config.output or os.path.join(os.path.dirname(config.model), "evaluation"))
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as folder:
+        for ref in refs:  # the images alone, in Kaggle's test layout
+            path = fileio.safe_join(folder, f"{fileio.check_relative(ref.image_id)}/images/{ref.image_id}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as stream:
+                stream.write(read_file(ref, ref.image_path) if ref.kind != "synthetic"
+                             else encode_png(load_sample(ref, with_masks=False).image))
+        segment = EvaluateConfig(**{**vars(config), "input": folder, "output": output})
+        result = run_segmentation(segment, output)
+    failed = [row for row in result.rows if row["status"] == "error"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} images failed to segment, e.g. {failed[0]['path']}: {failed[0]['error']}")
+    rows, pictures = [], []
+    for ref in refs:
+        sample = load_sample(ref, with_masks=True)
+        label_path, _ = output_paths(output, f"{ref.image_id}/images/{ref.image_id}.png")
+        predicted = cv2.imdecode(np.frombuffer(fileio.read_bytes(label_path), np.uint8), cv2.IMREAD_UNCHANGED)
+        scores = image_scores(sample.labels, predicted.astype(np.int32))
+        rows.append({"image_id": ref.image_id, "kind": image_kind(sample.image), "height": sample.height,
+                     "width": sample.width, "true_nuclei": int(sample.nuclei), "predicted_nuclei": int(predicted.max()),
+                     "score": float(scores.mean()), "score_iou50": float(scores[0])})
+        pictures.append((rows[-1]["score"], ref))
+    frame = pd.DataFrame(rows).sort_values("score")
+    fileio.write_text_atomic(os.path.join(output, "scores.csv"), frame.to_csv(index=False))
+    if config.pictures > 0:
+        ordered = sorted(pictures, key=lambda item: item[0])
+        chosen = ordered[-config.pictures:][::-1] + ordered[:config.pictures]
+        for rank, (score, ref) in enumerate(chosen):
+            sample = load_sample(ref, with_masks=True)
+            label_path, _ = output_paths(output, f"{ref.image_id}/images/{ref.image_id}.png")
+            predicted = cv2.imdecode(np.frombuffer(fileio.read_bytes(label_path), np.uint8), cv2.IMREAD_UNCHANGED)
+            name = f"{'best' if rank < config.pictures else 'worst'}_{score:.3f}_{ref.image_id[:12]}.png"
+            fileio.write_bytes_atomic(os.path.join(output, "pictures", name),
+                                      encode_png(picture(sample.image, sample.labels, predicted.astype(np.int32))))
+    summary = {"model": os.path.abspath(config.model), "data": data, "split": config.split, "tta": config.tta,
+               "thresholds": [round(float(t), 2) for t in THRESHOLDS], "table": summarise(rows),
+               "seconds": round(result.seconds, 1)}
+    fileio.write_text_atomic(os.path.join(output, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a Markdown table (what the README shows)."""
+    lines = ["| images | n | DSB score | score at IoU 0.5 |", "|---|---:|---:|---:|"]
+    for row in summary["table"]:
+        lines.append(f"| {row['kind']} | {row['images']} | {row['score']:.3f} | {row['score_iou50']:.3f} |")
+    return "\n".join(lines)
