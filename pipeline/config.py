@@ -84,9 +84,9 @@ class TrainConfig(DataConfig):
 
 # Named configurations for `--preset`: values replace the defaults; flags given on the command line still win.
 TRAIN_PRESETS = {
-    "dsb2018": dict(mode="native", num_classes=3, appearance="standardised", image_size=128, crops_per_image=12,
+    "dsb2018": dict(mode="native", num_classes=3, appearance="standardised", image_size=128, crops_per_image=8,
                     augment=True, border_weight=2.0, encoder_width=0.5, batch_size=16, learning_rate=2e-3,
-                    epochs=30, warmup_epochs=2, patience=10, val_fraction=0.2),
+                    epochs=14, warmup_epochs=2, patience=10, val_fraction=0.2),
 }
 
 
@@ -104,7 +104,8 @@ class SegmentConfig(DataConfig):
     min_size: int = option(10, "drop predicted nuclei smaller than this many pixels")
     threshold: float = option(0.5, "probability above which a pixel is nucleus")
     tta: bool = option(False, "test-time augmentation: average predictions over flips (4x the model work)")
-    tile: int = option(1024, "native-mode models: images larger than this are predicted in overlapping tiles")
+    tile: int = option(0, "native-mode models: images larger than this are predicted in overlapping tiles "
+                          "(0: the tile size in the model's run.json, else 1024)")
     overlap: int = option(64, "pixels shared by neighbouring tiles (blended)")
     overlays: int = option(0, "write an overlay PNG for this many images (-1: all) for a person to look at")
     labels: str = option("", "Kaggle-layout folder or zip with masks: score the result locally")

@@ -20,6 +20,7 @@ from pipeline import fileio
 from pipeline.config import SegmentConfig
 from pipeline.sources import SampleRef, list_images
 
+DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "status", "error")
 
 
@@ -36,7 +37,7 @@ class Predictor:
     multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes.
     """
 
-    def __init__(self, model_path: str, batch_size: int, threads: int, tta: bool = False, tile: int = 1024,
+    def __init__(self, model_path: str, batch_size: int, threads: int, tta: bool = False, tile: int = DEFAULT_TILE,
                  overlap: int = 64):
         from pipeline.tfkeras import tf
 
@@ -228,7 +229,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
             Predictor, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model_path": os.path.abspath(config.model), "batch_size": config.batch_size,
                                    "threads": max(1, math.ceil(config.cpus_per_actor * 2)), "tta": config.tta,
-                                   "tile": config.tile, "overlap": config.overlap},
+                                   "tile": config.tile or int(info.get("tile", DEFAULT_TILE)), "overlap": config.overlap},
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
         dataset = dataset.map_batches(

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.config import TrainConfig
 from pipeline.fileio import write_text_atomic
+from pipeline.inference import DEFAULT_TILE
 
 CHECKPOINT_PREFIX = "epoch_"
 FINAL_CHECKPOINT = "final"
@@ -340,7 +341,7 @@ def run_training(config: TrainConfig) -> dict:
         "format": "nuclei-unet/1", "model": "model.keras", "keras": "tf-keras",
         "image_size": config.image_size, "num_classes": config.num_classes,
         "classes": ["background", "nucleus"] if config.num_classes == 2 else ["background", "interior", "border"],
-        "mode": config.mode, "appearance": config.appearance,
+        "mode": config.mode, "appearance": config.appearance, "tile": DEFAULT_TILE if config.mode == "native" else None,
         "normalisation": "RGB uint8 (after `appearance`) / 255 -> [0, 1] float32 (the model rescales to [-1, 1])",
         "resize": ("INTER_AREA down / INTER_LINEAR up to image_size x image_size" if config.mode == "resize" else
                    "none: trained on image_size crops at full resolution; predict whole images padded to a "

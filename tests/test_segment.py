@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
+HUGE_LIMIT = 50_000_000  # pixels: the 8000x8000 test image is over it
 
 
 def png(array):
@@ -49,6 +50,14 @@ def bad_corpus(tmp_path_factory, synthetic_folder):
     (odd / "page.png").write_text("<html>not an image</html>")
     (odd / "truncated.png").write_bytes(png(picture)[:60])
     (odd / "readme.txt").write_text("not an input")
+    from PIL import Image
+
+    Image.fromarray(picture).convert("P", palette=Image.ADAPTIVE).save(odd / "palette.png")
+    Image.new("CMYK", (48, 36), (0, 255, 255, 0)).save(odd / "cmyk.jpg")
+    Image.new("L", (8000, 8000), 0).save(odd / "huge 8000.png")  # 64 Mpixel: over the tests' 50 Mpixel limit
+    if os.geteuid() != 0:  # root reads anything: the permission case only exists for other users
+        (odd / "no access.png").write_bytes(png(picture))
+        (odd / "no access.png").chmod(0)
     (root / "loop.png").symlink_to(root / "loop.png")
     (root / "escape.png").symlink_to("/etc/hostname")
     return str(root)
@@ -60,12 +69,16 @@ def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
 
     output = str(tmp_path / "out")
     config = SegmentConfig(model=model_path, input=bad_corpus, output=output, batch_size=8, overlays=2,
-                           cpus_per_actor=0.5)
+                           cpus_per_actor=0.5, max_pixels=HUGE_LIMIT)
     result = run_segmentation(config, output)
     manifest = read_manifest(output)
     good = [row for row in manifest.values() if row["status"] == "done"]
-    assert len(good) == 12 + 6  # synthetic + the odd-but-valid files
+    assert len(good) == 12 + 8  # synthetic + the odd-but-valid files
+    assert manifest["odd dir ü/cmyk.jpg"]["width"] == "48" and manifest["odd dir ü/palette.png"]["height"] == "40"
+    if os.geteuid() != 0:
+        assert "Permission denied" in manifest["odd dir ü/no access.png"]["error"]
     for reason_path, fragment in [("odd dir ü/empty.png", "empty file"), ("odd dir ü/page.png", "not a decodable"),
+                                  ("odd dir ü/huge 8000.png", "over the limit of 50,000,000"),
                                   ("odd dir ü/truncated.png", "not a decodable"),
                                   ("odd dir ü/readme.txt", "not an image file"),
                                   ("loop.png", "looping symlink"), ("escape.png", "outside the input folder")]:
@@ -80,10 +93,29 @@ def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
     # Overlays go to the first two ids in sorted order: '-leading dash' (drawn) and 'empty' (unreadable).
     assert sum(len(files) for _, _, files in os.walk(os.path.join(output, "overlays"))) == 1
     assert os.path.isfile(os.path.join(output, "overlays", "odd dir ü", "-leading dash.png"))
-    assert result.failed == 3
+    assert result.failed == 4 + (os.geteuid() != 0)
 
     rerun = run_segmentation(config, output)  # everything finished is skipped
-    assert sum(row["status"] == "existing" for row in rerun.rows) == 18
+    assert sum(row["status"] == "existing" for row in rerun.rows) == 20
+
+
+def test_submit_lists_every_test_image_of_a_mixed_folder(model_path, bad_corpus, tmp_path):
+    """Unreadable test images still get their row (empty prediction); non-images are not test images."""
+    from pipeline.sources import list_images
+    from submission.csvfile import read_submission
+
+    output = tmp_path / "submission.csv"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "submit.py"), "--model", model_path,
+                           "--input", bad_corpus, "--output", str(output), "--cpus-per-actor", "0.5",
+                           "--max-pixels", str(HUGE_LIMIT)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, rows = read_submission(str(output))
+    ids = {image_id for _, image_id, _ in rows}
+    assert ids == {ref.image_id for ref in list_images(bad_corpus).refs}
+    for unreadable in ("odd dir ü/empty", "odd dir ü/page", "odd dir ü/truncated", "odd dir ü/huge 8000"):
+        assert [encoded for _, image_id, encoded in rows if image_id == unreadable] == [""]
+    assert "4 unreadable" in done.stdout or "5 unreadable" in done.stdout
 
 
 def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic_folder, tmp_path):
@@ -153,3 +185,49 @@ def test_bad_model_file_is_one_clear_line(tmp_path, synthetic_folder):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "not a loadable Keras model" in done.stderr
+
+
+def test_native_mode_model_segments_whole_images_in_tiles_with_tta(tmp_path, synthetic_folder, ray_session):
+    """A native-resolution 3-class model: whole images (tiled when larger than --tile), flips averaged."""
+    import json
+
+    from pipeline.config import SegmentConfig
+    from pipeline.inference import run_segmentation
+    from pipeline.model import build_unet, save_model
+    from pipeline.synthetic import render_sample
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(build_unet(64, 3, "none", 0.35), str(run / "model.keras"))
+    (run / "run.json").write_text(json.dumps({"image_size": 64, "num_classes": 3, "mode": "native",
+                                              "appearance": "standardised"}))
+    folder = tmp_path / "images"
+    shutil.copytree(synthetic_folder, folder)
+    (folder / "wide.png").write_bytes(png(np.tile(render_sample(1, 2, with_masks=False).image, (1, 3, 1))))
+    output = str(tmp_path / "out")
+    config = SegmentConfig(model=str(run / "model.keras"), input=str(folder), output=output, tta=True, tile=256,
+                           overlap=32, cpus_per_actor=0.5, overlays=-1)
+    result = run_segmentation(config, output)
+    assert result.done == 13 and result.failed == 0
+    for row in result.rows:
+        labels = cv2.imread(os.path.join(output, "labels", os.path.splitext(row["path"])[0] + ".png"),
+                            cv2.IMREAD_UNCHANGED)
+        assert labels.shape == (row["height"], row["width"])
+    assert result.rows and max(row["width"] for row in result.rows) >= 3 * 256
+
+
+def test_evaluate_scores_the_held_out_images(model_path, tmp_path):
+    import json
+
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), "--model", model_path,
+                           "--output", str(tmp_path / "eval"), "--pictures", "1", "--cpus-per-actor", "0.5"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("score=") and 0.0 < float(last[6:]) <= 1.0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    overall = summary["table"][0]
+    assert overall["kind"] == "all" and overall["images"] == 13  # 20% of the run's 64 synthetic images
+    assert sum(row["images"] for row in summary["table"][1:]) == 13
+    assert len(list((tmp_path / "eval" / "pictures").glob("*.png"))) == 2
+    assert "| fluorescence |" in done.stdout
