@@ -64,6 +64,8 @@ class TrainConfig(DataConfig):
     patience: int = option(8, "early stopping: epochs without validation-loss improvement")
     bn_momentum: float = option(0.9, "BatchNorm momentum (Keras' 0.999 lags ~1000 steps from random init)")
     snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
+    time_limit: float = option(0.0, "minutes: stop after the last epoch that can finish within this much time from "
+                                    "the start of the job (best weights kept); 0 = no limit")
     max_failures: int = option(2, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
     resume: bool = option(False, "continue the interrupted run in --output from its last checkpoint, with the "
                                  "settings saved in its config.json (other flags are ignored)")
@@ -86,7 +88,7 @@ class TrainConfig(DataConfig):
 TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="standardised", image_size=128, crops_per_image=8,
                     augment=True, border_weight=2.0, encoder_width=0.5, batch_size=16, learning_rate=2e-3,
-                    epochs=14, warmup_epochs=2, patience=10, val_fraction=0.2),
+                    epochs=14, warmup_epochs=2, patience=10, val_fraction=0.2, time_limit=45.0),
 }
 
 

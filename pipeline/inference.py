@@ -229,7 +229,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
             Predictor, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model_path": os.path.abspath(config.model), "batch_size": config.batch_size,
                                    "threads": max(1, math.ceil(config.cpus_per_actor * 2)), "tta": config.tta,
-                                   "tile": config.tile or int(info.get("tile", DEFAULT_TILE)), "overlap": config.overlap},
+                                   "tile": config.tile or int(info.get("tile") or DEFAULT_TILE), "overlap": config.overlap},
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
         dataset = dataset.map_batches(

@@ -50,7 +50,7 @@ def _snapshot_strip(images: np.ndarray, truth: np.ndarray, logits: np.ndarray) -
 
 
 def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: dict, snapshot_images, snapshot_masks,
-                    resumed: bool, train_rows: int):
+                    resumed: bool, train_rows: int, deadline: float):
     """The Keras callbacks of one worker: LR schedule, early stopping, TensorBoard, snapshots, Ray reports."""
     import ray.train
     from pipeline.images import encode_png
@@ -101,6 +101,26 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             logs["epoch_seconds"] = seconds
             logs["samples_per_second"] = train_rows * world / seconds
 
+    class TimeLimit(keras.callbacks.Callback):
+        """Stops after the last epoch that can finish before the deadline; rank 0 decides for every worker."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not deadline:
+                return
+            stop = time.time() + (time.time() - self.started) > deadline
+            if world > 1:
+                from ray.train.collective import broadcast_from_rank_zero
+
+                stop = broadcast_from_rank_zero(stop)
+            if stop:
+                if rank == 0:
+                    print(f"time limit: stopping after epoch {epoch + 1} (another would end past "
+                          f"{config.time_limit:g} minutes)", flush=True)
+                self.model.stop_training = True
+
     class ReportCheckpoint(keras.callbacks.Callback):
         """Every rank saves (MWMS needs all of them to); rank 0 reports the checkpoint to Ray Train."""
 
@@ -133,7 +153,7 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
                 ray.train.report(metrics)
 
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, _: learning_rate_at(epoch, config)),
-                 early_stopping, Throughput()]
+                 early_stopping, Throughput(), TimeLimit()]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0))
     callbacks += [Snapshots(), ReportCheckpoint()]
@@ -229,7 +249,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     snapshots = loop_config.get("snapshots") or {}
     callbacks, early_stopping, report = _make_callbacks(
         config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None,
-        train_rows=sizes["train"])
+        train_rows=sizes["train"], deadline=float(loop_config.get("deadline") or 0.0))
     initial_epoch = int(state.get("epoch", 0))
     if initial_epoch < config.epochs:
         model.fit(train_data, validation_data=val_data, epochs=config.epochs,
@@ -285,6 +305,8 @@ def run_training(config: TrainConfig) -> dict:
     run_state_path = os.path.join(output, "ray_run.json")
     if config.resume:
         config = _saved_config(output)
+    # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
+    config = dataclasses.replace(config, output=output)
     ensure_ray(log_to_driver=True)
     import ray
     import ray.train
@@ -318,7 +340,8 @@ def run_training(config: TrainConfig) -> dict:
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"config": dataclasses.asdict(config), "snapshots": _snapshot_arrays(val_data, config.snapshots),
-                           "sizes": {"train": len(train_refs), "val": len(val_refs)}},
+                           "sizes": {"train": len(train_refs), "val": len(val_refs)},
+                           "deadline": started + config.time_limit * 60 if config.time_limit > 0 else 0.0},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker},
                                                placement_strategy=config.placement),

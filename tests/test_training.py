@@ -114,7 +114,8 @@ cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = cluster.address
 try:
-    info = run_training(TrainConfig(data="synthetic", synthetic_count=16, output={output!r}, epochs=2, workers=2,
+    info = run_training(TrainConfig(data="synthetic", synthetic_count=16, output={output!r}, epochs=4, workers=2,
+                                    time_limit=0.001,  # minutes: rank 0 stops both workers after the first epoch
                                     cpus_per_worker=0.5, placement="STRICT_SPREAD", image_size=64, encoder_width=0.35,
                                     batch_size=4, backbone_weights="none", snapshots=1))
     print("EPOCHS_RUN", info["epochs_run"], flush=True)
@@ -126,7 +127,10 @@ finally:
 
 
 def test_two_workers_on_two_simulated_nodes(tmp_path):
-    """ray.cluster_utils.Cluster: a head and a worker node, one MWMS worker on each (STRICT_SPREAD)."""
+    """ray.cluster_utils.Cluster: a head and a worker node, one MWMS worker on each (STRICT_SPREAD).
+
+    The run also has a tiny --time-limit: rank 0's decision to stop must reach the worker on the other node.
+    """
     output = str(tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # A subprocess: this test session is already connected to its own local Ray.
@@ -136,18 +140,18 @@ def test_two_workers_on_two_simulated_nodes(tmp_path):
     assert done.returncode == 0, log[-4000:]
     nodes = set(re.findall(r"worker rank \d of 2 on node (\w+)", log))
     assert len(nodes) == 2, log[-4000:]
-    assert "EPOCHS_RUN 2" in log
+    assert "EPOCHS_RUN 1" in log and "time limit: stopping after epoch 1" in log
     assert os.path.isfile(os.path.join(output, "model.keras"))
 
 
 def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
     """SIGKILL the whole training job (driver and its Ray) after epoch 2, then `--resume` finishes the run."""
-    output = tmp_path / "run"
-    flags = ["--output", str(output), "--epochs", "6", "--synthetic-count", "16", "--image-size", "64",
+    output = tmp_path / "run"  # given relative to the job's working directory: workers run elsewhere
+    flags = ["--output", "run", "--epochs", "6", "--synthetic-count", "16", "--image-size", "64",
              "--encoder-width", "0.35", "--batch-size", "4", "--backbone-weights", "none", "--snapshots", "0",
              "--warmup-epochs", "0"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train.py"), *flags], env=env,
+    job = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train.py"), *flags], env=env, cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -165,8 +169,8 @@ def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
     assert 2 <= max(done_before) < 6, done_before
     assert not (output / "model.keras").exists()
 
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--resume", "--output",
-                              str(output)], env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--resume", "--output", "run"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-4000:]
     started_at = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
@@ -176,3 +180,4 @@ def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
     assert epochs == list(range(1, 7))  # one line per epoch: lines of redone epochs were replaced
     assert (output / "model.keras").is_file()
     assert json.loads((output / "run.json").read_text())["epochs_run"] == 6
+    assert glob.glob(str(output / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
