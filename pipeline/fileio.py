@@ -59,6 +59,15 @@ def safe_join(root: str, relative: str) -> str:
     return joined
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_bytes_atomic(location: str, data: bytes) -> None:
     """Write a file so that readers see either nothing or the whole file, never half of it."""
     if is_uri(location):  # object stores publish an object only once it is complete
@@ -75,6 +84,7 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files get the usual permissions
         os.replace(temporary, location)
     except BaseException:
         if os.path.exists(temporary):

@@ -90,9 +90,10 @@ def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
         labels = cv2.imread(os.path.join(output, "labels", stem), cv2.IMREAD_UNCHANGED)
         assert labels.shape == (int(row["height"]), int(row["width"]))  # original size restored
         assert int(row["nuclei"]) == labels.max()
-    # Overlays go to the first two ids in sorted order: '-leading dash' (drawn) and 'empty' (unreadable).
-    assert sum(len(files) for _, _, files in os.walk(os.path.join(output, "overlays"))) == 1
+    # Overlays go to the first two ids in sorted order: '-leading dash' and 'cmyk'.
+    assert sum(len(files) for _, _, files in os.walk(os.path.join(output, "overlays"))) == 2
     assert os.path.isfile(os.path.join(output, "overlays", "odd dir ü", "-leading dash.png"))
+    assert os.path.isfile(os.path.join(output, "overlays", "odd dir ü", "cmyk.png"))
     assert result.failed == 4 + (os.geteuid() != 0)
 
     rerun = run_segmentation(config, output)  # everything finished is skipped
