@@ -358,8 +358,11 @@ def run_training(config: TrainConfig) -> dict:
         shutil.copyfile(os.path.join(folder, "model.keras"), os.path.join(output, ".model.keras.partial"))
     os.replace(os.path.join(output, ".model.keras.partial"), os.path.join(output, "model.keras"))
 
-    history = _metrics_history(result)
-    best = min((m for m in history if "val_loss" in m), key=lambda m: m["val_loss"], default={})
+    history = _read_history(output)
+    final = result.metrics or {}
+    best = next((row for row in history if math.isfinite(final.get("best_val_loss", math.inf))
+                 and row.get("epoch") == final.get("best_epoch")), None) \
+        or min((row for row in history if "val_loss" in row), key=lambda row: row["val_loss"], default={})
     info = {
         "format": "nuclei-unet/1", "model": "model.keras", "keras": "tf-keras",
         "image_size": config.image_size, "num_classes": config.num_classes,
@@ -379,12 +382,10 @@ def run_training(config: TrainConfig) -> dict:
     return info
 
 
-def _metrics_history(result) -> list[dict]:
-    """Per-epoch metrics reported by rank 0 (from the result's dataframe when Ray provides it)."""
-    frame = getattr(result, "metrics_dataframe", None)
-    if frame is None or len(frame) == 0:
-        return [result.metrics or {}]
-    rows = frame.to_dict("records")
-    return [{k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-             and k not in ("final", "best_epoch", "best_val_loss")}
-            for row in rows if row.get("final") != 1]
+def _read_history(output: str) -> list[dict]:
+    """Per-epoch metrics of the run, as rank 0 wrote them to history.jsonl (all epochs, unlike Ray's result)."""
+    path = os.path.join(output, "history.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
