@@ -42,26 +42,34 @@ def summarise(rows: list[dict]) -> list[dict]:
 def picture(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray, height: int = 256) -> np.ndarray:
     """image | true nuclei outlined | predicted nuclei outlined, scaled to `height` pixels."""
     import cv2
-    from skimage.segmentation import find_boundaries
 
-    def outlined(labels):
-        drawn = image.copy()
-        drawn[find_boundaries(labels, mode="inner")] = (255, 255, 0)
-        return drawn
+    from pipeline.inference import overlay
 
-    strip = np.concatenate([image, outlined(truth), outlined(predicted)], axis=1)
+    strip = np.concatenate([image, overlay(image, truth), overlay(image, predicted)], axis=1)
     scale = height / image.shape[0]
     return cv2.resize(strip, (int(round(strip.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
 
 
+def _truth_and_prediction(ref, output: str):
+    """(sample with its true labels, predicted labels read back from the segmentation output) of one image."""
+    import cv2
+
+    from pipeline.inference import output_paths
+    from pipeline.sources import load_sample
+
+    sample = load_sample(ref, with_masks=True)
+    label_path, _ = output_paths(output, f"{ref.image_id}/images/{ref.image_id}.png")
+    predicted = cv2.imdecode(np.frombuffer(fileio.read_bytes(label_path), np.uint8), cv2.IMREAD_UNCHANGED)
+    return sample, predicted.astype(np.int32)
+
+
 def evaluate(config: EvaluateConfig) -> dict:
     """Segment and score the held-out images of config.model's run; writes scores.csv and pictures/."""
-    import cv2
     import pandas as pd
 
     from pipeline.data import split_refs, training_refs
     from pipeline.images import encode_png
-    from pipeline.inference import output_paths, run_segmentation
+    from pipeline.inference import run_segmentation
     from pipeline.model import load_model
     from pipeline.sources import load_sample, read_file
     from submission.metric import THRESHOLDS, image_scores
@@ -89,10 +97,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         raise RuntimeError(f"{len(failed)} images failed to segment, e.g. {failed[0]['path']}: {failed[0]['error']}")
     rows, pictures = [], []
     for ref in refs:
-        sample = load_sample(ref, with_masks=True)
-        label_path, _ = output_paths(output, f"{ref.image_id}/images/{ref.image_id}.png")
-        predicted = cv2.imdecode(np.frombuffer(fileio.read_bytes(label_path), np.uint8), cv2.IMREAD_UNCHANGED)
-        scores = image_scores(sample.labels, predicted.astype(np.int32))
+        sample, predicted = _truth_and_prediction(ref, output)
+        scores = image_scores(sample.labels, predicted)
         rows.append({"image_id": ref.image_id, "kind": image_kind(sample.image), "height": sample.height,
                      "width": sample.width, "true_nuclei": int(sample.nuclei), "predicted_nuclei": int(predicted.max()),
                      "score": float(scores.mean()), "score_iou50": float(scores[0])})
@@ -102,13 +108,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     if config.pictures > 0:
         ordered = sorted(pictures, key=lambda item: item[0])
         chosen = ordered[-config.pictures:][::-1] + ordered[:config.pictures]
-        for rank, (score, ref) in enumerate(chosen):
-            sample = load_sample(ref, with_masks=True)
-            label_path, _ = output_paths(output, f"{ref.image_id}/images/{ref.image_id}.png")
-            predicted = cv2.imdecode(np.frombuffer(fileio.read_bytes(label_path), np.uint8), cv2.IMREAD_UNCHANGED)
+        for rank, (score, ref) in enumerate(chosen):  # decoded again: only these few, not all images held
+            sample, predicted = _truth_and_prediction(ref, output)
             name = f"{'best' if rank < config.pictures else 'worst'}_{score:.3f}_{ref.image_id[:12]}.png"
             fileio.write_bytes_atomic(os.path.join(output, "pictures", name),
-                                      encode_png(picture(sample.image, sample.labels, predicted.astype(np.int32))))
+                                      encode_png(picture(sample.image, sample.labels, predicted)))
     summary = {"model": os.path.abspath(config.model), "data": data, "split": config.split, "tta": config.tta,
                "thresholds": [round(float(t), 2) for t in THRESHOLDS], "table": summarise(rows),
                "seconds": round(result.seconds, 1)}
