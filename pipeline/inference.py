@@ -19,6 +19,7 @@ import numpy as np
 from pipeline import fileio
 from pipeline.config import SegmentConfig
 from pipeline.sources import SampleRef, list_images
+from submission.instances import DEFAULT_MIN_SIZE
 
 DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "status", "error")
@@ -94,7 +95,7 @@ class Predictor:
 
 
 def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, threshold: float,
-                            min_size: int) -> np.ndarray:
+                            min_size: int, seed_threshold: float | None = None) -> np.ndarray:
     """Upsample model-size probabilities to the image's own size, then split them into nuclei."""
     import cv2
 
@@ -105,7 +106,8 @@ def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, 
         upsampled = cv2.resize(upsampled, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
     if upsampled.ndim == 2:
         upsampled = upsampled[..., None]
-    return instances_from_probabilities(upsampled, threshold=threshold, min_size=min_size)
+    return instances_from_probabilities(upsampled, threshold=threshold, min_size=min_size,
+                                        seed_threshold=seed_threshold)
 
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -118,7 +120,7 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
-                max_pixels: int, encode: bool) -> dict:
+                max_pixels: int, encode: bool, seed_threshold: float | None = None) -> dict:
     """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows)."""
     from pipeline.images import encode_png
     from pipeline.sources import load_sample
@@ -132,7 +134,7 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
         if batch["ok"][row]:
             try:
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
-                                                 batch["width"][row], threshold, min_size)
+                                                 batch["width"][row], threshold, min_size, seed_threshold)
                 label_path, overlay_path = output_paths(output, str(batch["path"][row]))
                 fileio.write_bytes_atomic(label_path, encode_png(labels.astype(np.uint16)))
                 if str(batch["image_id"][row]) in overlay_ids:
@@ -151,6 +153,14 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
             "height": np.asarray(batch["height"]), "width": np.asarray(batch["width"]), "nuclei": nuclei,
             "status": np.asarray(status), "error": np.asarray(errors, dtype=object),
             "rles": np.asarray(rles, dtype=object)}
+
+
+def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
+    """threshold, seed_threshold and min_size: the flags when given, else the model's run.json, else defaults."""
+    saved = info.get("postprocess") or {}
+    return {"threshold": config.threshold or float(saved.get("threshold", 0.5)),
+            "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", 0.5)),
+            "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE))}
 
 
 @dataclass
@@ -235,7 +245,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         dataset = dataset.map_batches(
             postprocess, batch_size=8, batch_format="numpy",
             fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output),
-                       "threshold": config.threshold, "min_size": config.min_size, "overlay_ids": overlay_ids,
+                       **postprocess_settings(config, info), "overlay_ids": overlay_ids,
                        "max_pixels": config.max_pixels, "encode": encode})
         for row in dataset.iter_rows():
             rles = str(row.pop("rles") or "")

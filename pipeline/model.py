@@ -68,11 +68,13 @@ def _encoder(image_size: int, weights: str, alpha: float) -> keras.Model:
 
 def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: str = "none",
                encoder_width: float = 1.0, freeze_encoder: bool = False, bn_momentum: float | None = 0.9,
-               input_size: int | None = None) -> keras.Model:
+               input_size: int | None = None, decoder_width: float = 1.0) -> keras.Model:
     """The segmentation model: per-pixel logits of shape (H, W, num_classes).
 
     `image_size` (a multiple of 32) shapes the encoder; `input_size=None` makes the built model accept any
     multiple of 32 (fully convolutional), which native-resolution inference uses.
+    `decoder_width` scales the decoder's filters (512, 256, 128, 64): the decoder holds ~90% of the
+    computation at encoder width 0.5, so 0.5 trains about twice as fast on a CPU.
     `bn_momentum` replaces MobileNetV2's 0.999: from random init its moving statistics otherwise lag by
     ~1000 steps and validation predicts only background for the first epochs.
     """
@@ -81,7 +83,8 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     base = _encoder(image_size, backbone_weights, encoder_width)
     encoder = keras.Model(base.input, [base.get_layer(name).output for name in SKIP_LAYERS], name="encoder")
     encoder.trainable = not freeze_encoder
-    decoder = [upsample(filters, 3, name=f"up_{filters}") for filters in DECODER_FILTERS]
+    widths = [max(8, int(round(filters * decoder_width))) for filters in DECODER_FILTERS]
+    decoder = [upsample(filters, 3, name=f"up_{index}_{filters}") for index, filters in enumerate(widths)]
 
     inputs = keras.layers.Input(shape=(input_size, input_size, 3) if input_size else (None, None, 3), name="image")
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)

@@ -27,12 +27,16 @@ FINAL_CHECKPOINT = "final"
 
 # ---------------------------------------------------------------- worker side
 
-def learning_rate_at(epoch: int, config: TrainConfig) -> float:
-    """Linear warm-up for `warmup_epochs`, then cosine decay to 5% of the peak at the last epoch."""
+def learning_rate_at(epoch: int, config: TrainConfig, epochs: int | None = None) -> float:
+    """Linear warm-up for `warmup_epochs`, then cosine decay to 5% of the peak at the last epoch.
+
+    `epochs` is the number of epochs the run will actually have (fewer than config.epochs when a time
+    limit cuts it short), so the decay still ends at the run's last epoch.
+    """
     peak = config.learning_rate
     if epoch < config.warmup_epochs:
         return peak * (epoch + 1) / (config.warmup_epochs + 1)
-    span = max(1, config.epochs - config.warmup_epochs)
+    span = max(1, min(config.epochs, epochs or config.epochs) - config.warmup_epochs)
     progress = min(1.0, (epoch - config.warmup_epochs) / span)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -101,8 +105,14 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             logs["epoch_seconds"] = seconds
             logs["samples_per_second"] = train_rows * world / seconds
 
+    planned = {"epochs": config.epochs}  # shrunk by TimeLimit to the epochs that fit; read by the LR schedule
+
     class TimeLimit(keras.callbacks.Callback):
-        """Stops after the last epoch that can finish before the deadline; rank 0 decides for every worker."""
+        """Stops after the last epoch that can finish before the deadline; rank 0 decides for every worker.
+
+        After each epoch it also re-plans how many epochs fit (at the last epoch's speed), so the learning
+        rate's decay ends when the run does rather than at an epoch it will never reach.
+        """
 
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.time()
@@ -110,11 +120,15 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
         def on_epoch_end(self, epoch, logs=None):
             if not deadline:
                 return
-            stop = time.time() + (time.time() - self.started) > deadline
+            now = time.time()
+            seconds = max(now - self.started, 1e-3)
+            fit = epoch + 1 + max(0, int((deadline - now) // seconds))
             if world > 1:
                 from ray.train.collective import broadcast_from_rank_zero
 
-                stop = broadcast_from_rank_zero(stop)
+                fit = broadcast_from_rank_zero(fit)
+            planned["epochs"] = min(config.epochs, fit)
+            stop = fit <= epoch + 1
             if stop:
                 if rank == 0:
                     print(f"time limit: stopping after epoch {epoch + 1} (another would end past "
@@ -152,7 +166,8 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             else:
                 ray.train.report(metrics)
 
-    callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, _: learning_rate_at(epoch, config)),
+    callbacks = [keras.callbacks.LearningRateScheduler(
+        lambda epoch, _: learning_rate_at(epoch, config, planned["epochs"])),
                  early_stopping, Throughput(), TimeLimit()]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0))
@@ -195,7 +210,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _truncate_history(config.output, int(state.get("epoch", 0)))
         else:
             model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
-                                             config.encoder_width, config.freeze_encoder, config.bn_momentum),
+                                             config.encoder_width, config.freeze_encoder, config.bn_momentum,
+                                             decoder_width=config.decoder_width),
                                   config.learning_rate, config.num_classes)
 
     options = tf.data.Options()
@@ -373,6 +389,9 @@ def run_training(config: TrainConfig) -> dict:
                    "none: trained on image_size crops at full resolution; predict whole images padded to a "
                    "multiple of 32, tiled when large"),
         "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "encoder_width": config.encoder_width,
+        "decoder_width": config.decoder_width,
+        "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
+                        "min_size": config.min_size},
         "data": config.data, "train_images": len(train_refs), "val_images": len(val_refs),
         "workers": config.workers, "epochs_run": int(max((m.get("epoch", 0) for m in history), default=0)),
         "best_epoch": best.get("epoch"), "final_metrics": {k: v for k, v in best.items() if k != "epoch"},

@@ -66,13 +66,15 @@ def instances_from_foreground(foreground: np.ndarray, threshold: float = 0.5,
 
 
 def instances_from_interior(interior: np.ndarray, nucleus: np.ndarray, threshold: float = 0.5,
-                            min_size: int = DEFAULT_MIN_SIZE) -> np.ndarray:
+                            min_size: int = DEFAULT_MIN_SIZE, seed_threshold: float | None = None) -> np.ndarray:
     """Nuclei of a three-class model: interior seeds grown by watershed into the nucleus region.
 
-    `interior` is P(interior); `nucleus` is P(interior) + P(border), i.e. 1 - P(background).
+    `interior` is P(interior); `nucleus` is P(interior) + P(border), i.e. 1 - P(background). The region
+    is `nucleus > threshold`, the seeds `interior > seed_threshold` (default: the same threshold).
     """
     region = np.asarray(nucleus) > threshold
-    seeds = ndimage.label(np.asarray(interior) > threshold)[0]
+    seed_threshold = threshold if seed_threshold is None else seed_threshold
+    seeds = ndimage.label(np.asarray(interior) > seed_threshold)[0]
     if seeds.max():
         seed_sizes = np.bincount(seeds.ravel())
         tiny = seed_sizes < max(2, min_size // 4)
@@ -90,12 +92,13 @@ def instances_from_interior(interior: np.ndarray, nucleus: np.ndarray, threshold
 
 
 def instances_from_probabilities(probabilities: np.ndarray, threshold: float = 0.5,
-                                 min_size: int = DEFAULT_MIN_SIZE) -> np.ndarray:
+                                 min_size: int = DEFAULT_MIN_SIZE, seed_threshold: float | None = None) -> np.ndarray:
     """Nuclei from an HxWxC softmax map: C=2 (background, nucleus) or C=3 (background, interior, border)."""
     if probabilities.shape[-1] == 2:
         return instances_from_foreground(probabilities[..., 1], threshold, min_size)
     if probabilities.shape[-1] == 3:
-        return instances_from_interior(probabilities[..., 1], 1.0 - probabilities[..., 0], threshold, min_size)
+        return instances_from_interior(probabilities[..., 1], 1.0 - probabilities[..., 0], threshold, min_size,
+                                       seed_threshold)
     raise ValueError(f"expected 2 or 3 classes, got {probabilities.shape[-1]}")
 
 

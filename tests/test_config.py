@@ -33,3 +33,29 @@ def test_every_job_explains_itself(job):
     done = subprocess.run([sys.executable, f"{ROOT}/jobs/{job}.py", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "usage:" in done.stdout and "--output" in done.stdout
+
+
+def test_learning_rate_decays_to_the_last_epoch_the_time_limit_allows():
+    from pipeline.training import learning_rate_at
+
+    config = TrainConfig(learning_rate=1e-3, epochs=20, warmup_epochs=2)
+    warmup = [learning_rate_at(epoch, config) for epoch in range(2)]
+    assert warmup[0] < warmup[1] < 1e-3
+    assert learning_rate_at(2, config) == pytest.approx(1e-3)
+    full = [learning_rate_at(epoch, config) for epoch in range(2, 21)]
+    assert all(a > b for a, b in zip(full, full[1:-1])) and full[-2] > 5e-5
+    assert learning_rate_at(20, config) == pytest.approx(5e-5)  # decay ends at the planned last epoch
+    # A time limit that leaves room for 10 epochs: the same decay, compressed to end at epoch 10.
+    assert learning_rate_at(10, config, epochs=10) == pytest.approx(5e-5)
+    assert learning_rate_at(6, config, epochs=10) == pytest.approx(learning_rate_at(11, config))
+    assert learning_rate_at(6, config, epochs=40) == learning_rate_at(6, config)  # never longer than asked
+
+
+def test_postprocess_settings_come_from_flags_then_the_models_run_json():
+    from pipeline.inference import postprocess_settings
+
+    saved = {"postprocess": {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}}
+    assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}
+    assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}
+    flags = parse_args(SegmentConfig, ["--threshold", "0.7", "--min-size", "5"])
+    assert postprocess_settings(flags, saved) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5}

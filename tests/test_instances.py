@@ -45,3 +45,17 @@ def test_border_targets_separate_touching_nuclei_and_rebuild_them():
     nucleus = (target > 0).astype(float)
     rebuilt = instances_from_interior(interior, nucleus)
     assert rebuilt.max() == 2
+
+
+def test_region_and_seed_thresholds_act_separately():
+    """A soft nucleus map: the region threshold sets each nucleus' extent, the seed threshold which cores count."""
+    distance = cv2.distanceTransform(touching_discs(), cv2.DIST_L2, 5)
+    nucleus = np.clip(distance / 4.0, 0, 1)  # rises over the outer 4 pixels of both discs
+    interior = np.clip((distance - 4.0) / 10.0, 0, 1)  # 1 only deep inside each disc, 0 at the neck
+    loose = instances_from_interior(interior, nucleus, threshold=0.3, seed_threshold=0.5)
+    tight = instances_from_interior(interior, nucleus, threshold=0.8, seed_threshold=0.5)
+    assert loose.max() == tight.max() == 2
+    assert (tight > 0).sum() < (loose > 0).sum() and ((tight > 0) & (loose == 0)).sum() == 0
+    interior[:, 57:] *= 0.6  # the right disc's core is less certain: a stricter seed threshold loses it
+    assert instances_from_interior(interior, nucleus, threshold=0.3, seed_threshold=0.5).max() == 2
+    assert instances_from_interior(interior, nucleus, threshold=0.3, seed_threshold=0.7).max() == 1

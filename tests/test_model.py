@@ -62,3 +62,11 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
         load_model(str(tmp_path / "fake.keras"))
     with pytest.raises(ModelFileError, match="not found"):
         load_model(str(tmp_path / "nope.keras"))
+
+
+def test_decoder_width_shrinks_the_decoder_not_the_output():
+    full = build_unet(64, 3, "none", encoder_width=0.35)
+    half = build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.5)
+    assert half.count_params() < 0.6 * full.count_params()
+    x = np.zeros((2, 96, 64, 3), np.float32)
+    assert half.predict(x, verbose=0).shape == full.predict(x, verbose=0).shape == (2, 96, 64, 3)
