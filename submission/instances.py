@@ -15,6 +15,14 @@ from skimage.segmentation import relabel_sequential, watershed
 DEFAULT_MIN_SIZE = 10  # pixels; smaller predicted objects are noise
 
 
+def fill_holes(binary: np.ndarray) -> np.ndarray:
+    """scipy's binary_fill_holes (background 4-connected to the edge stays), by one OpenCV flood fill: ~20x faster."""
+    binary = np.asarray(binary, bool)
+    outside = np.pad(binary.astype(np.uint8), 1)  # a frame of background joins every edge pixel
+    cv2.floodFill(outside, np.zeros((outside.shape[0] + 2, outside.shape[1] + 2), np.uint8), (0, 0), 1, flags=4)
+    return binary | (outside[1:-1, 1:-1] == 0)
+
+
 def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Drop objects under min_size pixels, fill each object's holes, number them 1..N."""
     if labels.max() == 0:
@@ -23,6 +31,8 @@ def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
     small = sizes < min_size
     small[0] = False
     labels = np.where(small[labels], 0, labels)
+    if not (fill_holes(labels > 0) & (labels == 0)).any():  # the usual case: nothing to fill
+        return relabel_sequential(labels)[0].astype(np.int32)
     filled = labels.copy()
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
         if region is None:
@@ -41,8 +51,10 @@ def split_touching(binary: np.ndarray, min_distance: int = 4) -> np.ndarray:
         return components.astype(np.int32)
     distance = cv2.distanceTransform(binary, cv2.DIST_L2, 5)
     smoothed = cv2.GaussianBlur(distance, (0, 0), 1.0)
-    peaks = peak_local_max(smoothed, min_distance=min_distance, threshold_abs=1.5, labels=components,
-                           exclude_border=False)
+    # One search over the whole image (with labels=, scikit-image loops over every component in Python);
+    # a component whose peak a neighbour's suppressed still gets a marker of its own below.
+    peaks = peak_local_max(smoothed, min_distance=min_distance, threshold_abs=1.5, exclude_border=False)
+    peaks = peaks[binary[tuple(peaks.T)] > 0] if len(peaks) else peaks
     markers = np.zeros_like(components)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     markers = ndimage.label(ndimage.binary_dilation(markers > 0, iterations=1))[0] * (binary > 0)
@@ -60,7 +72,7 @@ def split_touching(binary: np.ndarray, min_distance: int = 4) -> np.ndarray:
 def instances_from_foreground(foreground: np.ndarray, threshold: float = 0.5,
                               min_size: int = DEFAULT_MIN_SIZE, split: bool = True) -> np.ndarray:
     """Nuclei from a foreground probability map (or a binary mask) of a two-class model."""
-    binary = ndimage.binary_fill_holes(np.asarray(foreground) > threshold)  # before splitting: a hole is no neck
+    binary = fill_holes(np.asarray(foreground) > threshold)  # before splitting: a hole is no neck
     labels = split_touching(binary) if split else ndimage.label(binary)[0]
     return _finish(labels, min_size)
 

@@ -59,3 +59,15 @@ def test_region_and_seed_thresholds_act_separately():
     interior[:, 57:] *= 0.6  # the right disc's core is less certain: a stricter seed threshold loses it
     assert instances_from_interior(interior, nucleus, threshold=0.3, seed_threshold=0.5).max() == 2
     assert instances_from_interior(interior, nucleus, threshold=0.3, seed_threshold=0.7).max() == 1
+
+
+def test_fill_holes_matches_scipy_on_random_masks():
+    from scipy import ndimage
+
+    from submission.instances import fill_holes
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (1, 7), (40, 30), (64, 64)):
+        for density in (0.3, 0.5, 0.7):
+            mask = rng.random(shape) < density
+            assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
