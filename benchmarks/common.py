@@ -29,6 +29,17 @@ def median_time(function, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(functions: dict, repeats: int = 5) -> dict:
+    """Median seconds of each function, run in turns (a, b, a, b, ...) so that drifts in machine load hit all alike."""
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def used_memory() -> int:
     """Bytes of memory in use on this machine (MemTotal - MemAvailable), read from /proc/meminfo."""
     values = {}
