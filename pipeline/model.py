@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import zipfile
 
 from pipeline.tfkeras import keras, tf
 
@@ -158,6 +161,34 @@ class ModelFileError(ValueError):
     """A model file that is missing, not a Keras model, or does not match its run.json."""
 
 
+def _load_for_inference(path: str) -> keras.Model:
+    """What keras.models.load_model(path, compile=False, safe_mode=True) does, ~8x faster.
+
+    tf-keras reads the weights through h5py *inside* the zip, and Python 3.11's zipfile answers every
+    backward seek by reading the member again from its start (22 s for an 80 MB model here); the weights
+    are copied out to a temporary file first, then loaded in one pass.
+    """
+    from tf_keras.src.saving import saving_lib
+
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+        config["compile_config"] = None
+        with tempfile.TemporaryDirectory(prefix="model-") as folder:
+            weights = os.path.join(folder, "model.weights.h5")
+            with archive.open("model.weights.h5") as source, open(weights, "wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+            previous = getattr(saving_lib._SAVING_V3_ENABLED, "value", False)
+            saving_lib._SAVING_V3_ENABLED.value = True  # as load_model sets it: nested layers in the v3 format
+            try:
+                with saving_lib.ObjectSharingScope():
+                    model = keras.saving.deserialize_keras_object(config, custom_objects=CUSTOM_OBJECTS,
+                                                                  safe_mode=True)
+            finally:
+                saving_lib._SAVING_V3_ENABLED.value = previous
+            model.load_weights(weights)
+    return model
+
+
 def load_model(path: str, compile: bool = False) -> tuple[keras.Model, dict]:
     """Load `model.keras` in Keras' safe mode plus the run.json beside it; check they agree."""
     if not os.path.isfile(path):
@@ -168,7 +199,8 @@ def load_model(path: str, compile: bool = False) -> tuple[keras.Model, dict]:
         with open(info_path, encoding="utf-8") as stream:
             info = json.load(stream)
     try:
-        model = keras.models.load_model(path, compile=compile, safe_mode=True, custom_objects=CUSTOM_OBJECTS)
+        model = (keras.models.load_model(path, compile=True, safe_mode=True, custom_objects=CUSTOM_OBJECTS)
+                 if compile else _load_for_inference(path))
     except Exception as error:  # noqa: BLE001 - Keras raises many types for a file that is not a model
         raise ModelFileError(f"{path} is not a loadable Keras model: {str(error).splitlines()[0][:200]}") from None
     classes = int(model.output_shape[-1])

@@ -70,3 +70,15 @@ def test_decoder_width_shrinks_the_decoder_not_the_output():
     assert half.count_params() < 0.6 * full.count_params()
     x = np.zeros((2, 96, 64, 3), np.float32)
     assert half.predict(x, verbose=0).shape == full.predict(x, verbose=0).shape == (2, 96, 64, 3)
+
+
+def test_a_model_with_code_in_it_is_refused(tmp_path):
+    """Safe mode: a Lambda layer's Python code is never deserialised (it could run anything)."""
+    from pipeline.tfkeras import keras
+
+    inputs = keras.layers.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs))
+    path = str(tmp_path / "model.keras")
+    save_model(model, path)
+    with pytest.raises(ModelFileError, match="not a loadable Keras model"):
+        load_model(path)
