@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
 
     run = os.path.join(args.output, "run")
     test = os.path.join(args.output, "test")
-    status = train.main(["--data", "synthetic", "--synthetic-count", str(args.train_images), "--epochs",
-                         str(args.epochs), "--output", run, "--backbone-weights", "none", "--warmup-epochs", "1",
-                         "--batch-size", "8", "--learning-rate", "2e-3"])
+    # The preset's recipe (native-resolution crops, border class, standardised look), sized for a laptop.
+    status = train.main(["--preset", "dsb2018", "--data", "synthetic", "--synthetic-count", str(args.train_images),
+                         "--epochs", str(args.epochs), "--output", run, "--backbone-weights", "none",
+                         "--crops-per-image", "4", "--encoder-width", "0.35", "--warmup-epochs", "1",
+                         "--min-size", "10", "--time-limit", "0"])
     if status:
         return status
     write_dataset(test, args.test_images, seed=1000)  # a different seed: never seen in training
