@@ -40,8 +40,8 @@ def make_folder(count: int, folder: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="runs/quickstart/run/model.keras")
-    parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--large", type=int, default=6000, help="image count for the second memory reading")
+    parser.add_argument("--images", type=int, default=1000, help="images for the rates and the first memory reading")
+    parser.add_argument("--large", type=int, default=10000, help="image count for the second memory reading")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     if not os.path.isfile(args.model):
@@ -95,11 +95,12 @@ def main() -> None:
 
     large = os.path.join(work, "large")
     make_folder(args.large, large)
-    _, memory_large = pipeline_rate(large, args.large)
+    rate_large, memory_large = pipeline_rate(large, args.large)
 
     print(f"images: {len(refs)} {'real DSB2018' if os.path.isfile(REAL_ZIP) else 'synthetic'} PNGs, batch "
           f"{args.batch_size}, Ray start-up {startup:.1f}s (not included)")
-    print(f"(a) segment pipeline end to end: {rate_a:.1f} images/s")
+    print(f"(a) segment pipeline end to end: {rate_a:.1f} images/s ({len(refs)} images; {rate_large:.1f} images/s "
+          f"over {args.large}, where start-up weighs less)")
     print(f"(b) raw forward pass on resized arrays: {rate_b:.1f} images/s  (a/b = {rate_a / rate_b:.2f})")
     print(f"(c) single-process per-image loop: {rate_c:.1f} images/s ({len(loop_refs)} images)")
     print(f"peak memory rise of (a): {memory_small:.0f} MiB for {len(refs)} images, "
