@@ -19,16 +19,6 @@ def require_real_zip() -> str:
     return REAL_ZIP
 
 
-def median_time(function, repeats: int = 3) -> float:
-    """Median wall-clock seconds of `function()` over `repeats` runs."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def interleaved_medians(functions: dict, repeats: int = 5) -> dict:
     """Median seconds of each function, run in turns (a, b, a, b, ...) so that drifts in machine load hit all alike."""
     times = {name: [] for name in functions}

@@ -6,9 +6,8 @@ off while timing (they are for a person watching; here they cost ~10% of a 2-sec
 """
 from __future__ import annotations
 
-import time
-
 import os
+import time
 
 from common import PeakMemory, interleaved_medians, require_real_zip
 

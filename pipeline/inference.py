@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import fileio
 from pipeline.config import SegmentConfig
 from pipeline.sources import SampleRef, list_images
-from submission.instances import DEFAULT_MIN_SIZE
+from submission.instances import DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
 
 DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "status", "error")
@@ -158,8 +158,8 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
 def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
     """threshold, seed_threshold and min_size: the flags when given, else the model's run.json, else defaults."""
     saved = info.get("postprocess") or {}
-    return {"threshold": config.threshold or float(saved.get("threshold", 0.5)),
-            "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", 0.5)),
+    return {"threshold": config.threshold or float(saved.get("threshold", DEFAULT_THRESHOLD)),
+            "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
             "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE))}
 
 

@@ -128,8 +128,7 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
 
                 fit = broadcast_from_rank_zero(fit)
             planned["epochs"] = min(config.epochs, fit)
-            stop = fit <= epoch + 1
-            if stop:
+            if fit <= epoch + 1:
                 if rank == 0:
                     print(f"time limit: stopping after epoch {epoch + 1} (another would end past "
                           f"{config.time_limit:g} minutes)", flush=True)

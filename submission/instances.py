@@ -13,6 +13,7 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import relabel_sequential, watershed
 
 DEFAULT_MIN_SIZE = 10  # pixels; smaller predicted objects are noise
+DEFAULT_THRESHOLD = 0.5  # probability above which a pixel is nucleus (and, for 3 classes, seeds one)
 
 
 def fill_holes(binary: np.ndarray) -> np.ndarray:
@@ -69,7 +70,7 @@ def split_touching(binary: np.ndarray, min_distance: int = 4) -> np.ndarray:
     return watershed(-smoothed, markers, mask=binary > 0).astype(np.int32)
 
 
-def instances_from_foreground(foreground: np.ndarray, threshold: float = 0.5,
+def instances_from_foreground(foreground: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
                               min_size: int = DEFAULT_MIN_SIZE, split: bool = True) -> np.ndarray:
     """Nuclei from a foreground probability map (or a binary mask) of a two-class model."""
     binary = fill_holes(np.asarray(foreground) > threshold)  # before splitting: a hole is no neck
@@ -77,7 +78,7 @@ def instances_from_foreground(foreground: np.ndarray, threshold: float = 0.5,
     return _finish(labels, min_size)
 
 
-def instances_from_interior(interior: np.ndarray, nucleus: np.ndarray, threshold: float = 0.5,
+def instances_from_interior(interior: np.ndarray, nucleus: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
                             min_size: int = DEFAULT_MIN_SIZE, seed_threshold: float | None = None) -> np.ndarray:
     """Nuclei of a three-class model: interior seeds grown by watershed into the nucleus region.
 
@@ -103,7 +104,7 @@ def instances_from_interior(interior: np.ndarray, nucleus: np.ndarray, threshold
     return _finish(labels.astype(np.int32), min_size)
 
 
-def instances_from_probabilities(probabilities: np.ndarray, threshold: float = 0.5,
+def instances_from_probabilities(probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
                                  min_size: int = DEFAULT_MIN_SIZE, seed_threshold: float | None = None) -> np.ndarray:
     """Nuclei from an HxWxC softmax map: C=2 (background, nucleus) or C=3 (background, interior, border)."""
     if probabilities.shape[-1] == 2:
