@@ -37,9 +37,8 @@ class SampleRef:
 
     def to_row(self) -> dict:
         """A plain dict for Ray Data rows."""
-        row = dataclasses.asdict(self)
-        row["mask_paths"] = list(self.mask_paths)
-        return row
+        return {"image_id": self.image_id, "kind": self.kind, "source": self.source, "image_path": self.image_path,
+                "mask_paths": list(self.mask_paths), "has_masks": self.has_masks, "index": self.index}
 
     @classmethod
     def from_row(cls, row: dict) -> "SampleRef":
@@ -210,9 +209,16 @@ def _list_zip(source: str) -> tuple[list[str], list[tuple[str, str]]]:
 
 # ---------------------------------------------------------------- reading
 
-@functools.lru_cache(maxsize=8)
 def _open_zip(source: str) -> zipfile.ZipFile:
-    """Open an archive once per process (its central directory is parsed once)."""
+    """Open an archive once per process (its central directory is parsed once).
+
+    Keyed by process id: a forked child must not share its parent's file offset (reads would interleave).
+    """
+    return _open_zip_in_process(source, os.getpid())
+
+
+@functools.lru_cache(maxsize=8)
+def _open_zip_in_process(source: str, pid: int) -> zipfile.ZipFile:
     if fileio.is_uri(source):
         fs, path = fileio.resolve(source)
         return zipfile.ZipFile(fs.open_input_file(path))

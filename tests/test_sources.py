@@ -124,3 +124,24 @@ def test_real_zip_reads_600_samples_with_their_masks(real_zip):
         assert sample.mask.shape == sample.image.shape[:2]
         assert set(np.unique(sample.mask)) <= {0, 1}
         assert sample.nuclei == len(ref.mask_paths) == len(np.unique(sample.labels)) - 1
+
+
+def test_a_forked_process_reads_the_zip_through_its_own_handle(synthetic_folder, tmp_path):
+    from pipeline.sources import read_file
+
+    archive = zip_folder(synthetic_folder, str(tmp_path / "data.zip"))
+    refs = list_kaggle(archive).refs
+    paths = [(ref, path) for ref in refs for path in (ref.image_path, *ref.mask_paths)]
+    expected = [read_file(ref, path) for ref, path in paths]  # the parent has opened (and cached) the archive
+
+    def read_all() -> bool:
+        try:
+            return all([read_file(ref, path) for ref, path in paths] == expected for _ in range(5))
+        except zipfile.BadZipFile:
+            return False
+
+    child = os.fork()
+    if child == 0:  # a shared file offset would interleave both processes' reads: CRC errors, wrong bytes
+        os._exit(0 if read_all() else 1)
+    parent_ok = read_all()
+    assert parent_ok and os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
