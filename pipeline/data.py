@@ -168,8 +168,10 @@ def refs_dataset(refs: list[SampleRef], blocks: int = 0, per_block: int = 96):
     """A Ray dataset of ref rows, split into blocks that the next stages process in parallel."""
     import ray
 
-    return ray.data.from_items([ref.to_row() for ref in refs],
-                               override_num_blocks=auto_blocks(len(refs), blocks, per_block))
+    from pipeline.refs_source import RefsDatasource
+
+    return ray.data.read_datasource(RefsDatasource(refs), override_num_blocks=auto_blocks(len(refs), blocks,
+                                                                                           per_block))
 
 
 def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0, *,

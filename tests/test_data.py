@@ -70,3 +70,16 @@ def test_native_mode_inference_rows_keep_each_image_size(ray_session, synthetic_
     assert len(rows) == 12
     for row in rows:
         assert row["ok"] and row["image"].shape == (row["height"], row["width"], 3)
+
+
+def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
+    from pipeline.data import refs_dataset
+    from pipeline.sources import SampleRef
+
+    refs = [SampleRef(f"id-{i}", "zip", "a.zip", f"id-{i}/images/id-{i}.png", (f"id-{i}/masks/m.png",), True, i)
+            for i in range(23)]
+    dataset = refs_dataset(refs, blocks=5)
+    assert dataset.materialize().num_blocks() == 5
+    rows = sorted(dataset.take_all(), key=lambda row: row["index"])
+    assert [SampleRef.from_row(row) for row in rows] == refs
+    assert refs_dataset([], blocks=3).count() == 0
