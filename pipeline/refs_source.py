@@ -33,9 +33,12 @@ class RefsDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         count = len(self._refs)
-        shards = max(1, min(parallelism, count))
-        bounds = [count * i // shards for i in range(shards + 1)]
+        shards = min(parallelism, count)
+        size, remainder = divmod(count, max(shards, 1))
+        # The first `remainder` shards hold one ref more: the blocks ray.data.from_items makes, so a training
+        # run's workers get the same rows as before this source existed.
+        bounds = [i * size + min(i, remainder) for i in range(shards + 1)]
         return [ReadTask(functools.partial(ref_rows, self._refs[start:end]),
                          BlockMetadata(num_rows=end - start, size_bytes=None, exec_stats=None),
                          per_task_row_limit=per_task_row_limit)
-                for start, end in zip(bounds, bounds[1:]) if end > start]
+                for start, end in zip(bounds, bounds[1:])]

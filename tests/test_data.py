@@ -74,6 +74,7 @@ def test_native_mode_inference_rows_keep_each_image_size(ray_session, synthetic_
 
 def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
     from pipeline.data import refs_dataset
+    from pipeline.refs_source import RefsDatasource
     from pipeline.sources import SampleRef
 
     refs = [SampleRef(f"id-{i}", "zip", "a.zip", f"id-{i}/images/id-{i}.png", (f"id-{i}/masks/m.png",), True, i)
@@ -83,3 +84,5 @@ def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
     rows = sorted(dataset.take_all(), key=lambda row: row["index"])
     assert [SampleRef.from_row(row) for row in rows] == refs
     assert refs_dataset([], blocks=3).count() == 0
+    # Shards as ray.data.from_items splits: the first ones hold one more (training workers get the same rows).
+    assert [task.metadata.num_rows for task in RefsDatasource(refs).get_read_tasks(5)] == [5, 5, 5, 4, 4]
