@@ -170,7 +170,6 @@ class SegmentationResult:
     rows: list[dict] = field(default_factory=list)
     rles: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
-    stats: str = ""  # Ray Data's per-stage timings of the run (empty when nothing needed segmenting)
 
     @property
     def done(self) -> int:
@@ -252,7 +251,6 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
             rles = str(row.pop("rles") or "")
             result.rows.append({key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()})
             result.rles[str(row["image_id"])] = rles.split("\n") if rles else []
-        result.stats = dataset.stats()
     write_manifest(fileio.safe_join(output, "manifest.csv") if not fileio.is_uri(output)
                    else output.rstrip("/") + "/manifest.csv", result.rows)
     result.seconds = time.time() - started

@@ -37,8 +37,9 @@ class SampleRef:
 
     def to_row(self) -> dict:
         """A plain dict for Ray Data rows."""
-        return {"image_id": self.image_id, "kind": self.kind, "source": self.source, "image_path": self.image_path,
-                "mask_paths": list(self.mask_paths), "has_masks": self.has_masks, "index": self.index}
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # not asdict: it deep-copies
+        row["mask_paths"] = list(self.mask_paths)
+        return row
 
     @classmethod
     def from_row(cls, row: dict) -> "SampleRef":

@@ -39,7 +39,7 @@ def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
         if region is None:
             continue
         own = labels[region] == index
-        holes = ndimage.binary_fill_holes(own) & (labels[region] == 0)
+        holes = fill_holes(own) & (labels[region] == 0)
         filled[region][holes] = index
     return relabel_sequential(filled)[0].astype(np.int32)
 
