@@ -72,6 +72,16 @@ def split_refs(refs: list[SampleRef], val_fraction: float, seed: int) -> tuple[l
     return ordered[n_val:], ordered[:n_val]
 
 
+def protocol_refs(refs: list[SampleRef], seed: int | None = None) -> dict[str, list[SampleRef]]:
+    """The evaluation protocol's train / tune / test refs (pipeline.protocol); each image is decoded once for its kind."""
+    from pipeline.protocol import SPLIT_SEED, image_kind, protocol_splits
+
+    by_id = {ref.image_id: ref for ref in refs}
+    kinds = {ref.image_id: image_kind(load_sample(ref, with_masks=False).image) for ref in refs}
+    splits = protocol_splits(kinds, SPLIT_SEED if seed is None else seed)
+    return {name: [by_id[image_id] for image_id in ids] for name, ids in splits.items()}
+
+
 def training_refs(data: str, synthetic_count: int, seed: int) -> list[SampleRef]:
     """Refs of a training source: 'synthetic', or a Kaggle-layout folder/zip (every sample must have masks)."""
     if data == "synthetic":

@@ -14,18 +14,7 @@ import numpy as np
 
 from pipeline import fileio
 from pipeline.config import EvaluateConfig
-
-KINDS = ("fluorescence", "stained", "bright-field")
-
-
-def image_kind(image: np.ndarray) -> str:
-    """fluorescence (light nuclei on dark), bright-field (dark on light grey) or stained (colour tissue)."""
-    pixels = image.reshape(-1, 3).astype(np.int16)[:: max(1, image.shape[0] * image.shape[1] // 20000)]
-    colour = float(np.abs(pixels - pixels.mean(axis=1, keepdims=True)).mean())
-    if colour > 6.0:
-        return "stained"
-    return "bright-field" if float(np.median(pixels)) > 127 else "fluorescence"
-
+from pipeline.protocol import KINDS, image_kind
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean score and mean score at IoU 0.5, overall and per kind, from per-image rows."""
@@ -52,37 +41,54 @@ def picture(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray, height:
 
 def _truth_and_prediction(ref, output: str):
     """(sample with its true labels, predicted labels read back from the segmentation output) of one image."""
-    import cv2
-
-    from pipeline.inference import output_paths
+    from pipeline.inference import find_labels, read_labels
     from pipeline.sources import load_sample
 
     sample = load_sample(ref, with_masks=True)
-    label_path, _ = output_paths(output, f"{ref.image_id}/images/{ref.image_id}.png")
-    predicted = cv2.imdecode(np.frombuffer(fileio.read_bytes(label_path), np.uint8), cv2.IMREAD_UNCHANGED)
-    return sample, predicted.astype(np.int32)
+    return sample, read_labels(find_labels(output, f"{ref.image_id}/images/{ref.image_id}.png")).astype(np.int32)
+
+
+def held_out_refs(split: str, data: str, trained: dict) -> list:
+    """The images of `split` for a run trained with config `trained`; refuses a split the run trained on."""
+    from pipeline.data import protocol_refs, split_refs, training_refs
+
+    refs = training_refs(data, int(trained.get("synthetic_count", 96)), int(trained.get("seed", 42)))
+    if split == "all":
+        return refs
+    holdout = trained.get("holdout", "random")
+    if split == "val":
+        if holdout == "protocol":
+            raise ValueError("this run was trained with --holdout protocol: score it with --split tune or --split test")
+        return split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))[1]
+    if holdout != "protocol" or data != trained.get("data"):
+        raise ValueError(f"--split {split} needs a run trained with --holdout protocol on the same data "
+                         f"(this run: --holdout {holdout} on {trained.get('data')!r}): its training images "
+                         f"would overlap the {split} split")
+    return protocol_refs(refs)[split]
 
 
 def evaluate(config: EvaluateConfig) -> dict:
     """Segment and score the held-out images of config.model's run; writes scores.csv and pictures/."""
     import pandas as pd
 
-    from pipeline.data import split_refs, training_refs
     from pipeline.images import encode_png
-    from pipeline.inference import run_segmentation
-    from pipeline.model import load_model
+    from pipeline.inference import inspect_model, postprocess_settings, prediction_settings, run_segmentation
+    from pipeline.registry import resolve_model
     from pipeline.sources import load_sample, read_file
     from submission.metric import THRESHOLDS, image_scores
 
-    _, info = load_model(config.model)
+    model_path = os.path.abspath(resolve_model(config.model))
+    info = inspect_model(model_path)
     trained = info.get("config", {})
     data = config.data or trained.get("data", "")
     if not data:
         raise ValueError("--data is needed: the model's run.json does not name its training data")
-    refs = training_refs(data, int(trained.get("synthetic_count", 96)), int(trained.get("seed", 42)))
-    if config.split == "val":
-        _, refs = split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))
-    output = os.path.abspath(config.output or os.path.join(os.path.dirname(config.model), "evaluation"))
+    split = config.split if config.split != "auto" else ("test" if trained.get("holdout") == "protocol" else "val")
+    refs = held_out_refs(split, data, trained)
+    print(f"scoring the {split} split: {len(refs)} images", flush=True)
+    shipped = not os.path.exists(config.model)  # a shipped model's name: keep models/ clean
+    output = os.path.abspath(config.output or (os.path.join("runs", "evaluation", config.model) if shipped
+                                               else os.path.join(os.path.dirname(model_path), "evaluation")))
     with tempfile.TemporaryDirectory(prefix="evaluate-") as folder:
         for ref in refs:  # the images alone, in Kaggle's test layout
             path = fileio.safe_join(folder, f"{fileio.check_relative(ref.image_id)}/images/{ref.image_id}.png")
@@ -90,7 +96,9 @@ def evaluate(config: EvaluateConfig) -> dict:
             with open(path, "wb") as stream:
                 stream.write(read_file(ref, ref.image_path) if ref.kind != "synthetic"
                              else encode_png(load_sample(ref, with_masks=False).image))
-        segment = EvaluateConfig(**{**vars(config), "input": folder, "output": output})
+        # redo: labels a previous evaluation left with other settings must not be reused
+        segment = EvaluateConfig(**{**vars(config), "model": model_path, "input": folder, "output": output,
+                                    "redo": True, "measurements": False, "report": False})
         result = run_segmentation(segment, output)
     failed = [row for row in result.rows if row["status"] == "error"]
     if failed:
@@ -113,7 +121,9 @@ def evaluate(config: EvaluateConfig) -> dict:
             name = f"{'best' if rank < config.pictures else 'worst'}_{score:.3f}_{ref.image_id[:12]}.png"
             fileio.write_bytes_atomic(os.path.join(output, "pictures", name),
                                       encode_png(picture(sample.image, sample.labels, predicted)))
-    summary = {"model": os.path.abspath(config.model), "data": data, "split": config.split, "tta": config.tta,
+    post = postprocess_settings(config, info)
+    summary = {"model": model_path, "data": data, "split": split, **prediction_settings(config, info),
+               "postprocess": {**post, "instance_filter": post["instance_filter"] is not None},
                "thresholds": [round(float(t), 2) for t in THRESHOLDS], "table": summarise(rows),
                "seconds": round(result.seconds, 1)}
     fileio.write_text_atomic(os.path.join(output, "summary.json"), json.dumps(summary, indent=2))

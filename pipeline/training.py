@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.config import TrainConfig
 from pipeline.fileio import write_text_atomic
 from pipeline.inference import DEFAULT_TILE
+from pipeline.registry import sha256_of
 
 CHECKPOINT_PREFIX = "epoch_"
 FINAL_CHECKPOINT = "final"
@@ -312,7 +313,7 @@ def _snapshot_arrays(val_dataset, count: int) -> dict | None:
 
 def run_training(config: TrainConfig) -> dict:
     """Train as configured; returns run.json's content. The run folder ends with model.keras beside it."""
-    from pipeline.data import ensure_ray, split_refs, training_dataset, training_refs
+    from pipeline.data import ensure_ray, protocol_refs, split_refs, training_dataset, training_refs
 
     started = time.time()
     output = os.path.abspath(config.output)
@@ -328,7 +329,12 @@ def run_training(config: TrainConfig) -> dict:
     from ray.train.tensorflow import TensorflowTrainer
 
     refs = training_refs(config.data, config.synthetic_count, config.seed)
-    train_refs, val_refs = split_refs(refs, config.val_fraction, config.seed)
+    if config.holdout == "protocol":  # test split never seen; tune split drives early stopping and choices
+        splits = protocol_refs(refs)
+        train_refs, val_refs = splits["train"], splits["tune"]
+        print(f"evaluation protocol: {len(splits['test'])} test images held out, never seen", flush=True)
+    else:
+        train_refs, val_refs = split_refs(refs, config.val_fraction, config.seed)
     if len(val_refs) < config.workers or len(train_refs) < config.workers:
         raise ValueError(f"{len(refs)} images are too few for {config.workers} workers with --val-fraction "
                          f"{config.val_fraction}: every worker needs training and validation images")
@@ -391,10 +397,11 @@ def run_training(config: TrainConfig) -> dict:
         "decoder_width": config.decoder_width,
         "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
                         "min_size": config.min_size},
-        "data": config.data, "train_images": len(train_refs), "val_images": len(val_refs),
+        "data": config.data, "holdout": config.holdout, "train_images": len(train_refs), "val_images": len(val_refs),
         "workers": config.workers, "epochs_run": int(max((m.get("epoch", 0) for m in history), default=0)),
         "best_epoch": best.get("epoch"), "final_metrics": {k: v for k, v in best.items() if k != "epoch"},
         "train_seconds": round(time.time() - started, 1), "config": dataclasses.asdict(config),
+        "sha256": {"model.keras": sha256_of(os.path.join(output, "model.keras"))},
     }
     write_text_atomic(os.path.join(output, "run.json"), json.dumps(info, indent=2))
     return info

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.augment import (flip_average, predict_full_image, random_crops, standardise_appearance,
                               tile_starts)
-from pipeline.evaluation import image_kind
+from pipeline.protocol import image_kind
 from pipeline.synthetic import render_sample
 
 

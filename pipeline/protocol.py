@@ -1,0 +1,56 @@
+"""The evaluation protocol: a fixed, seeded, kind-stratified split of a labelled listing into train / tune / test.
+
+- train: what the model learns from;
+- tune: every choice (recipe, early stopping, thresholds, epochs, instance filter) is made watching it;
+- test: only reported, never used to choose anything, so its score estimates unseen images.
+
+The split depends only on the image ids, their kinds and `SPLIT_SEED` (not on the training seed), so
+runs with different seeds are trained and scored on the same images. Stratified by kind of image
+(fluorescence / stained / bright-field, from colour statistics), so the rare kinds appear in every part.
+Pure numpy: no Ray or TensorFlow.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+KINDS = ("fluorescence", "stained", "bright-field")
+SPLITS = ("train", "tune", "test")
+SPLIT_SEED = 2018
+FRACTIONS = {"train": 0.65, "tune": 0.15, "test": 0.20}
+
+
+def image_kind(image: np.ndarray) -> str:
+    """fluorescence (light nuclei on dark), bright-field (dark on light grey) or stained (colour tissue)."""
+    pixels = image.reshape(-1, 3).astype(np.int16)[:: max(1, image.shape[0] * image.shape[1] // 20000)]
+    colour = float(np.abs(pixels - pixels.mean(axis=1, keepdims=True)).mean())
+    if colour > 6.0:
+        return "stained"
+    return "bright-field" if float(np.median(pixels)) > 127 else "fluorescence"
+
+
+def split_counts(total: int, fractions: dict[str, float] = FRACTIONS) -> dict[str, int]:
+    """Images of one kind per split: tune and test get at least one each once a kind has 3 images."""
+    held = {name: int(round(total * fractions[name])) for name in ("tune", "test")}
+    if total >= 3:
+        held = {name: max(1, count) for name, count in held.items()}
+    while sum(held.values()) > max(0, total - 1):  # train keeps at least one image
+        largest = max(held, key=held.get)
+        held[largest] -= 1
+    return {"train": total - sum(held.values()), **held}
+
+
+def protocol_splits(ids_and_kinds: dict[str, str], seed: int = SPLIT_SEED,
+                    fractions: dict[str, float] = FRACTIONS) -> dict[str, list[str]]:
+    """{'train': ids, 'tune': ids, 'test': ids}: disjoint, seeded, stratified by kind, independent of order."""
+    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for kind in sorted(set(ids_and_kinds.values())):
+        ids = sorted(image_id for image_id, own in ids_and_kinds.items() if own == kind)
+        random.Random(f"{seed}:{kind}").shuffle(ids)
+        counts = split_counts(len(ids), fractions)
+        start = 0
+        for name in ("test", "tune", "train"):
+            splits[name].extend(ids[start:start + counts[name]])
+            start += counts[name]
+    return {name: sorted(ids) for name, ids in splits.items()}
