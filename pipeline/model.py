@@ -12,7 +12,10 @@ import shutil
 import tempfile
 import zipfile
 
+from pipeline.registry import ModelFileError, info_path as _info_path, read_model_info, resolve_model
 from pipeline.tfkeras import keras, tf
+
+__all__ = ["ModelFileError", "build_unet", "load_model", "save_model", "save_for_inference"]
 
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
                "block_13_expand_relu", "block_16_project")
@@ -157,10 +160,6 @@ def save_model(model: keras.Model, path: str) -> None:
     model.save(path, save_format="keras_v3")
 
 
-class ModelFileError(ValueError):
-    """A model file that is missing, not a Keras model, or does not match its run.json."""
-
-
 def _load_for_inference(path: str) -> keras.Model:
     """What keras.models.load_model(path, compile=False, safe_mode=True) does, ~8x faster.
 
@@ -189,15 +188,20 @@ def _load_for_inference(path: str) -> keras.Model:
     return model
 
 
+def save_for_inference(model: keras.Model, path: str) -> None:
+    """Weights and architecture only (no optimizer state): what a shipped model needs, a third of the size."""
+    bare = keras.Model(model.inputs, model.outputs, name=model.name)  # same layers, never compiled: no optimizer
+    bare.save(path, save_format="keras_v3")
+
+
 def load_model(path: str) -> tuple[keras.Model, dict]:
-    """Load `model.keras` for inference in Keras' safe mode plus the run.json beside it; check they agree."""
-    if not os.path.isfile(path):
-        raise ModelFileError(f"model file not found: {path}")
-    info_path = os.path.join(os.path.dirname(path), "run.json")
-    info = {}
-    if os.path.isfile(info_path):
-        with open(info_path, encoding="utf-8") as stream:
-            info = json.load(stream)
+    """Load `model.keras` (or a shipped model's name) for inference in Keras' safe mode plus its run.json.
+
+    Checks the file against the sha256 in run.json when there is one, and that file and run.json agree.
+    """
+    path = resolve_model(path)
+    info = read_model_info(path)
+    info_path = _info_path(path)
     try:
         model = _load_for_inference(path)
     except Exception as error:  # noqa: BLE001 - Keras raises many types for a file that is not a model
@@ -211,3 +215,25 @@ def load_model(path: str) -> tuple[keras.Model, dict]:
     info.setdefault("num_classes", classes)
     info.setdefault("image_size", size or 128)
     return model, info
+
+
+def package_model(model_path: str, folder: str) -> dict:
+    """Copy a run's model into `folder` as a shipped model: inference-only weights, run.json with their sha256.
+
+    The run's tuning.json (how its inference settings were chosen) travels with it when there is one.
+    """
+    from pipeline.fileio import write_text_atomic
+    from pipeline.registry import sha256_of
+
+    model, info = load_model(model_path)
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, "model.keras")
+    save_for_inference(model, target + ".partial.keras")
+    os.replace(target + ".partial.keras", target)
+    info = {**info, "model": "model.keras", "sha256": {"model.keras": sha256_of(target)},
+            "packaged_from": os.path.abspath(model_path)}
+    write_text_atomic(os.path.join(folder, "run.json"), json.dumps(info, indent=2))
+    tuning = os.path.join(os.path.dirname(model_path), "tuning.json")
+    if os.path.isfile(tuning):
+        shutil.copyfile(tuning, os.path.join(folder, "tuning.json"))
+    return info

@@ -1,0 +1,35 @@
+"""Ship a trained run as a named model: `python jobs/package.py --model RUN/model.keras --name dsb2018`.
+
+Writes models/<name>/model.keras (weights and architecture, no optimizer state), run.json (the run's
+settings plus the file's sha256, checked whenever the model is loaded) and tuning.json. The model card
+(models/<name>/README.md) is written by a person: it says what the model is for and where it fails.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.cli import run_job  # noqa: E402
+from pipeline.config import PackageConfig, parse_args  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(PackageConfig, argv, description=__doc__, prog="jobs/package.py", required=("model", "name"))
+
+    def work() -> None:
+        from pipeline.fileio import check_relative
+        from pipeline.model import package_model
+        from pipeline.registry import MODELS_DIR
+
+        folder = args.output or os.path.join(MODELS_DIR, check_relative(args.name))
+        info = package_model(args.model, folder)
+        size = os.path.getsize(os.path.join(folder, "model.keras")) / 2**20
+        print(f"wrote {folder}/model.keras ({size:.1f} MiB, sha256 {info['sha256']['model.keras']})")
+
+    return run_job(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""ONNX: export a tf-keras U-Net with dynamic height and width, and run it with ONNX Runtime (no TensorFlow).
+
+The exported graph takes `image` (N x H x W x 3 float32 in [0, 1], H and W multiples of 32) and returns
+logits, like the Keras model; `OnnxModel` applies the softmax. The run's settings (run.json) travel in the
+file's metadata (`run.json` key) and in a JSON file beside it, with the ONNX file's sha256.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from pipeline import fileio
+from pipeline.registry import ModelFileError, info_path, read_model_info, sha256_of
+
+OPSET = 17
+INPUT_NAME = "image"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted, dtype=np.float32)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class OnnxModel:
+    """An exported model in an ONNX Runtime session; `probabilities(batch)` is what Predictor calls."""
+
+    def __init__(self, path: str, threads: int = 0, use_gpu: bool = False):
+        import onnxruntime as ort
+
+        self.info = read_model_info(path)
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
+            raise ModelFileError(f"{path} is not a loadable ONNX model: {str(error).splitlines()[0][:200]}") from None
+        if not self.info:
+            metadata = self.session.get_modelmeta().custom_metadata_map
+            self.info = json.loads(metadata.get("run.json", "{}"))
+        self.classes = int(self.session.get_outputs()[0].shape[-1])
+        self.info.setdefault("num_classes", self.classes)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        logits = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, np.float32)})[0]
+        return softmax(logits)
+
+
+def export_onnx(model_path: str, output: str, check_images: list[np.ndarray], tolerance: float = 1e-4) -> dict:
+    """Convert a Keras model to ONNX, check it against TensorFlow on `check_images`, write it with its settings.
+
+    Returns {'max_abs_difference', 'images', 'onnx', 'json'}; raises (writing nothing) if the outputs differ by
+    more than `tolerance` (softmax probabilities) on any image.
+    """
+    import onnx
+    import tf2onnx
+
+    from pipeline.model import load_model
+    from pipeline.tfkeras import tf
+
+    model, info = load_model(model_path)
+    signature = (tf.TensorSpec((None, None, None, 3), tf.float32, name=INPUT_NAME),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
+    info = {key: value for key, value in info.items() if key != "sha256"}
+    info.update({"exported_from": os.path.basename(model_path), "onnx_opset": OPSET})
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "run.json", json.dumps(info)
+    data = proto.SerializeToString()
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for image in check_images:
+        height, width = (max(32, side - side % 32) for side in image.shape[:2])  # whole image, cut to multiples of 32
+        batch = np.ascontiguousarray(np.asarray(image, np.float32)[:height, :width])[None]
+        expected = tf.nn.softmax(model(batch, training=False), axis=-1).numpy()
+        got = softmax(session.run(None, {INPUT_NAME: batch})[0])
+        worst = max(worst, float(np.abs(expected - got).max()))
+    if not check_images or worst > tolerance:
+        raise ValueError(f"ONNX export disagrees with TensorFlow: max |difference| {worst:.2e} over "
+                         f"{len(check_images)} images (tolerance {tolerance:.0e}); nothing written")
+    onnx.checker.check_model(proto)
+    fileio.write_bytes_atomic(output, data)
+    info["sha256"] = {os.path.basename(output): sha256_of(output)}
+    fileio.write_text_atomic(info_path(output), json.dumps(info, indent=2))
+    return {"max_abs_difference": worst, "images": len(check_images), "onnx": output, "json": info_path(output)}
+
+
+def check_images_for(config, info: dict) -> tuple[str, list[np.ndarray]]:
+    """(where they came from, model inputs) for the export check: real images when there are any, as the model sees them."""
+    from pipeline.augment import apply_appearance
+    from pipeline.images import normalise, resize_image
+    from pipeline.sources import list_images, load_sample
+    from pipeline.synthetic import synthetic_refs
+
+    source = config.check_images or info.get("data", "")
+    if source and source != "synthetic" and (fileio.is_uri(source) or os.path.exists(source)):
+        refs = sorted(list_images(source).refs, key=lambda ref: ref.image_id)[:config.check_count]
+    else:
+        source, refs = "synthetic", synthetic_refs(config.check_count, seed=0)
+    images = []
+    for ref in refs:
+        image = apply_appearance(load_sample(ref, with_masks=False).image, info.get("appearance", "rgb"))
+        if info.get("mode") == "native":
+            image = image[:config.check_size, :config.check_size]
+        else:
+            image = resize_image(image, int(info.get("image_size", 128)))
+        images.append(normalise(image))
+    return source, images
+
+
+def run_export(config) -> dict:
+    """jobs/export.py's work: export config.model to config.output, checked on real (or synthetic) images."""
+    from pipeline.registry import resolve_model
+
+    model_path = resolve_model(config.model)
+    source, images = check_images_for(config, read_model_info(model_path))
+    result = export_onnx(model_path, config.output, images, config.tolerance)
+    return {**result, "check_source": source}

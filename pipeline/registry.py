@@ -1,0 +1,71 @@
+"""Shipped models (`models/<name>/`) and model files on disk: name resolution, run.json, sha256 check.
+
+`--model dsb2018` means `models/dsb2018/model.keras`; a path is used as it is. A model's run.json may carry
+the sha256 of its weights file: loading refuses a file whose hash differs (changed or corrupted).
+No TensorFlow here: the driver resolves and checks a model before any worker loads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS_DIR = os.path.join(ROOT, "models")
+MODEL_FILES = ("model.keras", "model.onnx")
+DEFAULT_MODEL = "dsb2018"
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, not a model, changed since it was recorded, or does not match its run.json."""
+
+
+def shipped_models() -> list[str]:
+    """Names of the models shipped in models/ (folders holding a model file)."""
+    if not os.path.isdir(MODELS_DIR):
+        return []
+    return sorted(name for name in os.listdir(MODELS_DIR)
+                  if any(os.path.isfile(os.path.join(MODELS_DIR, name, file)) for file in MODEL_FILES))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A model file path from a shipped model's name or a path; one clear line for an unknown name."""
+    if os.path.exists(name_or_path) or os.sep in name_or_path or "/" in name_or_path \
+            or name_or_path.endswith((".keras", ".onnx", ".h5")):
+        return name_or_path
+    names = shipped_models()
+    if name_or_path in names:
+        folder = os.path.join(MODELS_DIR, name_or_path)
+        return next(os.path.join(folder, file) for file in MODEL_FILES if os.path.isfile(os.path.join(folder, file)))
+    raise ModelFileError(f"no model named {name_or_path!r}: shipped models are {', '.join(names) or 'none'} "
+                         f"(or give the path of a model.keras or model.onnx file)")
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def info_path(model_path: str) -> str:
+    """run.json beside a Keras model; `<name>.json` beside an ONNX file (what jobs/export.py writes)."""
+    if model_path.endswith(".onnx"):
+        return os.path.splitext(model_path)[0] + ".json"
+    return os.path.join(os.path.dirname(model_path), "run.json")
+
+
+def read_model_info(model_path: str) -> dict:
+    """The model's run.json ({} when there is none), after checking the file exists and matches its sha256."""
+    if not os.path.isfile(model_path):
+        raise ModelFileError(f"model file not found: {model_path}")
+    info = {}
+    if os.path.isfile(info_path(model_path)):
+        with open(info_path(model_path), encoding="utf-8") as stream:
+            info = json.load(stream)
+    expected = (info.get("sha256") or {}).get(os.path.basename(model_path))
+    if expected and sha256_of(model_path) != expected:
+        raise ModelFileError(f"{model_path}: sha256 differs from the one recorded in {info_path(model_path)}: "
+                             f"the file was changed or corrupted; refusing to load it")
+    return info

@@ -1,0 +1,88 @@
+"""For labs: per-nucleus measurements, labels past 65,535, the run report, shipped models and their checksum."""
+import io
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.measure import COLUMNS, image_summary, measure_nuclei
+
+
+def test_measurements_of_known_nuclei():
+    labels = np.zeros((60, 80), np.int32)
+    labels[10:20, 5:25] = 1  # 10 x 20 rectangle: area 200, centroid (x 14.5, y 14.5)
+    labels[40:51, 60:71] = 2  # 11 x 11 square
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[labels == 1] = 100
+    image[labels == 2] = (200, 200, 200)
+    rows = measure_nuclei(labels, image, "img")
+    assert tuple(rows) == COLUMNS and list(rows["label"]) == [1, 2]
+    assert list(rows["area"]) == [200, 121]
+    assert rows["centroid_x"][0] == pytest.approx(14.5) and rows["centroid_y"][0] == pytest.approx(14.5)
+    assert (rows["bbox_x0"][0], rows["bbox_y0"][0], rows["bbox_x1"][0], rows["bbox_y1"][0]) == (5, 10, 25, 20)
+    assert rows["mean_intensity"][1] == pytest.approx(200) and rows["integrated_intensity"][0] == pytest.approx(20000)
+    assert rows["solidity"][0] == pytest.approx(1.0) and rows["major_axis_length"][0] > rows["minor_axis_length"][0]
+    assert image_summary(labels) == {"nuclei": 2, "mean_area": 160.5, "covered_fraction": round(321 / 4800, 6)}
+
+
+def test_70000_nuclei_round_trip_through_tiff(tmp_path):
+    from pipeline.inference import find_labels, read_labels, write_labels
+
+    labels = np.arange(1, 70_001, dtype=np.int64).reshape(280, 250)
+    written = write_labels(str(tmp_path), "big/image.png", labels)
+    assert written.endswith("big/image.tif") and find_labels(str(tmp_path), "big/image.png") == written
+    assert np.array_equal(read_labels(written), labels)
+    small = write_labels(str(tmp_path), "big/image.png", labels % 1000)  # a redo with fewer nuclei: PNG again
+    assert small.endswith(".png") and not os.path.exists(written)
+    assert find_labels(str(tmp_path), "big/image.png") == small
+
+
+def test_report_is_a_picture_of_the_run():
+    from pipeline.report import draw_report, overlay_choices
+
+    rows = [{"path": f"i{n}.png", "nuclei": n, "status": "done", "error": ""} for n in (3, 9, 1, 40)]
+    rows += [{"path": "bad.png", "nuclei": 0, "status": "error", "error": "not a decodable image"}]
+    assert [caption for caption, _ in overlay_choices(rows)] == ["fewest", "median", "most"]
+    assert [row["nuclei"] for _, row in overlay_choices(rows)] == [1, 9, 40]
+    png = draw_report(rows, np.array([30.0, 50, 400]), lambda row: np.zeros((20, 30, 3), np.uint8), "test")
+    picture = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert picture is not None and picture.shape[0] > 500
+
+
+def test_unknown_model_name_lists_the_shipped_ones():
+    from pipeline.registry import ModelFileError, resolve_model, shipped_models
+
+    with pytest.raises(ModelFileError, match="no model named 'nope'.*shipped models are"):
+        resolve_model("nope")
+    for name in shipped_models():
+        assert resolve_model(name).startswith(os.path.join("models", name)) or "/models/" + name in resolve_model(name)
+    assert resolve_model("runs/x/model.keras") == "runs/x/model.keras"  # a path is a path
+
+
+def test_sha256_check_refuses_a_changed_model_file(tmp_path):
+    from pipeline.model import ModelFileError, build_unet, load_model, save_for_inference
+    from pipeline.registry import sha256_of
+
+    path = str(tmp_path / "model.keras")
+    save_for_inference(build_unet(64, 2, "none", encoder_width=0.35), path)
+    (tmp_path / "run.json").write_text(json.dumps({"num_classes": 2, "sha256": {"model.keras": sha256_of(path)}}))
+    load_model(path)  # recorded hash matches
+    with open(path, "ab") as stream:
+        stream.write(b"\0")
+    with pytest.raises(ModelFileError, match="sha256 differs"):
+        load_model(path)
+
+
+def test_shipped_model_is_documented_small_and_checked():
+    from pipeline.registry import MODELS_DIR, read_model_info, resolve_model, shipped_models
+
+    assert "dsb2018" in shipped_models()
+    path = resolve_model("dsb2018")
+    assert os.path.getsize(path) <= 25 * 2**20
+    info = read_model_info(path)
+    assert info["sha256"]["model.keras"] and info["mode"] == "native" and info["num_classes"] == 3
+    card = open(os.path.join(MODELS_DIR, "dsb2018", "README.md"), encoding="utf-8").read()
+    assert info["sha256"]["model.keras"] in card and "test split" in card
