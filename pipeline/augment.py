@@ -150,3 +150,24 @@ def predict_full_image(image: np.ndarray, forward: Callable[[np.ndarray], np.nda
             total[top:top + tile_h, left:left + tile_w] += probabilities * window
             weights[top:top + tile_h, left:left + tile_w] += window
     return (total / np.maximum(weights, 1e-6))[:height, :width]
+
+
+def predict_scales(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray], scales: tuple[float, ...] = (1.0,),
+                   tile: int = 1024, overlap: int = 64, flips: bool = False) -> np.ndarray:
+    """Multi-scale test-time augmentation: the mean of `predict_full_image` over the image resized by each scale.
+
+    Each scale's probabilities are resized back to the image's size before averaging (2nd and 3rd place of
+    DSB2018 averaged scales); (1.0,) is plain whole-image prediction.
+    """
+    height, width = image.shape[:2]
+    total = None
+    for scale in scales:
+        view = image if scale == 1.0 else cv2.resize(
+            image, (max(1, round(width * scale)), max(1, round(height * scale))),
+            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        probabilities = predict_full_image(view, forward, tile, overlap, flips)
+        if scale != 1.0:
+            probabilities = cv2.resize(probabilities, (width, height), interpolation=cv2.INTER_LINEAR)
+            probabilities = probabilities.reshape(height, width, -1)
+        total = probabilities if total is None else total + probabilities
+    return total / len(scales)

@@ -60,7 +60,11 @@ class TrainConfig(DataConfig):
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
     num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
                               choices=(2, 3))
-    val_fraction: float = option(0.2, "fraction of images held out for validation (seeded split)")
+    holdout: str = option("random", "random: hold out --val-fraction of the images (seeded by --seed) for validation; "
+                                    "protocol: the fixed evaluation protocol (pipeline/protocol.py): train on its "
+                                    "train split, validate on its tune split, never see its test split",
+                          choices=("random", "protocol"))
+    val_fraction: float = option(0.2, "--holdout random: fraction of images held out for validation (seeded split)")
     learning_rate: float = option(1e-3, "peak Adam learning rate")
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up; early stopping waits for them")
     patience: int = option(8, "early stopping: epochs without validation-loss improvement")
@@ -95,7 +99,7 @@ class TrainConfig(DataConfig):
 TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="standardised", image_size=128, crops_per_image=8,
                     augment=True, border_weight=2.0, encoder_width=0.5, decoder_width=0.5, batch_size=16,
-                    learning_rate=2e-3, epochs=30, warmup_epochs=2, patience=10, val_fraction=0.2, time_limit=45.0,
+                    learning_rate=2e-3, epochs=30, warmup_epochs=2, patience=10, holdout="protocol", time_limit=45.0,
                     threshold=0.6, seed_threshold=0.5, min_size=30),
 }
 
@@ -104,7 +108,8 @@ TRAIN_PRESETS = {
 class SegmentConfig(DataConfig):
     """Everything jobs/segment.py and jobs/submit.py need."""
 
-    model: str = option("runs/latest/model.keras", "trained model (model.keras; run.json beside it)")
+    model: str = option("dsb2018", "a shipped model's name (models/<name>/, see models/README.md) or the path of a "
+                                   "model.keras (run.json beside it) or model.onnx (jobs/export.py)")
     input: str = option("", "folder or .zip of images (Kaggle test layout or any tree), local or URI")
     output: str = option("", "output folder (segment.py) or submission CSV (submit.py)")
     batch_size: int = option(32, "images per model call")
@@ -115,13 +120,21 @@ class SegmentConfig(DataConfig):
     threshold: float = option(0.0, "probability above which a pixel is nucleus (0: the model's run.json, else 0.5)")
     seed_threshold: float = option(0.0, "3-class models: P(interior) above which a pixel seeds a nucleus "
                                         "(0: the model's run.json, else 0.5)")
-    tta: bool = option(False, "test-time augmentation: average predictions over flips (4x the model work)")
+    tta: bool = option(None, "test-time augmentation: average predictions over flips (4x the model work); "
+                             "default: the model's run.json, else off")
+    scales: str = option("", "native-mode models: comma-separated scale factors whose predictions are averaged, "
+                             "e.g. 1,1.5 (default: the model's run.json, else 1)")
+    instance_filter: bool = option(None, "drop predicted objects the model's fitted false-positive filter rejects "
+                                         "(default: on when the model's run.json has one)")
     tile: int = option(0, "native-mode models: images larger than this are predicted in overlapping tiles "
                           "(0: the tile size in the model's run.json, else 1024)")
     overlap: int = option(64, "pixels shared by neighbouring tiles (blended)")
     overlays: int = option(0, "write an overlay PNG for this many images (-1: all) for a person to look at")
     labels: str = option("", "Kaggle-layout folder or zip with masks: score the result locally")
     redo: bool = option(False, "recompute images whose outputs already exist (default: skip them)")
+    measurements: bool = option(True, "measure every nucleus (area, shape, intensity on the original image) into "
+                                      "OUTPUT/measurements/, a Parquet dataset")
+    report: bool = option(True, "draw OUTPUT/report.png at the end of the run (counts, areas, failures, overlays)")
 
 
 def _add_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -129,7 +142,8 @@ def _add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for item in dataclasses.fields(cls):
         meta = item.metadata
         flag = meta.get("flag") or "--" + item.name.replace("_", "-")
-        help_text = argparse.SUPPRESS if meta.get("hidden") else f"{meta.get('help', '')} (default: {item.default!r})"
+        shown = "" if item.default is None else f" (default: {item.default!r})"  # None: the help says what applies
+        help_text = argparse.SUPPRESS if meta.get("hidden") else f"{meta.get('help', '')}{shown}"
         kind = hints[item.name]
         if kind is bool:
             parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction,
@@ -152,16 +166,49 @@ def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] 
         if not getattr(namespace, name):
             parser.error(f"--{name.replace('_', '-')} is required")
     config = cls(**vars(namespace))
-    if config.image_size % 32:
+    if getattr(config, "image_size", 32) % 32:
         parser.error(f"--image-size must be a multiple of 32, got {config.image_size}")
     return config
 
 
 @dataclass
 class EvaluateConfig(SegmentConfig):
-    """jobs/evaluate.py: segment a run's held-out validation images and score them against their masks."""
+    """jobs/evaluate.py: segment a run's held-out images (test, tune or validation split) and score them."""
 
     data: str = option("", "Kaggle-layout folder or zip with masks (default: the data the run was trained on)")
-    split: str = option("val", "val: the run's held-out images (its seed and --val-fraction); all: every image",
-                        choices=("val", "all"))
+    split: str = option("auto", "tune or test: the evaluation protocol's split (runs trained with --holdout protocol; "
+                                "quote test, choose on tune); val: a --holdout random run's validation images; "
+                                "all: every image; auto: test for protocol runs, else val",
+                        choices=("auto", "tune", "test", "val", "all"))
     pictures: int = option(3, "write this many best and worst validation images as pictures (0: none)")
+
+
+@dataclass
+class ExportConfig:
+    """jobs/export.py: a Keras model to ONNX, checked against TensorFlow before it is written."""
+
+    model: str = option("dsb2018", "a shipped model's name or a model.keras path")
+    output: str = option("model.onnx", "ONNX file to write (its settings go to a .json beside it)")
+    check_images: str = option("", "images to compare TensorFlow and ONNX Runtime on (Kaggle folder/zip or image "
+                                   "tree; default: the model's training data when present, else synthetic nuclei)")
+    check_count: int = option(8, "how many of those images (whole, cut to a multiple of 32, at most --check-size)")
+    check_size: int = option(512, "largest side of a check image in pixels (larger ones are cropped)")
+    tolerance: float = option(1e-4, "refuse to write the export when a probability differs by more than this")
+
+
+@dataclass
+class TuneConfig:
+    """jobs/tune.py: choose a run's inference settings on the protocol's tune split."""
+
+    model: str = option("", "model.keras of a run trained with --holdout protocol")
+    data: str = option("", "its training data (default: where its run.json says)")
+    dry_run: bool = option(False, "write tuning.json only, leave run.json as it is")
+
+
+@dataclass
+class PackageConfig:
+    """jobs/package.py: ship a run's model under models/<name>/."""
+
+    model: str = option("", "the run's model.keras")
+    name: str = option("", "the shipped model's name (a folder under models/)")
+    output: str = option("", "folder to write (default: models/<name>)")

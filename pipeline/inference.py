@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from pipeline import fileio
 from pipeline.config import SegmentConfig
@@ -22,41 +23,86 @@ from pipeline.sources import SampleRef, list_images
 from submission.instances import DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
 
 DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
-MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "status", "error")
+MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "mean_area", "covered_fraction", "labels",
+                    "status", "error")
+MEASUREMENTS = "measurements"  # OUTPUT/measurements/: the per-nucleus Parquet dataset, one part per block
 
 
 def output_paths(output: str, image_path: str) -> tuple[str, str]:
-    """(label PNG, overlay PNG) locations for an input's relative path; never outside `output`."""
+    """(label PNG, overlay PNG) locations for an input's relative path; never outside `output`.
+
+    A label image with more than 65,535 nuclei is written beside the PNG's place as `.tif` (see find_labels).
+    """
     stem = posixpath.splitext(fileio.check_relative(image_path))[0] + ".png"
     return fileio.safe_join(output, "labels/" + stem), fileio.safe_join(output, "overlays/" + stem)
+
+
+def find_labels(output: str, image_path: str) -> str | None:
+    """The label file an earlier run wrote for an input (16-bit PNG, or 32-bit TIFF past 65,535 nuclei), or None."""
+    from pipeline.labelfiles import LABEL_SUFFIXES
+
+    png, _ = output_paths(output, image_path)
+    for suffix in LABEL_SUFFIXES:
+        location = png[:-len(".png")] + suffix
+        if fileio.exists(location):
+            return location
+    return None
+
+
+def read_labels(location: str) -> np.ndarray:
+    """A label image written by segmentation (PNG or TIFF)."""
+    from pipeline.labelfiles import decode_labels_file
+
+    return decode_labels_file(fileio.read_bytes(location))
+
+
+def write_labels(output: str, image_path: str, labels: np.ndarray) -> str:
+    """Write an input's label image (PNG, or TIFF past 65,535 nuclei) atomically; returns its path under output."""
+    from pipeline.labelfiles import LABEL_SUFFIXES, encode_labels_file
+
+    data, suffix = encode_labels_file(labels)
+    png, _ = output_paths(output, image_path)
+    location = png[:-len(".png")] + suffix
+    fileio.write_bytes_atomic(location, data)
+    for other in LABEL_SUFFIXES:  # a redo that changed format leaves no stale file for readers to find first
+        stale = png[:-len(".png")] + other
+        if other != suffix and not fileio.is_uri(stale) and os.path.exists(stale):
+            os.unlink(stale)
+    return location
 
 
 class Predictor:
     """Ray Data actor: holds one model replica and turns image batches into class probabilities.
 
     Resize-mode models get fixed-size batches; native-mode models get each image whole (padded to a
-    multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes.
+    multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes; `scales`
+    (native-mode models) averages over the image resized by each factor.
     """
 
     def __init__(self, model_path: str, batch_size: int, threads: int, tta: bool = False, tile: int = DEFAULT_TILE,
-                 overlap: int = 64):
-        from pipeline.tfkeras import tf
+                 overlap: int = 64, use_gpu: bool = False, scales: tuple[float, ...] = (1.0,)):
+        self.batch_size, self.tta, self.tile, self.overlap, self.scales = batch_size, tta, tile, overlap, tuple(scales)
+        if model_path.endswith(".onnx"):  # ONNX Runtime: no TensorFlow in this process
+            from pipeline.onnx_model import OnnxModel
 
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, threads))
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:  # TensorFlow already running in this process (a plain loop): keep its threads
-            pass
-        from pipeline.model import load_model
+            model = OnnxModel(model_path, threads=max(1, threads), use_gpu=use_gpu)
+            self.info, self.classes, self.forward = model.info, model.classes, model.probabilities
+        else:
+            from pipeline.tfkeras import tf
 
-        self.model, self.info = load_model(model_path)
-        self.batch_size, self.tta, self.tile, self.overlap = batch_size, tta, tile, overlap
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(max(1, threads))
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            except RuntimeError:  # TensorFlow already running in this process (a plain loop): keep its threads
+                pass
+            from pipeline.model import load_model
+
+            keras_model, self.info = load_model(model_path)
+            self.classes = int(keras_model.output_shape[-1])
+            softmax = tf.function(lambda x: tf.nn.softmax(keras_model(x, training=False), axis=-1),
+                                  reduce_retracing=True)
+            self.forward = lambda images: softmax(images).numpy()
         self.native = self.info.get("mode") == "native"
-        self.forward = tf.function(lambda x: tf.nn.softmax(self.model(x, training=False), axis=-1),
-                                   reduce_retracing=True)
-
-    def _forward(self, images: np.ndarray) -> np.ndarray:
-        return self.forward(images).numpy()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities; batches are padded to a fixed size so results never depend on batching."""
@@ -67,20 +113,21 @@ class Predictor:
             chunk = images[start:start + self.batch_size]
             padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
             padded[:len(chunk)] = chunk
-            probabilities = flip_average(padded, self._forward) if self.tta else self._forward(padded)
+            probabilities = flip_average(padded, self.forward) if self.tta else self.forward(padded)
             outputs.append(probabilities[:len(chunk)])
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
     def predict_whole(self, image: np.ndarray) -> np.ndarray:
         """Probabilities of one image at its own size (native-mode models)."""
-        from pipeline.augment import predict_full_image
+        from pipeline.augment import predict_scales
 
-        return predict_full_image(np.asarray(image, np.float32), self._forward, self.tile, self.overlap, self.tta)
+        return predict_scales(np.asarray(image, np.float32), self.forward, self.scales, self.tile, self.overlap,
+                              self.tta)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], bool)
         result = {key: value for key, value in batch.items() if key != "image"}
-        classes = self.model.output_shape[-1]
+        classes = self.classes
         if self.native:
             probabilities = np.empty(len(ok), dtype=object)
             for row in range(len(ok)):
@@ -95,10 +142,12 @@ class Predictor:
 
 
 def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, threshold: float,
-                            min_size: int, seed_threshold: float | None = None) -> np.ndarray:
-    """Upsample model-size probabilities to the image's own size, then split them into nuclei."""
+                            min_size: int, seed_threshold: float | None = None,
+                            instance_filter: dict | None = None) -> np.ndarray:
+    """Upsample model-size probabilities to the image's own size, split them into nuclei, drop rejected ones."""
     import cv2
 
+    from submission.instance_filter import apply_filter
     from submission.instances import instances_from_probabilities
 
     upsampled = probabilities.astype(np.float32)
@@ -106,8 +155,9 @@ def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, 
         upsampled = cv2.resize(upsampled, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
     if upsampled.ndim == 2:
         upsampled = upsampled[..., None]
-    return instances_from_probabilities(upsampled, threshold=threshold, min_size=min_size,
-                                        seed_threshold=seed_threshold)
+    labels = instances_from_probabilities(upsampled, threshold=threshold, min_size=min_size,
+                                          seed_threshold=seed_threshold)
+    return apply_filter(labels, upsampled, instance_filter)
 
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -119,48 +169,101 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return picture
 
 
+def _relative_label_path(output: str, location: str) -> str:
+    return posixpath.relpath(location, output) if fileio.is_uri(output) else os.path.relpath(location, output)
+
+
+def write_measurement_part(output: str, columns: list[dict]) -> None:
+    """One Parquet part of OUTPUT/measurements/ holding the nuclei of a block of images (named by their ids)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.measure import COLUMNS
+
+    table = pa.table({name: np.concatenate([part[name] for part in columns]) for name in COLUMNS})
+    ids = sorted(set(str(part["image_id"][0]) for part in columns if len(part["image_id"])))
+    name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    location = (fileio.safe_join(output, f"{MEASUREMENTS}/{name}") if not fileio.is_uri(output)
+                else f"{output.rstrip('/')}/{MEASUREMENTS}/{name}")
+    fileio.write_bytes_atomic(location, sink.getvalue().to_pybytes())
+
+
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
-                max_pixels: int, encode: bool, seed_threshold: float | None = None) -> dict:
-    """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows)."""
+                max_pixels: int, encode: bool, seed_threshold: float | None = None, measure: bool = False,
+                instance_filter: dict | None = None) -> dict:
+    """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows).
+
+    With `measure`, the block's nuclei are measured on the original images and written as one Parquet part
+    (after the label files: an image whose labels exist but whose rows do not is redone by the next run).
+    """
+    from pipeline.measure import image_summary, measure_nuclei
     from pipeline.images import encode_png
     from pipeline.sources import load_sample
     from submission.rle import encode_labels
 
     count = len(batch["image_id"])
-    nuclei, status, errors, rles = np.zeros(count, np.int64), [], [], []
+    summaries, status, errors, rles, label_files, measured = [], [], [], [], [], []
     for row in range(count):
         error = str(batch["error"][row] or "")
-        encoded = ""
+        encoded, summary, label_file = "", image_summary(np.zeros((1, 1), np.int32)), ""
         if batch["ok"][row]:
             try:
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
-                                                 batch["width"][row], threshold, min_size, seed_threshold)
-                label_path, overlay_path = output_paths(output, str(batch["path"][row]))
-                fileio.write_bytes_atomic(label_path, encode_png(labels.astype(np.uint16)))
-                if str(batch["image_id"][row]) in overlay_ids:
-                    ref = SampleRef(image_id=str(batch["image_id"][row]), kind=str(batch["kind"][row]),
-                                    source=str(batch["source"][row]), image_path=str(batch["path"][row]))
+                                                 batch["width"][row], threshold, min_size, seed_threshold,
+                                                 instance_filter)
+                path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
+                label_file = _relative_label_path(output, write_labels(output, path, labels))
+                if image_id in overlay_ids or (measure and labels.max()):
+                    ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]),
+                                    source=str(batch["source"][row]), image_path=path)
                     image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image
-                    fileio.write_bytes_atomic(overlay_path, encode_png(overlay(image, labels)))
-                nuclei[row] = int(labels.max())
+                    if image_id in overlay_ids:
+                        fileio.write_bytes_atomic(output_paths(output, path)[1], encode_png(overlay(image, labels)))
+                    if measure and labels.max():
+                        measured.append(measure_nuclei(labels, image, image_id))
+                summary = image_summary(labels)
                 encoded = "\n".join(encode_labels(labels)) if encode else ""
             except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
                 error = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
         status.append("error" if error else "done")
         errors.append(error)
         rles.append(encoded)
+        summaries.append(summary)
+        label_files.append(label_file)
+    if measured:
+        write_measurement_part(output, measured)
     return {"image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["path"]),
-            "height": np.asarray(batch["height"]), "width": np.asarray(batch["width"]), "nuclei": nuclei,
+            "height": np.asarray(batch["height"]), "width": np.asarray(batch["width"]),
+            **{name: np.asarray([summary[name] for summary in summaries]) for name in summaries[0]},
+            "labels": np.asarray(label_files, dtype=object),
             "status": np.asarray(status), "error": np.asarray(errors, dtype=object),
             "rles": np.asarray(rles, dtype=object)}
 
 
 def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
-    """threshold, seed_threshold and min_size: the flags when given, else the model's run.json, else defaults."""
+    """threshold, seed_threshold, min_size, instance filter: the flags when given, else run.json, else defaults."""
     saved = info.get("postprocess") or {}
+    use_filter = saved.get("instance_filter") is not None if config.instance_filter is None else config.instance_filter
+    if use_filter and not saved.get("instance_filter"):
+        raise ValueError("--instance-filter: this model's run.json has no fitted instance filter (jobs/tune.py fits one)")
     return {"threshold": config.threshold or float(saved.get("threshold", DEFAULT_THRESHOLD)),
             "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
-            "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE))}
+            "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE)),
+            "instance_filter": saved.get("instance_filter") if use_filter else None}
+
+
+def prediction_settings(config: SegmentConfig, info: dict) -> dict:
+    """tta (flips) and scales: the flags when given, else the model's run.json, else none."""
+    saved = info.get("postprocess") or {}
+    scales = tuple(float(part) for part in config.scales.split(",") if part.strip()) if config.scales else \
+        tuple(saved.get("scales") or (1.0,))
+    if any(not 0.25 <= scale <= 4 for scale in scales):
+        raise ValueError(f"--scales: each factor must be between 0.25 and 4, got {config.scales}")
+    return {"tta": bool(saved.get("tta", False)) if config.tta is None else config.tta, "scales": scales}
 
 
 @dataclass
@@ -180,16 +283,41 @@ class SegmentationResult:
         return sum(row["status"] == "error" for row in self.rows)
 
 
-def _existing_row(ref: SampleRef, label_path: str, encode: bool) -> tuple[dict, list[str]]:
-    """Manifest row (and RLEs) of an image finished by an earlier run, read back from its label PNG."""
-    import cv2
-
+def _existing_row(ref: SampleRef, output: str, label_path: str, encode: bool) -> tuple[dict, list[str]]:
+    """Manifest row (and RLEs) of an image finished by an earlier run, read back from its label file."""
+    from pipeline.measure import image_summary
     from submission.rle import encode_labels
 
-    labels = cv2.imdecode(np.frombuffer(fileio.read_bytes(label_path), np.uint8), cv2.IMREAD_UNCHANGED)
+    labels = read_labels(label_path)
     row = {"image_id": ref.image_id, "path": ref.image_path, "height": labels.shape[0], "width": labels.shape[1],
-           "nuclei": int(labels.max()), "status": "existing", "error": ""}
+           **image_summary(labels), "labels": _relative_label_path(output, label_path), "status": "existing",
+           "error": ""}
     return row, (encode_labels(labels) if encode else [])
+
+
+def _measurements_folder(output: str) -> tuple[pafs.FileSystem, str | None]:
+    """(filesystem, OUTPUT/measurements path), the path None when the folder does not exist."""
+    fs, path = fileio.resolve(output)
+    folder = posixpath.join(path, MEASUREMENTS)
+    return fs, folder if fs.get_file_info(folder).type == pafs.FileType.Directory else None
+
+
+def measured_image_ids(output: str) -> set[str]:
+    """Image ids that already have rows in OUTPUT/measurements/ (one column read; empty when there is none)."""
+    import pyarrow.dataset as pads
+
+    fs, folder = _measurements_folder(output)
+    if folder is None:
+        return set()
+    table = pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=["image_id"])
+    return set(table.column("image_id").unique().to_pylist())
+
+
+def clear_measurements(output: str) -> None:
+    """Remove OUTPUT/measurements/ (a --redo run measures every image again)."""
+    fs, folder = _measurements_folder(output)
+    if folder is not None:
+        fs.delete_dir(folder)
 
 
 def write_manifest(location: str, rows: list[dict]) -> None:
@@ -201,15 +329,27 @@ def write_manifest(location: str, rows: list[dict]) -> None:
     fileio.write_text_atomic(location, buffer.getvalue())
 
 
+def inspect_model(model_path: str) -> dict:
+    """Load a model once (Keras or ONNX) to check it; returns its run.json settings."""
+    if model_path.endswith(".onnx"):
+        from pipeline.onnx_model import OnnxModel
+
+        return OnnxModel(model_path, threads=1).info
+    from pipeline.model import load_model
+
+    return load_model(model_path)[1]
+
+
 def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -> SegmentationResult:
     """Segment every image under config.input into `output` (labels/, overlays/, manifest.csv)."""
     import ray
 
     from pipeline.data import ensure_ray, inference_dataset
-    from pipeline.model import load_model
+    from pipeline.registry import resolve_model
 
     started = time.time()
-    _, info = load_model(config.model)  # fail fast, on the driver, with a clear message for a bad model file
+    model_path = os.path.abspath(resolve_model(config.model))
+    info = inspect_model(model_path)  # fail fast, on the driver, with a clear message for a bad model file
     image_size = int(info.get("image_size", config.image_size))
     listing = list_images(config.input)
     result = SegmentationResult()
@@ -217,14 +357,19 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         result.rows.append({"image_id": "", "path": path, "height": 0, "width": 0, "nuclei": 0,
                             "status": "skipped", "error": reason})
     todo = []
+    if config.redo and config.measurements:
+        clear_measurements(output)
+    measured = measured_image_ids(output) if config.measurements and not config.redo else set()
     for ref in listing.refs:
-        label_path, _ = output_paths(output, ref.image_path)
-        if not config.redo and fileio.exists(label_path):
-            row, rles = _existing_row(ref, label_path, encode)
-            result.rows.append(row)
-            result.rles[ref.image_id] = rles
-        else:
-            todo.append(ref)
+        label_path = None if config.redo else find_labels(output, ref.image_path)
+        if label_path:
+            row, rles = _existing_row(ref, output, label_path, encode)
+            # labels written but the block's measurement part not (a crash between the two): redo the image
+            if not config.measurements or row["nuclei"] == 0 or ref.image_id in measured:
+                result.rows.append(row)
+                result.rles[ref.image_id] = rles
+                continue
+        todo.append(ref)
     print(f"{len(listing.refs)} images in {config.input}: {len(todo)} to segment, "
           f"{len(listing.refs) - len(todo)} already done, {len(listing.problems)} other files left out", flush=True)
     if todo:
@@ -237,21 +382,55 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
                                     mode=info.get("mode", "resize"), appearance=info.get("appearance", "rgb"))
         dataset = dataset.map_batches(
             Predictor, batch_size=config.batch_size, batch_format="numpy",
-            fn_constructor_kwargs={"model_path": os.path.abspath(config.model), "batch_size": config.batch_size,
-                                   "threads": max(1, math.ceil(config.cpus_per_actor * 2)), "tta": config.tta,
-                                   "tile": config.tile or int(info.get("tile") or DEFAULT_TILE), "overlap": config.overlap},
+            fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
+                                   "threads": max(1, math.ceil(config.cpus_per_actor * 2)),
+                                   **prediction_settings(config, info),
+                                   "tile": config.tile or int(info.get("tile") or DEFAULT_TILE), "overlap": config.overlap,
+                                   "use_gpu": use_gpu},
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
         dataset = dataset.map_batches(
             postprocess, batch_size=8, batch_format="numpy",
             fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output),
                        **postprocess_settings(config, info), "overlay_ids": overlay_ids,
-                       "max_pixels": config.max_pixels, "encode": encode})
+                       "max_pixels": config.max_pixels, "encode": encode, "measure": config.measurements})
         for row in dataset.iter_rows():
             rles = str(row.pop("rles") or "")
             result.rows.append({key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()})
             result.rles[str(row["image_id"])] = rles.split("\n") if rles else []
-    write_manifest(fileio.safe_join(output, "manifest.csv") if not fileio.is_uri(output)
-                   else output.rstrip("/") + "/manifest.csv", result.rows)
+    write_manifest(_output_file(output, "manifest.csv"), result.rows)
+    if config.report:
+        write_report(output, result.rows, listing.refs, config.max_pixels, title=f"{config.input} -> {output}")
     result.seconds = time.time() - started
     return result
+
+
+def _output_file(output: str, name: str) -> str:
+    return fileio.safe_join(output, name) if not fileio.is_uri(output) else output.rstrip("/") + "/" + name
+
+
+def measured_areas(output: str) -> np.ndarray:
+    """Every measured nucleus' area from OUTPUT/measurements/ (one column), empty when nothing was measured."""
+    import pyarrow.dataset as pads
+
+    fs, folder = _measurements_folder(output)
+    if folder is None:
+        return np.zeros(0)
+    return pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=["area"]).column("area").to_numpy()
+
+
+def write_report(output: str, rows: list[dict], refs: list[SampleRef], max_pixels: int, title: str = "") -> None:
+    """OUTPUT/report.png (pipeline.report) for a run's manifest rows; pictures of at most three images."""
+    from pipeline.report import draw_report
+    from pipeline.sources import load_sample
+
+    by_path = {ref.image_path: ref for ref in refs}
+
+    def overlay_of(row: dict) -> np.ndarray | None:
+        ref, label_path = by_path.get(row["path"]), find_labels(output, str(row["path"]))
+        if ref is None or label_path is None:
+            return None
+        return overlay(load_sample(ref, with_masks=False, max_pixels=max_pixels).image, read_labels(label_path))
+
+    fileio.write_bytes_atomic(_output_file(output, "report.png"),
+                              draw_report(rows, measured_areas(output), overlay_of, title=title))

@@ -28,11 +28,11 @@ def test_bad_values_are_refused_by_the_parser(capsys):
         parse_args(SegmentConfig, [], required=("input",))
 
 
-@pytest.mark.parametrize("job", ["train", "segment", "submit", "evaluate", "quickstart"])
+@pytest.mark.parametrize("job", ["train", "segment", "submit", "evaluate", "export", "tune", "package", "quickstart"])
 def test_every_job_explains_itself(job):
     done = subprocess.run([sys.executable, f"{ROOT}/jobs/{job}.py", "--help"], capture_output=True, text=True,
                           timeout=60)
-    assert done.returncode == 0 and "usage:" in done.stdout and "--output" in done.stdout
+    assert done.returncode == 0 and "usage:" in done.stdout and ("--output" in done.stdout or "--model" in done.stdout)
 
 
 def test_learning_rate_decays_to_the_last_epoch_the_time_limit_allows():

@@ -1,0 +1,34 @@
+"""Choose a trained model's inference settings on the evaluation protocol's tune split; store them in run.json.
+
+`python jobs/tune.py --model RUN/model.keras` predicts the run's tune-split images (never its test split)
+plain, with flips and with flips + scales, grid-searches the post-processing thresholds, and fits the
+false-positive filter, keeping it only if it helps out of fold. Writes RUN/tuning.json (every score) and the
+chosen settings into RUN/run.json, so segment.py, submit.py and evaluate.py use them with no flag.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.cli import run_job  # noqa: E402
+from pipeline.config import TuneConfig, parse_args  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(TuneConfig, argv, description=__doc__, prog="jobs/tune.py", required=("model",))
+
+    def work() -> None:
+        from pipeline.tuning import tune
+
+        log = tune(config.model, config.data, write=not config.dry_run)
+        print(f"settings: {({k: v for k, v in log['settings'].items() if k != 'instance_filter'})}, "
+              f"instance filter {'on' if log['settings']['instance_filter'] else 'off'}")
+        print(f"tune_score={log['settings']['tune_score']:.4f}")
+
+    return run_job(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

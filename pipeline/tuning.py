@@ -1,0 +1,139 @@
+"""Choose a model's inference settings on the evaluation protocol's tune split, and store them in its run.json.
+
+Every choice is made on the tune split (never the test split), in steps whose scores are all kept in
+tuning.json: (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size;
+(3) the false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the
+tune images so the score that decides is of images the filter did not see. One process, no Ray: the tune
+split is small and every candidate reuses the same predicted probabilities.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+
+import numpy as np
+
+from pipeline import fileio
+
+PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales": (True, (0.8, 1.0, 1.25))}
+THRESHOLDS = (0.5, 0.6, 0.7)
+SEED_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
+MIN_SIZES = (15, 30, 50)
+FILTER_CUTOFFS = (0.1, 0.2, 0.3, 0.4, 0.5)
+FOLDS = 5
+
+
+def _instances(probabilities, threshold, seed_threshold, min_size):
+    from submission.instances import instances_from_probabilities
+
+    return instances_from_probabilities(probabilities.astype(np.float32), threshold=threshold, min_size=min_size,
+                                        seed_threshold=seed_threshold)
+
+
+def mean_score(truths: list[np.ndarray], predictions: list[np.ndarray]) -> float:
+    from submission.metric import image_score
+
+    return float(np.mean([image_score(truth, predicted) for truth, predicted in zip(truths, predictions)]))
+
+
+def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, seed: int = 0) -> dict:
+    """Out-of-fold tune score of the instance filter at each cutoff (images split into folds), and the unfiltered score."""
+    from submission.instance_filter import apply_filter, fit_filter, instance_features, true_positive_targets
+
+    features = [instance_features(label, probability) for label, probability in zip(labels, probabilities)]
+    targets = [true_positive_targets(truth, label) for truth, label in zip(truths, labels)]
+    fold_of = np.random.default_rng(seed).permutation(len(truths)) % folds
+    filtered = {cutoff: [None] * len(truths) for cutoff in FILTER_CUTOFFS}
+    for fold in range(folds):
+        train = [i for i in range(len(truths)) if fold_of[i] != fold and len(targets[i])]
+        params = fit_filter(np.concatenate([features[i] for i in train]), np.concatenate([targets[i] for i in train]))
+        for i in np.flatnonzero(fold_of == fold):
+            for cutoff in FILTER_CUTOFFS:
+                filtered[cutoff][i] = apply_filter(labels[i], probabilities[i], {**params, "cutoff": cutoff})
+    scores = {cutoff: mean_score(truths, filtered[cutoff]) for cutoff in FILTER_CUTOFFS}
+    return {"unfiltered": mean_score(truths, labels), "by_cutoff": scores,
+            "all_features": np.concatenate(features), "all_targets": np.concatenate(targets)}
+
+
+def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002) -> dict:
+    """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json."""
+    from pipeline.augment import apply_appearance
+    from pipeline.evaluation import held_out_refs
+    from pipeline.images import normalise
+    from pipeline.inference import Predictor
+    from pipeline.registry import info_path, read_model_info, resolve_model
+    from pipeline.sources import load_sample
+    from submission.instance_filter import fit_filter
+
+    started = time.time()
+    model_path = os.path.abspath(resolve_model(model))
+    info = read_model_info(model_path)
+    trained = info.get("config", {})
+    if info.get("mode") != "native" or info.get("num_classes") != 3:
+        raise ValueError("jobs/tune.py tunes native-mode, three-class models (the dsb2018 preset)")
+    refs = held_out_refs("tune", data or trained.get("data", ""), trained)
+    samples = [load_sample(ref, with_masks=True) for ref in refs]
+    truths = [sample.labels for sample in samples]
+    inputs = [normalise(apply_appearance(sample.image, info.get("appearance", "rgb"))) for sample in samples]
+    saved = info.get("postprocess") or {}
+    current = (float(saved.get("threshold", 0.5)), float(saved.get("seed_threshold", 0.5)), int(saved.get("min_size", 10)))
+    log = {"model": model_path, "split": "tune", "images": len(refs), "steps": {}}
+    print(f"tuning on the tune split: {len(refs)} images", flush=True)
+
+    # 1. How to predict: each option scored with the current post-processing.
+    probabilities, step = {}, {}
+    for name, (flips, scales) in PREDICTIONS.items():
+        predictor = Predictor(model_path, batch_size=1, threads=2, tta=flips, scales=scales,
+                              tile=int(info.get("tile") or 1024))
+        tick = time.time()
+        probabilities[name] = [predictor.predict_whole(image).astype(np.float16) for image in inputs]
+        seconds = time.time() - tick
+        step[name] = {"score": mean_score(truths, [_instances(p, *current) for p in probabilities[name]]),
+                      "predict_seconds": round(seconds, 1)}
+        print(f"  prediction {name:13s} score {step[name]['score']:.4f} ({seconds:.0f} s)", flush=True)
+    best_prediction = max(step, key=lambda name: step[name]["score"])
+    log["steps"]["prediction"] = {"with": dict(zip(("threshold", "seed_threshold", "min_size"), current)),
+                                  "scores": step, "chosen": best_prediction}
+    chosen_probabilities = probabilities[best_prediction]
+    del probabilities
+
+    # 2. Post-processing thresholds on the chosen prediction.
+    grid = {}
+    for combo in itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES):
+        grid[combo] = mean_score(truths, [_instances(p, *combo) for p in chosen_probabilities])
+    best = max(grid, key=grid.get)
+    print(f"  post-processing threshold {best[0]} seed {best[1]} min size {best[2]}: {grid[best]:.4f} "
+          f"(current {current}: {grid.get(current, float('nan')):.4f})", flush=True)
+    log["steps"]["postprocess"] = {"grid": [{"threshold": t, "seed_threshold": s, "min_size": m, "score": score}
+                                            for (t, s, m), score in grid.items()],
+                                   "chosen": dict(zip(("threshold", "seed_threshold", "min_size"), best)),
+                                   "score": grid[best]}
+
+    # 3. The false-positive filter, judged out of fold.
+    labels = [_instances(p, *best) for p in chosen_probabilities]
+    cv = filter_cross_validation(truths, labels, chosen_probabilities)
+    cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
+    gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]
+    keep_filter = gain >= min_gain
+    print(f"  instance filter: out-of-fold {cv['by_cutoff'][cutoff]:.4f} at cutoff {cutoff} vs unfiltered "
+          f"{cv['unfiltered']:.4f}: {'kept' if keep_filter else 'dropped'}", flush=True)
+    log["steps"]["instance_filter"] = {"unfiltered": cv["unfiltered"], "out_of_fold_by_cutoff": cv["by_cutoff"],
+                                       "chosen_cutoff": cutoff, "gain": gain, "kept": keep_filter,
+                                       "instances": int(len(cv["all_targets"])),
+                                       "true_positive_fraction": float(np.mean(cv["all_targets"]))}
+    flips, scales = PREDICTIONS[best_prediction]
+    settings = {"threshold": best[0], "seed_threshold": best[1], "min_size": best[2], "tta": flips,
+                "scales": list(scales),
+                "instance_filter": fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep_filter else None,
+                "tuned_on": f"tune split of the evaluation protocol ({len(refs)} images)",
+                "tune_score": cv["by_cutoff"][cutoff] if keep_filter else grid[best]}
+    log["settings"] = settings
+    log["seconds"] = round(time.time() - started, 1)
+    folder = os.path.dirname(model_path)
+    fileio.write_text_atomic(os.path.join(folder, "tuning.json"), json.dumps(log, indent=2))
+    if write:
+        info["postprocess"] = settings
+        fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
+    return log

@@ -1,0 +1,84 @@
+"""Inference choices made on the tune split: the false-positive filter, multi-scale prediction, split refusal."""
+import numpy as np
+import pytest
+
+from submission.instance_filter import (FEATURES, apply_filter, fit_filter, instance_features, keep_probability,
+                                        true_positive_targets)
+
+
+def blobs(rng, count, radius, probability, shape=(96, 96)):
+    """Labels of `count` discs and 3-class probabilities where each disc has P(interior) = `probability`."""
+    labels = np.zeros(shape, np.int32)
+    probabilities = np.zeros((*shape, 3), np.float32)
+    probabilities[..., 0] = 1.0
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    for index in range(count):
+        cy, cx = rng.integers(radius + 1, shape[0] - radius - 1, 2)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2) & (labels == 0)
+        labels[disc] = labels.max() + 1
+        probabilities[disc] = (1 - probability, probability, 0.0)
+    return labels, probabilities
+
+
+def test_filter_learns_to_drop_faint_specks_and_keeps_the_rest():
+    rng = np.random.default_rng(0)
+    features, targets = [], []
+    for _ in range(20):
+        good, good_p = blobs(rng, 4, 8, 0.95)
+        bad, bad_p = blobs(rng, 4, 3, 0.55)
+        merged = np.where(bad > 0, bad + good.max(), good) * ((good == 0) | (bad == 0))
+        merged_p = np.where((bad > 0)[..., None], bad_p, good_p)
+        features.append(instance_features(merged, merged_p))
+        targets.append((np.unique(merged)[1:] <= good.max()).astype(int))  # feature rows are in label order
+    params = fit_filter(np.concatenate(features), np.concatenate(targets), cutoff=0.5)
+    assert params["features"] == list(FEATURES) and len(params["coef"]) == len(FEATURES)
+    good, good_p = blobs(rng, 3, 8, 0.95)
+    assert np.array_equal(apply_filter(good, good_p, params), good)
+    speck = good.copy()
+    speck[2:6, 2:6] = 0
+    speck_p = good_p.copy()
+    speck[90:93, 90:93] = good.max() + 1
+    speck_p[90:93, 90:93] = (0.45, 0.55, 0)
+    kept = apply_filter(speck, speck_p, params)
+    assert kept.max() == good.max() and not kept[90:93, 90:93].any()  # the speck is gone, numbering contiguous
+    assert apply_filter(speck, speck_p, None) is speck  # no filter: unchanged
+    assert keep_probability(instance_features(good, good_p), params).min() > 0.5
+
+
+def test_true_positive_targets_follow_iou_over_a_half():
+    truth = np.zeros((20, 20), np.int32)
+    truth[2:8, 2:8] = 1
+    predicted = np.zeros_like(truth)
+    predicted[2:8, 2:7] = 1  # IoU 30/36
+    predicted[12:14, 12:14] = 2  # nothing there
+    assert list(true_positive_targets(truth, predicted)) == [1, 0]
+    assert list(true_positive_targets(np.zeros_like(truth), predicted)) == [0, 0]
+
+
+def test_scales_average_back_at_the_images_own_size():
+    from pipeline.augment import predict_scales
+
+    def forward(batch):  # a "model" that calls bright pixels nucleus: the same at any scale
+        nucleus = batch[..., :1]
+        return np.concatenate([1 - nucleus, nucleus * 0.8, nucleus * 0.2], axis=-1)
+
+    image = np.zeros((70, 90, 3), np.float32)
+    image[20:50, 30:60] = 1.0
+    single = predict_scales(image, forward, (1.0,))
+    several = predict_scales(image, forward, (0.8, 1.0, 1.25))
+    assert single.shape == several.shape == (70, 90, 3)
+    assert np.abs(several - single)[25:45, 35:55].max() < 1e-5  # inside the square, far from its edges
+    assert np.allclose(several.sum(axis=-1), 1.0, atol=1e-5)
+
+
+def test_test_split_is_refused_for_a_run_that_may_have_trained_on_it(synthetic_folder):
+    from pipeline.evaluation import held_out_refs
+
+    trained = {"data": synthetic_folder, "holdout": "random", "seed": 1, "val_fraction": 0.25}
+    with pytest.raises(ValueError, match="--holdout protocol"):
+        held_out_refs("test", synthetic_folder, trained)
+    protocol = {**trained, "holdout": "protocol"}
+    test, tune = held_out_refs("test", synthetic_folder, protocol), held_out_refs("tune", synthetic_folder, protocol)
+    assert test and tune and not {r.image_id for r in test} & {r.image_id for r in tune}
+    with pytest.raises(ValueError, match="--split tune or --split test"):
+        held_out_refs("val", synthetic_folder, protocol)
