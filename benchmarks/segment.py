@@ -4,6 +4,10 @@
 already decoded and resized arrays, (c) a single-process per-image loop (read, resize, predict one
 image, resize back, label, encode). Also peak memory of (a) for --images and --large images.
 Last line: `ratio=<a/c>`.
+
+`--compare runtimes`: TensorFlow and ONNX Runtime side by side (the model exported in the run): the
+forward pass at 128x128, batch 32, in interleaved turns, then segment.py end to end over the folder with
+each. `--compare measurements`: segment.py end to end with and without per-nucleus measurements.
 """
 from __future__ import annotations
 
@@ -37,13 +41,83 @@ def make_folder(count: int, folder: str) -> None:
                 stream.write(encode_png(render_sample(0, index, with_masks=False).image))
 
 
+def segment_seconds(model: str, folder: str, output: str, measurements: bool = True) -> tuple[float, int]:
+    """(seconds, images done) of one segment.py run (warm Ray) into a fresh output folder."""
+    from pipeline.config import SegmentConfig
+    from pipeline.inference import run_segmentation
+
+    shutil.rmtree(output, ignore_errors=True)
+    began = time.perf_counter()
+    result = run_segmentation(SegmentConfig(model=model, input=folder, output=output, measurements=measurements,
+                                            report=measurements), output)
+    return time.perf_counter() - began, result.done
+
+
+def compare(args, work: str, images: str, count: int) -> None:
+    """The --compare modes: runtimes (TensorFlow vs ONNX Runtime) or measurements (on vs off)."""
+    from common import interleaved_medians
+    from pipeline.config import ExportConfig
+    from pipeline.data import ensure_ray
+    from pipeline.images import normalise, resize_image
+    from pipeline.inference import Predictor
+    from pipeline.onnx_model import run_export
+    from pipeline.registry import resolve_model
+    from pipeline.sources import list_images, load_sample
+
+    ensure_ray()
+    model = os.path.abspath(resolve_model(args.model))
+    output = os.path.join(work, "out")
+    if args.compare == "measurements":
+        seconds = {}
+        for turn in range(args.repeats):
+            for measure in (False, True):
+                seconds.setdefault(measure, []).append(segment_seconds(model, images, output, measure)[0])
+        off, on = (float(np.median(seconds[flag])) for flag in (False, True))
+        print(f"segment.py over {count} images, medians of {args.repeats} interleaved runs: without measurements "
+              f"{count / off:.1f} images/s ({off:.1f} s), with {count / on:.1f} images/s ({on:.1f} s); "
+              f"ratio={off / on:.2f}")
+        return
+    onnx_path = os.path.join(work, "model.onnx")
+    export = run_export(ExportConfig(model=model, output=onnx_path))
+    print(f"exported {onnx_path}: max |TF - ONNX Runtime| {export['max_abs_difference']:.2e} on "
+          f"{export['images']} images of {export['check_source']}")
+    refs = list_images(images).refs[:args.batch_size * 4]
+    arrays = np.stack([normalise(resize_image(load_sample(ref, with_masks=False).image, 128)) for ref in refs])
+    predictors = {"tensorflow": Predictor(model, args.batch_size, threads=2),
+                  "onnxruntime": Predictor(onnx_path, args.batch_size, threads=2)}
+    for predictor in predictors.values():
+        predictor.predict(arrays[:args.batch_size])  # warm up / trace
+    medians = interleaved_medians({name: (lambda p=p: p.predict(arrays)) for name, p in predictors.items()},
+                                  repeats=args.repeats)
+    rates = {name: len(arrays) / seconds for name, seconds in medians.items()}
+    print(f"forward pass, 128x128, batch {args.batch_size}, {len(arrays)} images, medians of {args.repeats} turns: "
+          f"TensorFlow {rates['tensorflow']:.1f} images/s, ONNX Runtime {rates['onnxruntime']:.1f} images/s")
+    ends = {}
+    for name, path in (("tensorflow", model), ("onnxruntime", onnx_path)):
+        seconds, done = segment_seconds(path, images, output)
+        ends[name] = done / seconds
+    print(f"segment.py end to end over {count} images: TensorFlow {ends['tensorflow']:.1f} images/s, "
+          f"ONNX Runtime {ends['onnxruntime']:.1f} images/s")
+    print(f"ratio={rates['onnxruntime'] / rates['tensorflow']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="runs/quickstart/run/model.keras")
     parser.add_argument("--images", type=int, default=1000, help="images for the rates and the first memory reading")
     parser.add_argument("--large", type=int, default=10000, help="image count for the second memory reading")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--compare", choices=("", "runtimes", "measurements"), default="",
+                        help="runtimes: TensorFlow vs ONNX Runtime; measurements: segment.py with and without them")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved turns of each side (--compare)")
     args = parser.parse_args()
+    if args.compare:
+        work = tempfile.mkdtemp()
+        images = os.path.join(work, "images")
+        make_folder(args.images, images)
+        compare(args, work, images, args.images)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     if not os.path.isfile(args.model):
         raise SystemExit(f"no model at {args.model}: run jobs/quickstart.py first or pass --model")
 

@@ -58,6 +58,8 @@ class TrainConfig(DataConfig):
     crops_per_image: int = option(8, "native mode: random crops cut from each training image")
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
+    border: str = option("all", "3 classes: the border class around every nucleus (all) or only where nuclei touch "
+                                "(touching; DSB2018 1st place)", choices=("all", "touching"))
     num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
                               choices=(2, 3))
     holdout: str = option("random", "random: hold out --val-fraction of the images (seeded by --seed) for validation; "

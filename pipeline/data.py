@@ -99,11 +99,13 @@ def training_refs(data: str, synthetic_count: int, seed: int) -> list[SampleRef]
     return listing.refs
 
 
-def _training_target(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, border between nuclei)."""
+def _training_target(labels: np.ndarray, num_classes: int, border: str = "all") -> np.ndarray:
+    """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, border: of every nucleus or
+    only where nuclei touch)."""
     from submission.instances import border_targets
 
-    return border_targets(labels) if num_classes == 3 else (labels > 0).astype(np.uint8)
+    return border_targets(labels, touching_only=border == "touching") if num_classes == 3 else \
+        (labels > 0).astype(np.uint8)
 
 
 def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int, mode: str = "resize",
@@ -128,11 +130,11 @@ def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_class
             rng = np.random.default_rng([seed, zlib.crc32(ref.image_id.encode())])
             for crop, labels in random_crops(image, sample.labels, image_size, crops_per_image, rng, augment):
                 images.append(normalise(crop))
-                masks.append(_training_target(labels, num_classes)[..., None])
+                masks.append(_training_target(labels, num_classes, border)[..., None])
                 ids.append(ref.image_id)
         else:
             images.append(normalise(resize_image(image, image_size)))
-            masks.append(_training_target(resize_mask(sample.labels, image_size), num_classes)[..., None])
+            masks.append(_training_target(resize_mask(sample.labels, image_size), num_classes, border)[..., None])
             ids.append(ref.image_id)
     return {"image": np.stack(images), "mask": np.stack(masks).astype(np.uint8), "image_id": np.asarray(ids)}
 
@@ -186,12 +188,13 @@ def refs_dataset(refs: list[SampleRef], blocks: int = 0, per_block: int = 96):
 
 def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0, *,
                      mode: str = "resize", appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                     seed: int = 0):
+                     seed: int = 0, border: str = "all"):
     """Preprocessed training rows for `refs`, materialised (decoding masks is the expensive part: do it once)."""
     dataset = refs_dataset(refs, blocks).map_batches(
         preprocess_training, batch_size=None, batch_format="numpy",
         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "num_classes": num_classes, "mode": mode,
-                   "appearance": appearance, "crops_per_image": crops_per_image, "augment": augment, "seed": seed})
+                   "appearance": appearance, "crops_per_image": crops_per_image, "augment": augment, "seed": seed,
+                   "border": border})
     return dataset.materialize()
 
 

@@ -60,7 +60,9 @@ def held_out_refs(split: str, data: str, trained: dict) -> list:
         if holdout == "protocol":
             raise ValueError("this run was trained with --holdout protocol: score it with --split tune or --split test")
         return split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))[1]
-    if holdout != "protocol" or data != trained.get("data"):
+    same_data = data == trained.get("data") or (os.path.exists(data) and os.path.exists(trained.get("data", "")) and
+                                                os.path.samefile(data, trained["data"]))
+    if holdout != "protocol" or not same_data:
         raise ValueError(f"--split {split} needs a run trained with --holdout protocol on the same data "
                          f"(this run: --holdout {holdout} on {trained.get('data')!r}): its training images "
                          f"would overlap the {split} split")

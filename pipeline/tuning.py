@@ -18,10 +18,10 @@ import numpy as np
 from pipeline import fileio
 
 PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales": (True, (0.8, 1.0, 1.25))}
-THRESHOLDS = (0.5, 0.6, 0.7)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 SEED_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
 MIN_SIZES = (15, 30, 50)
-FILTER_CUTOFFS = (0.1, 0.2, 0.3, 0.4, 0.5)
+FILTER_CUTOFFS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 FOLDS = 5
 
 

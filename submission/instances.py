@@ -115,14 +115,22 @@ def instances_from_probabilities(probabilities: np.ndarray, threshold: float = D
     raise ValueError(f"expected 2 or 3 classes, got {probabilities.shape[-1]}")
 
 
-def border_targets(labels: np.ndarray, width: int = 2) -> np.ndarray:
-    """Three-class target from instance labels: 0 background, 1 interior, 2 border (and touching gaps)."""
+def border_targets(labels: np.ndarray, width: int = 2, touching_only: bool = False) -> np.ndarray:
+    """Three-class target from instance labels: 0 background, 1 interior, 2 border (and touching gaps).
+
+    `touching_only`: the border class only where a nucleus lies within `width` pixels of another one, the
+    rest of each nucleus interior (DSB2018 1st place, selimsef/dsb2018_topcoders: borders "only between
+    touching nuclei"), so seeds fill most of each nucleus and lone nuclei keep their full extent.
+    """
     labels = np.asarray(labels)
     kernel = np.ones((3, 3), np.uint8)
     as_float = labels.astype(np.float32)
     grown = cv2.dilate(as_float, kernel, iterations=width)
     shrunk = -cv2.dilate(-as_float, kernel, iterations=width)  # erosion that keeps the max label
     edge = (grown != shrunk) & ((labels > 0) | (cv2.dilate((labels > 0).astype(np.uint8), kernel) > 0))
+    if touching_only:  # two different labels within `width` pixels
+        lowest = -cv2.dilate(-np.where(labels > 0, as_float, np.float32(1e9)), kernel, iterations=width)
+        edge &= (lowest < 1e9) & (grown != lowest)
     target = np.where(labels > 0, 1, 0).astype(np.uint8)
     target[edge & (labels > 0)] = 2
     # The background between two touching nuclei is border too, so they stay apart.

@@ -55,7 +55,27 @@ def test_postprocess_settings_come_from_flags_then_the_models_run_json():
     from pipeline.inference import postprocess_settings
 
     saved = {"postprocess": {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}}
-    assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}
-    assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}
+    assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30,
+                                                            "instance_filter": None}
+    assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10,
+                                                         "instance_filter": None}
     flags = parse_args(SegmentConfig, ["--threshold", "0.7", "--min-size", "5"])
-    assert postprocess_settings(flags, saved) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5}
+    assert postprocess_settings(flags, saved) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5,
+                                                  "instance_filter": None}
+
+
+def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
+    from pipeline.inference import postprocess_settings, prediction_settings
+
+    fitted = {"kind": "logistic", "cutoff": 0.5}
+    saved = {"postprocess": {"tta": True, "scales": [0.8, 1.0, 1.25], "instance_filter": fitted}}
+    assert prediction_settings(SegmentConfig(), saved) == {"tta": True, "scales": (0.8, 1.0, 1.25)}
+    assert prediction_settings(SegmentConfig(), {}) == {"tta": False, "scales": (1.0,)}
+    flags = parse_args(SegmentConfig, ["--no-tta", "--scales", "1,1.5", "--no-instance-filter"])
+    assert prediction_settings(flags, saved) == {"tta": False, "scales": (1.0, 1.5)}
+    assert postprocess_settings(SegmentConfig(), saved)["instance_filter"] == fitted
+    assert postprocess_settings(flags, saved)["instance_filter"] is None
+    with pytest.raises(ValueError, match="no fitted instance filter"):
+        postprocess_settings(parse_args(SegmentConfig, ["--instance-filter"]), {})
+    with pytest.raises(ValueError, match="between 0.25 and 4"):
+        prediction_settings(parse_args(SegmentConfig, ["--scales", "1,9"]), {})

@@ -71,3 +71,17 @@ def test_fill_holes_matches_scipy_on_random_masks():
         for density in (0.3, 0.5, 0.7):
             mask = rng.random(shape) < density
             assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_touching_only_borders_mark_where_nuclei_meet_and_nowhere_else():
+    labels = np.zeros((80, 160), np.int32)
+    for index, centre in enumerate(((40, 40), (74, 40), (130, 40)), start=1):  # two touching discs, one alone
+        disc = np.zeros_like(labels, np.uint8)
+        cv2.circle(disc, centre, 18, 1, -1)
+        labels[(disc > 0) & (labels == 0)] = index
+    everywhere, touching = border_targets(labels), border_targets(labels, touching_only=True)
+    assert (everywhere[labels == 3] == 2).any() and not (touching[labels == 3] == 2).any()  # the lone disc
+    assert (touching[:, 50:65] == 2).any() and not (touching[:, :25] == 2).any()  # only near the contact
+    assert ((touching == 2) <= (everywhere == 2)).all() and ((touching > 0) == (everywhere > 0)).all()
+    rebuilt = instances_from_interior((touching == 1).astype(float), (touching > 0).astype(float))
+    assert rebuilt.max() == 3

@@ -232,3 +232,80 @@ def test_evaluate_scores_the_held_out_images(model_path, tmp_path):
     assert sum(row["images"] for row in summary["table"][1:]) == 13
     assert len(list((tmp_path / "eval" / "pictures").glob("*.png"))) == 2
     assert "| fluorescence |" in done.stdout
+
+
+def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(model_path, synthetic_folder, tmp_path,
+                                                                     ray_session):
+    import pandas as pd
+
+    from pipeline.config import SegmentConfig
+    from pipeline.inference import read_labels, run_segmentation
+
+    output = str(tmp_path / "out")
+    config = SegmentConfig(model=model_path, input=synthetic_folder, output=output, cpus_per_actor=0.5, blocks=4)
+    run_segmentation(config, output)
+    table = pd.read_parquet(os.path.join(output, "measurements"))
+    manifest = read_manifest(output)
+    assert sum(int(row["nuclei"]) for row in manifest.values()) == len(table) > 0
+    for row in manifest.values():
+        labels = read_labels(os.path.join(output, row["labels"]))
+        mine = table[table.image_id == row["image_id"]].sort_values("label")
+        assert list(mine.label) == list(range(1, labels.max() + 1))
+        assert list(mine.area) == list(np.bincount(labels.ravel())[1:])
+        if len(mine):
+            assert float(row["mean_area"]) == pytest.approx(mine.area.mean(), abs=0.01)
+    assert os.path.getsize(os.path.join(output, "report.png")) > 10_000
+
+    parts = sorted(os.listdir(os.path.join(output, "measurements")))
+    lost = pd.read_parquet(os.path.join(output, "measurements", parts[0])).image_id.unique()
+    os.unlink(os.path.join(output, "measurements", parts[0]))  # as if the run died between labels and rows
+    rerun = run_segmentation(config, output)
+    assert {row["image_id"] for row in rerun.rows if row["status"] == "done"} == set(lost)
+    again = pd.read_parquet(os.path.join(output, "measurements"))
+    assert len(again) == len(table) and not again.duplicated(["image_id", "label"]).any()
+    assert os.path.isfile(os.path.join(output, "report.png"))
+
+
+def test_onnx_export_agrees_with_tensorflow_and_segments_the_same_nuclei(model_path, synthetic_folder, tmp_path,
+                                                                         ray_session):
+    from pipeline.config import ExportConfig, SegmentConfig
+    from pipeline.inference import run_segmentation
+    from pipeline.onnx_model import run_export
+
+    onnx_path = str(tmp_path / "model.onnx")
+    result = run_export(ExportConfig(model=model_path, output=onnx_path, check_images=synthetic_folder))
+    assert result["images"] == 8 and result["max_abs_difference"] < 1e-4 and os.path.isfile(result["json"])
+    outputs = {}
+    for name, path in (("keras", model_path), ("onnx", onnx_path)):
+        outputs[name] = str(tmp_path / name)
+        run_segmentation(SegmentConfig(model=path, input=synthetic_folder, output=outputs[name], cpus_per_actor=0.5,
+                                       measurements=False, report=False), outputs[name])
+    assert read_manifest(outputs["keras"]).keys() == read_manifest(outputs["onnx"]).keys()
+    for path, row in read_manifest(outputs["keras"]).items():
+        keras_labels = cv2.imread(os.path.join(outputs["keras"], row["labels"]), cv2.IMREAD_UNCHANGED)
+        onnx_labels = cv2.imread(os.path.join(outputs["onnx"], row["labels"]), cv2.IMREAD_UNCHANGED)
+        assert row["nuclei"] == read_manifest(outputs["onnx"])[path]["nuclei"]
+        assert np.mean(keras_labels == onnx_labels) > 0.999
+
+
+def test_onnx_export_refuses_a_model_that_disagrees(model_path, synthetic_folder, tmp_path):
+    from pipeline.config import ExportConfig
+    from pipeline.onnx_model import run_export
+
+    with pytest.raises(ValueError, match="disagrees with TensorFlow"):
+        run_export(ExportConfig(model=model_path, output=str(tmp_path / "m.onnx"), check_images=synthetic_folder,
+                                tolerance=0.0))
+    assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--input", synthetic_folder,
+                           "--output", str(tmp_path / "o"), "--cpus-per-actor", "0.5"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = read_manifest(str(tmp_path / "o"))
+    assert len(manifest) == 12 and sum(int(row["nuclei"]) for row in manifest.values()) > 100
+    unknown = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--model", "nope", "--input",
+                              synthetic_folder, "--output", str(tmp_path / "n")], capture_output=True, text=True,
+                             timeout=300)
+    assert unknown.returncode == 1 and "shipped models are dsb2018" in unknown.stderr.strip().splitlines()[-1]
