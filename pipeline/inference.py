@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from pipeline import fileio
 from pipeline.config import SegmentConfig
+from pipeline.labelfiles import LABEL_SUFFIXES, decode_labels_file, encode_labels_file
 from pipeline.sources import SampleRef, list_images
 from submission.instances import DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
 
@@ -37,38 +38,32 @@ def output_paths(output: str, image_path: str) -> tuple[str, str]:
     return fileio.safe_join(output, "labels/" + stem), fileio.safe_join(output, "overlays/" + stem)
 
 
+def _label_candidates(output: str, image_path: str) -> dict[str, str]:
+    """{suffix: location} of the label file an input may have (see labelfiles.LABEL_SUFFIXES)."""
+    stem = output_paths(output, image_path)[0][:-len(".png")]
+    return {suffix: stem + suffix for suffix in LABEL_SUFFIXES}
+
+
 def find_labels(output: str, image_path: str) -> str | None:
     """The label file an earlier run wrote for an input (16-bit PNG, or 32-bit TIFF past 65,535 nuclei), or None."""
-    from pipeline.labelfiles import LABEL_SUFFIXES
-
-    png, _ = output_paths(output, image_path)
-    for suffix in LABEL_SUFFIXES:
-        location = png[:-len(".png")] + suffix
-        if fileio.exists(location):
-            return location
-    return None
+    return next((location for location in _label_candidates(output, image_path).values() if fileio.exists(location)),
+                None)
 
 
 def read_labels(location: str) -> np.ndarray:
     """A label image written by segmentation (PNG or TIFF)."""
-    from pipeline.labelfiles import decode_labels_file
-
     return decode_labels_file(fileio.read_bytes(location))
 
 
 def write_labels(output: str, image_path: str, labels: np.ndarray) -> str:
     """Write an input's label image (PNG, or TIFF past 65,535 nuclei) atomically; returns its path under output."""
-    from pipeline.labelfiles import LABEL_SUFFIXES, encode_labels_file
-
     data, suffix = encode_labels_file(labels)
-    png, _ = output_paths(output, image_path)
-    location = png[:-len(".png")] + suffix
-    fileio.write_bytes_atomic(location, data)
-    for other in LABEL_SUFFIXES:  # a redo that changed format leaves no stale file for readers to find first
-        stale = png[:-len(".png")] + other
+    candidates = _label_candidates(output, image_path)
+    fileio.write_bytes_atomic(candidates[suffix], data)
+    for other, stale in candidates.items():  # a redo that changed format leaves no stale file for readers to find
         if other != suffix and not fileio.is_uri(stale) and os.path.exists(stale):
             os.unlink(stale)
-    return location
+    return candidates[suffix]
 
 
 class Predictor:
@@ -187,9 +182,7 @@ def write_measurement_part(output: str, columns: list[dict]) -> None:
     name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    location = (fileio.safe_join(output, f"{MEASUREMENTS}/{name}") if not fileio.is_uri(output)
-                else f"{output.rstrip('/')}/{MEASUREMENTS}/{name}")
-    fileio.write_bytes_atomic(location, sink.getvalue().to_pybytes())
+    fileio.write_bytes_atomic(_output_file(output, f"{MEASUREMENTS}/{name}"), sink.getvalue().to_pybytes())
 
 
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
