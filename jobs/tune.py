@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         from pipeline.tuning import tune
 
-        log = tune(config.model, config.data, write=not config.dry_run)
+        log = tune(config.model, config.data, write=not config.dry_run,
+                   predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()))
         print(f"settings: {({k: v for k, v in log['settings'].items() if k != 'instance_filter'})}, "
               f"instance filter {'on' if log['settings']['instance_filter'] else 'off'}")
         print(f"tune_score={log['settings']['tune_score']:.4f}")

@@ -205,6 +205,8 @@ class TuneConfig:
     model: str = option("", "model.keras of a run trained with --holdout protocol")
     data: str = option("", "its training data (default: where its run.json says)")
     dry_run: bool = option(False, "write tuning.json only, leave run.json as it is")
+    predictions: str = option("plain,flips,flips+scales", "ways of predicting to compare (comma-separated): plain, "
+                                                          "flips, flips+scales (0.8, 1, 1.25)")
 
 
 @dataclass

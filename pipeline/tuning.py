@@ -57,7 +57,8 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
             "all_features": np.concatenate(features), "all_targets": np.concatenate(targets)}
 
 
-def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002) -> dict:
+def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002,
+         predictions: tuple[str, ...] = tuple(PREDICTIONS)) -> dict:
     """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json."""
     from pipeline.augment import apply_appearance
     from pipeline.evaluation import held_out_refs
@@ -67,6 +68,8 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     from pipeline.sources import load_sample
     from submission.instance_filter import fit_filter
 
+    if set(predictions) - set(PREDICTIONS) or not predictions:
+        raise ValueError(f"--predictions: choose among {', '.join(PREDICTIONS)}, got {', '.join(predictions)}")
     started = time.time()
     model_path = os.path.abspath(resolve_model(model))
     info = read_model_info(model_path)
@@ -84,7 +87,8 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
 
     # 1. How to predict: each option scored with the current post-processing.
     probabilities, step = {}, {}
-    for name, (flips, scales) in PREDICTIONS.items():
+    for name in predictions:
+        flips, scales = PREDICTIONS[name]
         predictor = Predictor(model_path, batch_size=1, threads=2, tta=flips, scales=scales,
                               tile=int(info.get("tile") or 1024))
         tick = time.time()
