@@ -110,7 +110,7 @@ def _training_target(labels: np.ndarray, num_classes: int, border: str = "all") 
 
 def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int, mode: str = "resize",
                         appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, border: str = "all") -> dict:
     """Ray Data UDF: decode refs and their masks into model-size training rows; strict (raises naming the file).
 
     mode 'resize': each image resized to image_size (the notebook's recipe). mode 'native':

@@ -86,3 +86,14 @@ def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
     assert refs_dataset([], blocks=3).count() == 0
     # Shards as ray.data.from_items splits: the first ones hold one more (training workers get the same rows).
     assert [task.metadata.num_rows for task in RefsDatasource(refs).get_read_tasks(5)] == [5, 5, 5, 4, 4]
+
+
+def test_training_rows_with_touching_only_borders(synthetic_folder):
+    from pipeline.data import preprocess_training, training_refs
+
+    refs = training_refs(synthetic_folder, 0, 0)[:2]
+    batch = {name: np.asarray([ref.to_row()[name] for ref in refs], dtype=object) for name in refs[0].to_row()}
+    rows = {border: preprocess_training(batch, 128, 10**8, 3, mode="native", crops_per_image=2, border=border)
+            for border in ("all", "touching")}
+    assert (rows["touching"]["mask"] == 2).sum() < (rows["all"]["mask"] == 2).sum()
+    assert np.array_equal(rows["touching"]["mask"] > 0, rows["all"]["mask"] > 0)
