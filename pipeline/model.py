@@ -231,7 +231,7 @@ def package_model(model_path: str, folder: str) -> dict:
     save_for_inference(model, target + ".partial.keras")
     os.replace(target + ".partial.keras", target)
     info = {**info, "model": "model.keras", "sha256": {"model.keras": sha256_of(target)},
-            "packaged_from": os.path.abspath(model_path)}
+            "packaged_from": os.path.relpath(model_path)}
     write_text_atomic(os.path.join(folder, "run.json"), json.dumps(info, indent=2))
     tuning = os.path.join(os.path.dirname(model_path), "tuning.json")
     if os.path.isfile(tuning):
