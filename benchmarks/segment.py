@@ -8,6 +8,7 @@ Last line: `ratio=<a/c>`.
 `--compare runtimes`: TensorFlow and ONNX Runtime side by side (the model exported in the run): the
 forward pass at 128x128, batch 32, in interleaved turns, then segment.py end to end over the folder with
 each. `--compare measurements`: segment.py end to end with and without per-nucleus measurements.
+Both compare with plain prediction (no flips, one scale), whatever the model's run.json chooses.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def segment_seconds(model: str, folder: str, output: str, measurements: bool = T
 
     shutil.rmtree(output, ignore_errors=True)
     began = time.perf_counter()
+    # Plain prediction (no flips or scales, whatever run.json says): the cost of the pipeline, not of TTA.
     result = run_segmentation(SegmentConfig(model=model, input=folder, output=output, measurements=measurements,
-                                            report=measurements), output)
+                                            report=measurements, tta=False, scales="1"), output)
     return time.perf_counter() - began, result.done
 
 
