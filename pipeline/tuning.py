@@ -21,7 +21,7 @@ PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 SEED_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
 MIN_SIZES = (15, 30, 50)
-FILTER_CUTOFFS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+FILTER_CUTOFFS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FOLDS = 5
 
 
