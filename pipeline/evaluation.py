@@ -75,11 +75,11 @@ def evaluate(config: EvaluateConfig) -> dict:
 
     from pipeline.images import encode_png
     from pipeline.inference import inspect_model, postprocess_settings, prediction_settings, run_segmentation
-    from pipeline.registry import resolve_model
+    from pipeline.registry import MODELS_DIR, resolve_model
     from pipeline.sources import load_sample, read_file
     from submission.metric import THRESHOLDS, image_scores
 
-    model_path = os.path.abspath(resolve_model(config.model))
+    model_path = os.path.realpath(resolve_model(config.model))
     info = inspect_model(model_path)
     trained = info.get("config", {})
     data = config.data or trained.get("data", "")
@@ -88,9 +88,11 @@ def evaluate(config: EvaluateConfig) -> dict:
     split = config.split if config.split != "auto" else ("test" if trained.get("holdout") == "protocol" else "val")
     refs = held_out_refs(split, data, trained)
     print(f"scoring the {split} split: {len(refs)} images", flush=True)
-    shipped = not os.path.exists(config.model)  # a shipped model's name: keep models/ clean
-    output = os.path.abspath(config.output or (os.path.join("runs", "evaluation", config.model) if shipped
-                                               else os.path.join(os.path.dirname(model_path), "evaluation")))
+    model_folder = os.path.dirname(model_path)
+    shipped = os.path.dirname(model_folder) == os.path.realpath(MODELS_DIR)  # keep models/ clean
+    output = os.path.abspath(config.output or (
+        os.path.join("runs", "evaluation", os.path.basename(model_folder)) if shipped
+        else os.path.join(model_folder, "evaluation")))
     with tempfile.TemporaryDirectory(prefix="evaluate-") as folder:
         for ref in refs:  # the images alone, in Kaggle's test layout
             path = fileio.safe_join(folder, f"{fileio.check_relative(ref.image_id)}/images/{ref.image_id}.png")

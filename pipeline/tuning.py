@@ -87,10 +87,9 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
 
     # 1. How to predict: each option scored with the current post-processing.
     probabilities, step = {}, {}
+    predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024))  # loaded once
     for name in predictions:
-        flips, scales = PREDICTIONS[name]
-        predictor = Predictor(model_path, batch_size=1, threads=2, tta=flips, scales=scales,
-                              tile=int(info.get("tile") or 1024))
+        predictor.tta, predictor.scales = PREDICTIONS[name]
         tick = time.time()
         probabilities[name] = [predictor.predict_whole(image).astype(np.float16) for image in inputs]
         seconds = time.time() - tick
