@@ -15,36 +15,49 @@ from typing import Callable
 import cv2
 import numpy as np
 
-APPEARANCES = ("rgb", "standardised")
+APPEARANCES = ("rgb", "standardised", "colour")
 
 
-def standardise_appearance(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 -> RGB uint8 with nuclei bright on dark: grey, inverted if the background is light, stretched.
+def _stretch_lookup(grey: np.ndarray) -> tuple[np.ndarray | None, bool]:
+    """(contrast-stretch lookup table or None for a flat image, whether to invert) from a grey image.
 
     The median pixel is background in nucleus images, so a light median means bright-field or stained
     tissue (dark nuclei): inverting makes all three kinds look like fluorescence.
     """
-    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
     histogram = np.bincount(grey.ravel(), minlength=256)
-    cumulative = np.cumsum(histogram) / max(1, grey.size)
-    if np.searchsorted(cumulative, 0.5) > 127:
-        grey = 255 - grey
-        cumulative = np.cumsum(histogram[::-1]) / max(1, grey.size)
+    invert = bool(np.searchsorted(np.cumsum(histogram) / max(1, grey.size), 0.5) > 127)
+    cumulative = np.cumsum(histogram[::-1] if invert else histogram) / max(1, grey.size)
     low, high = int(np.searchsorted(cumulative, 0.01)), int(np.searchsorted(cumulative, 0.998))
     if high - low < 8:  # flat image: nothing to stretch
-        stretched = grey
-    else:
-        lookup = np.clip((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
-        stretched = lookup[grey]
-    return cv2.cvtColor(stretched, cv2.COLOR_GRAY2RGB)
+        return None, invert
+    return np.clip((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8), invert
+
+
+def standardise_appearance(image: np.ndarray, keep_colour: bool = False) -> np.ndarray:
+    """RGB uint8 -> RGB uint8 with nuclei bright on dark: grey (or colour kept), inverted if light, stretched.
+
+    Grey makes fluorescence, bright-field and stained images look alike; `keep_colour` applies the same
+    inversion and stretch to each channel instead, so a model can still tell purple (haematoxylin) nuclei
+    from red (eosin) tissue, which grey levels cannot: both come out equally bright once inverted.
+    Grey images give the same result either way.
+    """
+    image = np.ascontiguousarray(image)
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    lookup, invert = _stretch_lookup(grey)
+    values = image if keep_colour else grey
+    if invert:
+        values = 255 - values
+    if lookup is not None:
+        values = lookup[values]
+    return np.ascontiguousarray(values) if keep_colour else cv2.cvtColor(values, cv2.COLOR_GRAY2RGB)
 
 
 def apply_appearance(image: np.ndarray, appearance: str) -> np.ndarray:
-    """The model-side look of an RGB uint8 image: 'rgb' (as is) or 'standardised'."""
+    """The model-side look of an RGB uint8 image: 'rgb' (as is), 'standardised' (grey) or 'colour'."""
     if appearance == "rgb":
         return image
-    if appearance == "standardised":
-        return standardise_appearance(image)
+    if appearance in ("standardised", "colour"):
+        return standardise_appearance(image, keep_colour=appearance == "colour")
     raise ValueError(f"unknown appearance {appearance!r}; choose one of {APPEARANCES}")
 
 

@@ -53,10 +53,13 @@ class TrainConfig(DataConfig):
                                  "train on --image-size crops at full resolution, predict whole images",
                        choices=("resize", "native"))
     appearance: str = option("rgb", "rgb: colours as they are; standardised: grey, bright-field and stained images "
-                                    "inverted, contrast stretched per image (one model for all kinds)",
-                             choices=("rgb", "standardised"))
+                                    "inverted, contrast stretched per image (one model for all kinds); colour: "
+                                    "the same but colours kept (stained nuclei told from red tissue by hue)",
+                             choices=("rgb", "standardised", "colour"))
     crops_per_image: int = option(8, "native mode: random crops cut from each training image")
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
+    loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
+                       choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
     border: str = option("all", "3 classes: the border class around every nucleus (all) or only where nuclei touch "
                                 "(touching; DSB2018 1st place)", choices=("all", "touching"))

@@ -212,7 +212,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
                                              config.encoder_width, config.freeze_encoder, config.bn_momentum,
                                              decoder_width=config.decoder_width),
-                                  config.learning_rate, config.num_classes)
+                                  config.learning_rate, config.num_classes, config.loss)
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

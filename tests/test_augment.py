@@ -22,6 +22,28 @@ def test_standardised_images_show_bright_nuclei_on_dark_whatever_the_kind(index)
     assert looks_like_fluorescence(out, sample.labels)
 
 
+def test_colour_appearance_keeps_the_hue_that_grey_loses():
+    """H&E-like: purple nuclei and red tissue invert to the same grey; the colour appearance keeps them apart."""
+    image = np.full((64, 64, 3), (235, 215, 235), np.uint8)  # pale pink background
+    image[:, 40:] = (225, 40, 110)  # eosin-red tissue on the right third
+    image[8:24, 8:24] = (95, 45, 140)  # a purple nucleus on the background...
+    image[40:56, 44:60] = (95, 45, 140)  # ...and one in the tissue
+    grey, colour = standardise_appearance(image), standardise_appearance(image, keep_colour=True)
+    nucleus, tissue = (16, 16), (16, 52)
+    assert abs(int(grey[nucleus][0]) - int(grey[tissue][0])) < 60  # grey: nucleus and red tissue look alike
+    assert (colour[nucleus] > colour[..., 0].min()).all()  # inverted: the nucleus is bright in every channel
+    assert int(colour[nucleus][0]) - int(colour[tissue][0]) > 150  # but its red channel tells it from the tissue
+    assert colour[2, 2].max() < 40  # background dark, as in fluorescence
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_colour_appearance_equals_standardised_on_grey_images(index):
+    image = render_sample(7, index).image
+    grey = np.repeat(image[..., :1], 3, axis=-1)
+    assert (standardise_appearance(grey, keep_colour=True) == standardise_appearance(grey)).all()
+    assert looks_like_fluorescence(standardise_appearance(image, keep_colour=True), render_sample(7, index).labels)
+
+
 def test_image_kinds_of_the_synthetic_looks():
     kinds = {image_kind(render_sample(7, index).image) for index in range(9)}
     assert kinds == {"fluorescence", "stained", "bright-field"}

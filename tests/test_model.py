@@ -46,6 +46,39 @@ def test_local_weights_file_is_loaded(tmp_path):
         build_unet(128, 2, str(tmp_path / "missing.h5"))
 
 
+def test_cross_entropy_dice_loss_is_cross_entropy_plus_one_minus_soft_dice():
+    from pipeline.model import CrossEntropyDice
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, (2, 8, 8, 1))
+    logits = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    cross_entropy = -np.log(np.take_along_axis(probabilities, labels, -1)).mean()
+    truth = np.eye(3)[labels[..., 0]]
+    dice = [(2 * (probabilities[..., c] * truth[..., c]).sum() + 1) / ((probabilities[..., c] + truth[..., c]).sum() + 1)
+            for c in (1, 2)]
+    loss = float(CrossEntropyDice(3)(labels, logits))
+    assert loss == pytest.approx(cross_entropy + 1 - np.mean(dice), rel=1e-4)
+    perfect = np.where(np.eye(3)[labels[..., 0]] > 0, 20.0, -20.0).astype(np.float32)
+    assert float(CrossEntropyDice(3)(labels, perfect)) < 1e-3 < loss
+
+
+def test_a_model_compiled_with_the_dice_loss_saves_and_loads(tmp_path):
+    from pipeline.model import CUSTOM_OBJECTS, compile_model
+    from pipeline.tfkeras import keras
+
+    model = compile_model(build_unet(64, 3, "none", encoder_width=0.35), 1e-3, 3, "ce+dice")
+    x, y = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32), np.ones((2, 64, 64, 1), np.int32)
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    save_model(model, path)
+    restored = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, safe_mode=True)  # resume's load
+    assert type(restored.loss).__name__ == "CrossEntropyDice"
+    assert np.allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown loss"):
+        compile_model(model, 1e-3, 3, "dice")
+
+
 def test_save_load_round_trip_and_mismatch_errors(tmp_path):
     model = build_unet(64, 2, "none", encoder_width=0.35)
     path = str(tmp_path / "model.keras")
