@@ -57,6 +57,8 @@ class TrainConfig(DataConfig):
                                     "the same but colours kept (stained nuclei told from red tissue by hue)",
                              choices=("rgb", "standardised", "colour"))
     crops_per_image: int = option(8, "native mode: random crops cut from each training image")
+    crops_per_rare_image: int = option(0, "native mode: training crops cut from each stained or bright-field image, "
+                                          "the rare kinds (0: --crops-per-image); validation keeps --crops-per-image")
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
     loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
                        choices=("ce", "ce+dice"))

@@ -110,14 +110,16 @@ def _training_target(labels: np.ndarray, num_classes: int, border: str = "all") 
 
 def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int, mode: str = "resize",
                         appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                        seed: int = 0, border: str = "all") -> dict:
+                        seed: int = 0, border: str = "all", crops_per_rare_image: int = 0) -> dict:
     """Ray Data UDF: decode refs and their masks into model-size training rows; strict (raises naming the file).
 
     mode 'resize': each image resized to image_size (the notebook's recipe). mode 'native':
     `crops_per_image` random image_size crops at full resolution (augmented when `augment`), so small
     nuclei keep their pixels; the crops are seeded by image id, so a rerun gives the same rows.
+    `crops_per_rare_image` (when > 0) replaces that count for stained and bright-field images, the rare kinds.
     """
     from pipeline.augment import apply_appearance, random_crops
+    from pipeline.protocol import image_kind
 
     images, masks, ids = [], [], []
     for ref in _refs(batch):
@@ -128,7 +130,10 @@ def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_class
         image = apply_appearance(sample.image, appearance)
         if mode == "native":
             rng = np.random.default_rng([seed, zlib.crc32(ref.image_id.encode())])
-            for crop, labels in random_crops(image, sample.labels, image_size, crops_per_image, rng, augment):
+            count = crops_per_image
+            if crops_per_rare_image > 0 and image_kind(sample.image) != "fluorescence":
+                count = crops_per_rare_image
+            for crop, labels in random_crops(image, sample.labels, image_size, count, rng, augment):
                 images.append(normalise(crop))
                 masks.append(_training_target(labels, num_classes, border)[..., None])
                 ids.append(ref.image_id)
@@ -188,13 +193,13 @@ def refs_dataset(refs: list[SampleRef], blocks: int = 0, per_block: int = 96):
 
 def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0, *,
                      mode: str = "resize", appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                     seed: int = 0, border: str = "all"):
+                     seed: int = 0, border: str = "all", crops_per_rare_image: int = 0):
     """Preprocessed training rows for `refs`, materialised (decoding masks is the expensive part: do it once)."""
     dataset = refs_dataset(refs, blocks).map_batches(
         preprocess_training, batch_size=None, batch_format="numpy",
         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "num_classes": num_classes, "mode": mode,
                    "appearance": appearance, "crops_per_image": crops_per_image, "augment": augment, "seed": seed,
-                   "border": border})
+                   "border": border, "crops_per_rare_image": crops_per_rare_image})
     return dataset.materialize()
 
 

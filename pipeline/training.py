@@ -342,7 +342,7 @@ def run_training(config: TrainConfig) -> dict:
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
                    seed=config.seed, border=config.border)
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
-                                  augment=config.augment, **options)
+                                  augment=config.augment, crops_per_rare_image=config.crops_per_rare_image, **options)
     val_data = training_dataset(val_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
                                 augment=False, **options)
 

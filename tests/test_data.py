@@ -97,3 +97,18 @@ def test_training_rows_with_touching_only_borders(synthetic_folder):
             for border in ("all", "touching")}
     assert (rows["touching"]["mask"] == 2).sum() < (rows["all"]["mask"] == 2).sum()
     assert np.array_equal(rows["touching"]["mask"] > 0, rows["all"]["mask"] > 0)
+
+
+def test_rare_kinds_get_their_own_number_of_crops(synthetic_folder):
+    from pipeline.data import preprocess_training
+    from pipeline.protocol import image_kind
+    from pipeline.sources import load_sample
+
+    refs = training_refs(synthetic_folder, 0, 0)
+    kinds = {ref.image_id: image_kind(load_sample(ref, with_masks=False).image) for ref in refs}
+    assert set(kinds.values()) == {"fluorescence", "stained", "bright-field"}
+    batch = {name: np.asarray([ref.to_row()[name] for ref in refs], dtype=object) for name in refs[0].to_row()}
+    rows = preprocess_training(batch, 64, 10**8, 3, mode="native", crops_per_image=2, crops_per_rare_image=5)
+    ids, counts = np.unique(rows["image_id"], return_counts=True)
+    assert {image_id: int(count) for image_id, count in zip(ids, counts)} == \
+        {image_id: 2 if kind == "fluorescence" else 5 for image_id, kind in kinds.items()}
