@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 
 def test_preset_sets_its_values_and_explicit_flags_still_win():
     config = parse_args(TrainConfig, ["--preset", "dsb2018", "--epochs", "3", "--data", "x.zip"])
-    assert config.mode == "native" and config.num_classes == 3 and config.appearance == "standardised"
+    assert config.mode == "native" and config.num_classes == 3 and config.appearance == "colour"
+    assert config.loss == "ce+dice"
     assert config.augment and config.epochs == 3 and config.data == "x.zip"
     assert all(getattr(config, key) == value for key, value in TRAIN_PRESETS["dsb2018"].items() if key != "epochs")
 
