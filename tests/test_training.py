@@ -75,7 +75,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     output = tmp_path / "run"
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        for _ in range(120):
+        for _ in range(360):  # up to 3 minutes: on a loaded 2-core machine the dashboard took over one
             try:
                 socket.create_connection(("127.0.0.1", dashboard), timeout=0.5).close()
                 break
