@@ -150,7 +150,8 @@ class CrossEntropyDice(keras.losses.Loss):
 
     selimsef/dsb2018_topcoders trained on softmax cross-entropy + soft Dice: the Dice term weighs every
     nucleus pixel of a batch as one set, so small nuclei and the rare border class count more than in
-    cross-entropy alone. The Dice term is a batch scalar added to every pixel's cross-entropy.
+    cross-entropy alone. The Dice term is a batch scalar added to every pixel's cross-entropy, so the
+    border class weight (a per-pixel sample weight) scales it by the batch's mean pixel weight as well.
     """
 
     def __init__(self, num_classes: int = 3, dice_weight: float = 1.0, name: str = "ce_dice", **kwargs):
