@@ -4,6 +4,7 @@
 plain, with flips and with flips + scales, grid-searches the post-processing thresholds, and fits the
 false-positive filter, keeping it only if it helps out of fold. Writes RUN/tuning.json (every score) and the
 chosen settings into RUN/run.json, so segment.py, submit.py and evaluate.py use them with no flag.
+A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(TuneConfig, argv, description=__doc__, prog="jobs/tune.py", required=("model",))
 
     def work() -> None:
-        from pipeline.tuning import tune
+        from pipeline.tuning import copy_settings, tune
+
+        if config.settings_from:
+            settings = copy_settings(config.model, config.settings_from)
+            print(f"settings of {config.settings_from} copied: {({k: v for k, v in settings.items() if k != 'instance_filter'})}")
+            return
 
         log = tune(config.model, config.data, write=not config.dry_run,
                    predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()))

@@ -60,6 +60,8 @@ class TrainConfig(DataConfig):
     crops_per_rare_image: int = option(0, "native mode: training crops cut from each stained or bright-field image, "
                                           "the rare kinds (0: --crops-per-image); validation keeps --crops-per-image")
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
+    colour_augment: bool = option(False, "with --augment: each epoch, a random channel order for half the crops and "
+                                         "grey for one in five (stained tissue; DSB2018 1st place)")
     loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
                        choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
@@ -69,8 +71,10 @@ class TrainConfig(DataConfig):
                               choices=(2, 3))
     holdout: str = option("random", "random: hold out --val-fraction of the images (seeded by --seed) for validation; "
                                     "protocol: the fixed evaluation protocol (pipeline/protocol.py): train on its "
-                                    "train split, validate on its tune split, never see its test split",
-                          choices=("random", "protocol"))
+                                    "train split, validate on its tune split, never see its test split; refit: "
+                                    "train on its train and tune splits (the final model, once the tune split has "
+                                    "made every choice; it still never sees the test split)",
+                          choices=("random", "protocol", "refit"))
     val_fraction: float = option(0.2, "--holdout random: fraction of images held out for validation (seeded split)")
     learning_rate: float = option(1e-3, "peak Adam learning rate")
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up; early stopping waits for them")
@@ -210,6 +214,9 @@ class TuneConfig:
     model: str = option("", "model.keras of a run trained with --holdout protocol")
     data: str = option("", "its training data (default: where its run.json says)")
     dry_run: bool = option(False, "write tuning.json only, leave run.json as it is")
+    settings_from: str = option("", "copy the settings tuned for this run (model.keras of the same recipe trained "
+                                    "with --holdout protocol) instead of tuning: for a --holdout refit model, "
+                                    "which has trained on the tune split")
     predictions: str = option("plain,flips,flips+scales", "ways of predicting to compare (comma-separated): plain, "
                                                           "flips, flips+scales (0.8, 1, 1.25)")
 

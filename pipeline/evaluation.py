@@ -57,12 +57,15 @@ def held_out_refs(split: str, data: str, trained: dict) -> list:
         return refs
     holdout = trained.get("holdout", "random")
     if split == "val":
-        if holdout == "protocol":
-            raise ValueError("this run was trained with --holdout protocol: score it with --split tune or --split test")
+        if holdout in ("protocol", "refit"):
+            raise ValueError(f"this run was trained with --holdout {holdout}: score it with --split "
+                             f"{'tune or --split ' if holdout == 'protocol' else ''}test")
         return split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))[1]
     same_data = data == trained.get("data") or (os.path.exists(data) and os.path.exists(trained.get("data", "")) and
                                                 os.path.samefile(data, trained["data"]))
-    if holdout != "protocol" or not same_data:
+    if holdout == "refit" and split == "tune":
+        raise ValueError("this run was trained with --holdout refit, on the tune split too: score it with --split test")
+    if holdout not in ("protocol", "refit") or not same_data:
         raise ValueError(f"--split {split} needs a run trained with --holdout protocol on the same data "
                          f"(this run: --holdout {holdout} on {trained.get('data')!r}): its training images "
                          f"would overlap the {split} split")
@@ -85,7 +88,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     data = config.data or trained.get("data", "")
     if not data:
         raise ValueError("--data is needed: the model's run.json does not name its training data")
-    split = config.split if config.split != "auto" else ("test" if trained.get("holdout") == "protocol" else "val")
+    split = config.split if config.split != "auto" else ("test" if trained.get("holdout") in ("protocol", "refit") else "val")
     refs = held_out_refs(split, data, trained)
     print(f"scoring the {split} split: {len(refs)} images", flush=True)
     model_folder = os.path.dirname(model_path)

@@ -76,6 +76,9 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     trained = info.get("config", {})
     if info.get("mode") != "native" or info.get("num_classes") != 3:
         raise ValueError("jobs/tune.py tunes native-mode, three-class models (the dsb2018 preset)")
+    if trained.get("holdout") == "refit":
+        raise ValueError("this model was trained with --holdout refit, on the tune split too: tuning on it would "
+                         "flatter it; give --settings-from the model of the same recipe trained with --holdout protocol")
     refs = held_out_refs("tune", data or trained.get("data", ""), trained)
     samples = [load_sample(ref, with_masks=True) for ref in refs]
     truths = [sample.labels for sample in samples]
@@ -140,3 +143,35 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         info["postprocess"] = settings
         fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
     return log
+
+
+def copy_settings(model: str, source: str) -> dict:
+    """Give `model` (a --holdout refit run) the inference settings tuned for `source`, the same recipe trained
+    with --holdout protocol, whose tune split was unseen; returns the settings written into model's run.json.
+
+    Refuses a source that was not tuned, or whose recipe (apart from holdout, seed and paths) differs.
+    """
+    from pipeline.registry import info_path, read_model_info, resolve_model
+
+    model_path, source_path = os.path.abspath(resolve_model(model)), os.path.abspath(resolve_model(source))
+    info, tuned = read_model_info(model_path), read_model_info(source_path)
+    settings = tuned.get("postprocess") or {}
+    if "tuned_on" not in settings:
+        raise ValueError(f"{source}: its run.json holds no tuned settings (run jobs/tune.py on it first)")
+    if tuned.get("config", {}).get("holdout") != "protocol":
+        raise ValueError(f"{source}: settings must come from a --holdout protocol run (its tune split unseen)")
+    ignored = {"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch"}
+    differ = sorted(key for key, value in info.get("config", {}).items()
+                    if key not in ignored and tuned.get("config", {}).get(key) != value)
+    if differ:
+        raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
+    info["postprocess"] = {**settings, "tuned_on": f"{settings['tuned_on']}, for {os.path.relpath(source_path)} "
+                                                   f"(same recipe, tune split unseen)"}
+    fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
+    tuning = os.path.join(os.path.dirname(source_path), "tuning.json")
+    if os.path.isfile(tuning):
+        with open(tuning, encoding="utf-8") as stream:
+            log = json.load(stream)
+        log["settings_for"] = {"model": model_path, "copied_from": source_path}
+        fileio.write_text_atomic(os.path.join(os.path.dirname(model_path), "tuning.json"), json.dumps(log, indent=2))
+    return info["postprocess"]

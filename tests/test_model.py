@@ -115,3 +115,26 @@ def test_a_model_with_code_in_it_is_refused(tmp_path):
     save_model(model, path)
     with pytest.raises(ModelFileError, match="not a loadable Keras model"):
         load_model(path)
+
+
+def test_epoch_augmentation_moves_mask_with_image_and_shuffles_only_colour():
+    from pipeline.tfkeras import tf
+    from pipeline.training import epoch_augmentation
+
+    image = np.zeros((16, 16, 3), np.float32)
+    image[..., 0], image[..., 1], image[..., 2] = 0.9, 0.5, 0.1
+    image[2:5, 3:9] += 0.05  # the nucleus, slightly brighter in every channel
+    mask = np.zeros((16, 16, 1), np.uint8)
+    mask[2:5, 3:9] = 2
+    tf.random.set_seed(3)
+    colours = set()
+    for _ in range(60):
+        out, out_mask = (value.numpy() for value in epoch_augmentation(tf.constant(image), tf.constant(mask), True))
+        assert out_mask.sum() == mask.sum() and set(np.unique(out_mask)) == {0, 2}
+        nucleus = out_mask[..., 0] > 0
+        assert (out[nucleus].mean(axis=-1) > out[~nucleus].mean(axis=-1).max()).all()  # mask still on the nucleus
+        colours.add(tuple(round(float(value), 2) for value in out[~nucleus][0]))
+    assert (0.9, 0.5, 0.1) in colours and (0.5, 0.5, 0.5) in colours and len(colours) >= 4  # as is, grey, shuffled
+    plain = {tuple(round(float(value), 2) for value in epoch_augmentation(tf.constant(image), tf.constant(mask))[0].numpy()[0, 0])
+             for _ in range(10)}
+    assert plain == {(0.9, 0.5, 0.1)}  # without colour: geometry only

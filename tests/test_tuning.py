@@ -82,3 +82,41 @@ def test_test_split_is_refused_for_a_run_that_may_have_trained_on_it(synthetic_f
     assert test and tune and not {r.image_id for r in test} & {r.image_id for r in tune}
     with pytest.raises(ValueError, match="--split tune or --split test"):
         held_out_refs("val", synthetic_folder, protocol)
+    refit = {**trained, "holdout": "refit"}
+    assert [r.image_id for r in held_out_refs("test", synthetic_folder, refit)] == [r.image_id for r in test]
+    with pytest.raises(ValueError, match="on the tune split too"):
+        held_out_refs("tune", synthetic_folder, refit)
+
+
+def _run_json(folder, holdout, postprocess, **config):
+    import json
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    info = {"format": "nuclei-unet/1", "mode": "native", "num_classes": 3, "postprocess": postprocess,
+            "config": {"holdout": holdout, "seed": 1, "output": str(folder), "loss": "ce+dice", **config}}
+    (folder / "run.json").write_text(json.dumps(info))
+    (folder / "model.keras").write_bytes(b"not read")
+    return folder / "model.keras"
+
+
+def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
+    import json
+
+    from pipeline.tuning import copy_settings, tune
+
+    tuned = {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 30, "tta": True, "scales": [1.0],
+             "instance_filter": None, "tuned_on": "tune split of the evaluation protocol (90 images)"}
+    sibling = _run_json(tmp_path / "sibling", "protocol", tuned)
+    refit = _run_json(tmp_path / "refit", "refit", {"threshold": 0.6, "seed_threshold": 0.5, "min_size": 30})
+    with pytest.raises(ValueError, match="--settings-from"):
+        tune(str(refit))  # tuning on images it trained on would flatter it
+    settings = copy_settings(str(refit), str(sibling))
+    assert settings["threshold"] == 0.7 and settings["tta"] is True and "same recipe" in settings["tuned_on"]
+    assert json.loads((tmp_path / "refit" / "run.json").read_text())["postprocess"] == settings
+    untuned = _run_json(tmp_path / "untuned", "protocol", {"threshold": 0.6})
+    with pytest.raises(ValueError, match="no tuned settings"):
+        copy_settings(str(refit), str(untuned))
+    other = _run_json(tmp_path / "other", "protocol", tuned, loss="ce")
+    with pytest.raises(ValueError, match="loss differ"):
+        copy_settings(str(refit), str(other))
