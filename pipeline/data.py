@@ -2,7 +2,7 @@
 
 Rows carry `image` (HxWx3 float32 in [0, 1]), `image_id`, the original `height` and `width`, and for
 training a `mask` (HxWx1 uint8 class targets). Inference rows also carry `path`, `ok` and `error`, so a
-bad file travels to the manifest instead of being dropped.
+bad file travels to the manifest instead of being dropped, and `image_kind` (fluorescence, stained, bright-field).
 """
 from __future__ import annotations
 
@@ -151,13 +151,14 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
     mode 'resize': image_size x image_size arrays; mode 'native': each image at its own size (ragged).
     """
     from pipeline.augment import apply_appearance
+    from pipeline.protocol import image_kind
 
     count = len(batch["image_id"])
     native = mode == "native"
     images = [np.zeros((1, 1, 3), np.float32)] * count if native else np.zeros((count, image_size, image_size, 3),
                                                                                 np.float32)
     heights, widths = np.zeros(count, np.int64), np.zeros(count, np.int64)
-    ok, errors = np.zeros(count, bool), [""] * count
+    ok, errors, kinds = np.zeros(count, bool), [""] * count, [""] * count
     for row, ref in enumerate(_refs(batch)):
         try:
             sample = load_sample(ref, with_masks=False, max_pixels=max_pixels)
@@ -167,13 +168,15 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
         image = apply_appearance(sample.image, appearance)
         images[row] = normalise(image if native else resize_image(image, image_size))
         heights[row], widths[row], ok[row] = sample.height, sample.width, True
+        kinds[row] = image_kind(sample.image)  # stained / bright-field images may have their own thresholds
     if native:
         ragged = np.empty(count, dtype=object)
         ragged[:] = images
         images = ragged
     return {"image": images, "image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["image_path"]),
             "source": np.asarray(batch["source"]), "kind": np.asarray(batch["kind"]),
-            "height": heights, "width": widths, "ok": ok, "error": np.asarray(errors, dtype=object)}
+            "image_kind": np.asarray(kinds), "height": heights, "width": widths, "ok": ok,
+            "error": np.asarray(errors, dtype=object)}
 
 
 def _refs(batch: dict) -> list[SampleRef]:

@@ -185,10 +185,20 @@ def write_measurement_part(output: str, columns: list[dict]) -> None:
     fileio.write_bytes_atomic(_output_file(output, f"{MEASUREMENTS}/{name}"), sink.getvalue().to_pybytes())
 
 
+def settings_for_kind(threshold: float, seed_threshold: float | None, min_size: int, by_kind: dict | None,
+                      kind: str) -> tuple[float, float | None, int]:
+    """(threshold, seed_threshold, min_size) for an image of `kind`: its own tuned values if any, else the global."""
+    own = (by_kind or {}).get(kind) or {}
+    return (float(own.get("threshold", threshold)), own.get("seed_threshold", seed_threshold),
+            int(own.get("min_size", min_size)))
+
+
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
                 max_pixels: int, encode: bool, seed_threshold: float | None = None, measure: bool = False,
-                instance_filter: dict | None = None) -> dict:
+                instance_filter: dict | None = None, by_kind: dict | None = None) -> dict:
     """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows).
+
+    `by_kind` (from jobs/tune.py) gives stained or bright-field images their own thresholds and minimum size.
 
     With `measure`, the block's nuclei are measured on the original images and written as one Parquet part
     (after the label files: an image whose labels exist but whose rows do not is redone by the next run).
@@ -205,8 +215,11 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
         encoded, summary, label_file = "", image_summary(np.zeros((1, 1), np.int32)), ""
         if batch["ok"][row]:
             try:
+                kind = str(batch["image_kind"][row]) if "image_kind" in batch else ""
+                own_threshold, own_seed, own_min_size = settings_for_kind(threshold, seed_threshold, min_size,
+                                                                          by_kind, kind)
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
-                                                 batch["width"][row], threshold, min_size, seed_threshold,
+                                                 batch["width"][row], own_threshold, own_min_size, own_seed,
                                                  instance_filter)
                 path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
                 label_file = _relative_label_path(output, write_labels(output, path, labels))
@@ -238,15 +251,20 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
 
 
 def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
-    """threshold, seed_threshold, min_size, instance filter: the flags when given, else run.json, else defaults."""
+    """threshold, seed_threshold, min_size, instance filter: the flags when given, else run.json, else defaults.
+
+    The per-kind values of run.json (`by_kind`) apply only when no threshold or size flag is given.
+    """
     saved = info.get("postprocess") or {}
+    flagged = bool(config.threshold or config.seed_threshold or config.min_size)
     use_filter = saved.get("instance_filter") is not None if config.instance_filter is None else config.instance_filter
     if use_filter and not saved.get("instance_filter"):
         raise ValueError("--instance-filter: this model's run.json has no fitted instance filter (jobs/tune.py fits one)")
     return {"threshold": config.threshold or float(saved.get("threshold", DEFAULT_THRESHOLD)),
             "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
             "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE)),
-            "instance_filter": saved.get("instance_filter") if use_filter else None}
+            "instance_filter": saved.get("instance_filter") if use_filter else None,
+            "by_kind": {} if flagged else dict(saved.get("by_kind") or {})}
 
 
 def prediction_settings(config: SegmentConfig, info: dict) -> dict:

@@ -1,8 +1,8 @@
 """Choose a model's inference settings on the evaluation protocol's tune split, and store them in its run.json.
 
 Every choice is made on the tune split (never the test split), in steps whose scores are all kept in
-tuning.json: (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size;
-(3) the false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the
+tuning.json: (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
+globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the
 tune images so the score that decides is of images the filter did not see. One process, no Ray: the tune
 split is small and every candidate reuses the same predicted probabilities.
 """
@@ -57,6 +57,34 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
             "all_features": np.concatenate(features), "all_targets": np.concatenate(targets)}
 
 
+def per_kind_settings(per_image: np.ndarray, combos: list[tuple], kinds: list[str], global_index: int,
+                      min_gain: float = 0.002, rare: tuple[str, ...] = ("stained", "bright-field")) -> tuple[dict, dict]:
+    """Own post-processing values for the rare kinds of image, where they beat the global ones out of sample.
+
+    `per_image[i, j]` is image i's score with `combos[j]`. For each rare kind (3+ tune images), each image is
+    scored with the combination that is best on the kind's other images (leave-one-out); the kind keeps the
+    combination best on all its images only if that leave-one-out score beats the global combination by
+    `min_gain`. Returns ({kind: {threshold, seed_threshold, min_size}}, a log of every kind's figures).
+    """
+    names = ("threshold", "seed_threshold", "min_size")
+    kinds = np.asarray(kinds)
+    chosen, log = {}, {}
+    for kind in rare:
+        rows = np.flatnonzero(kinds == kind)
+        if len(rows) < 3:
+            continue
+        leave_one_out = float(np.mean([per_image[row, per_image[rows[rows != row]].mean(axis=0).argmax()]
+                                       for row in rows]))
+        best = int(per_image[rows].mean(axis=0).argmax())
+        baseline = float(per_image[rows, global_index].mean())
+        kept = leave_one_out - baseline >= min_gain
+        log[kind] = {"images": int(len(rows)), "global": baseline, "chosen": dict(zip(names, combos[best])),
+                     "in_sample": float(per_image[rows, best].mean()), "leave_one_out": leave_one_out, "kept": kept}
+        if kept:
+            chosen[kind] = dict(zip(names, combos[best]))
+    return chosen, log
+
+
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002,
          predictions: tuple[str, ...] = tuple(PREDICTIONS)) -> dict:
     """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json."""
@@ -64,6 +92,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     from pipeline.evaluation import held_out_refs
     from pipeline.images import normalise
     from pipeline.inference import Predictor
+    from pipeline.protocol import image_kind
     from pipeline.registry import info_path, read_model_info, resolve_model
     from pipeline.sources import load_sample
     from submission.instance_filter import fit_filter
@@ -105,20 +134,33 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     chosen_probabilities = probabilities[best_prediction]
     del probabilities
 
-    # 2. Post-processing thresholds on the chosen prediction.
-    grid = {}
-    for combo in itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES):
-        grid[combo] = mean_score(truths, [_instances(p, *combo) for p in chosen_probabilities])
+    # 2. Post-processing thresholds on the chosen prediction: every image scored at every combination.
+    from submission.metric import image_score
+
+    combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
+    per_image = np.array([[image_score(truth, _instances(p, *combo)) for combo in combos]
+                          for truth, p in zip(truths, chosen_probabilities)])
+    grid = dict(zip(combos, per_image.mean(axis=0)))
     best = max(grid, key=grid.get)
     print(f"  post-processing threshold {best[0]} seed {best[1]} min size {best[2]}: {grid[best]:.4f} "
           f"(current {current}: {grid.get(current, float('nan')):.4f})", flush=True)
+    names = ("threshold", "seed_threshold", "min_size")
     log["steps"]["postprocess"] = {"grid": [{"threshold": t, "seed_threshold": s, "min_size": m, "score": score}
                                             for (t, s, m), score in grid.items()],
-                                   "chosen": dict(zip(("threshold", "seed_threshold", "min_size"), best)),
-                                   "score": grid[best]}
+                                   "chosen": dict(zip(names, best)), "score": grid[best]}
+
+    # 2b. Stained and bright-field images may get their own values, kept only where they win out of sample.
+    kinds = [image_kind(sample.image) for sample in samples]
+    by_kind, kind_log = per_kind_settings(per_image, combos, kinds, combos.index(best), min_gain)
+    log["steps"]["postprocess_by_kind"] = kind_log
+    for kind, entry in kind_log.items():
+        print(f"  {kind} ({entry['images']} images): global {entry['global']:.4f}, own {entry['chosen']} "
+              f"leave-one-out {entry['leave_one_out']:.4f}: {'kept' if entry['kept'] else 'dropped'}", flush=True)
+    kind_of_image = [by_kind.get(kind) for kind in kinds]
 
     # 3. The false-positive filter, judged out of fold.
-    labels = [_instances(p, *best) for p in chosen_probabilities]
+    labels = [_instances(p, *(tuple(own[name] for name in names) if own else best))
+              for p, own in zip(chosen_probabilities, kind_of_image)]
     cv = filter_cross_validation(truths, labels, chosen_probabilities)
     cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
     gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]
@@ -133,8 +175,8 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     settings = {"threshold": best[0], "seed_threshold": best[1], "min_size": best[2], "tta": flips,
                 "scales": list(scales),
                 "instance_filter": fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep_filter else None,
-                "tuned_on": f"tune split of the evaluation protocol ({len(refs)} images)",
-                "tune_score": cv["by_cutoff"][cutoff] if keep_filter else grid[best]}
+                "by_kind": by_kind, "tuned_on": f"tune split of the evaluation protocol ({len(refs)} images)",
+                "tune_score": cv["by_cutoff"][cutoff] if keep_filter else cv["unfiltered"]}
     log["settings"] = settings
     log["seconds"] = round(time.time() - started, 1)
     folder = os.path.dirname(model_path)

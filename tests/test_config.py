@@ -57,12 +57,12 @@ def test_postprocess_settings_come_from_flags_then_the_models_run_json():
 
     saved = {"postprocess": {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}}
     assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30,
-                                                            "instance_filter": None}
+                                                            "instance_filter": None, "by_kind": {}}
     assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10,
-                                                         "instance_filter": None}
+                                                         "instance_filter": None, "by_kind": {}}
     flags = parse_args(SegmentConfig, ["--threshold", "0.7", "--min-size", "5"])
     assert postprocess_settings(flags, saved) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5,
-                                                  "instance_filter": None}
+                                                  "instance_filter": None, "by_kind": {}}
 
 
 def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
@@ -76,6 +76,10 @@ def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
     assert prediction_settings(flags, saved) == {"tta": False, "scales": (1.0, 1.5)}
     assert postprocess_settings(SegmentConfig(), saved)["instance_filter"] == fitted
     assert postprocess_settings(flags, saved)["instance_filter"] is None
+    own = {"stained": {"threshold": 0.6, "seed_threshold": 0.6, "min_size": 50}}
+    with_kinds = {"postprocess": {**saved["postprocess"], "by_kind": own}}
+    assert postprocess_settings(SegmentConfig(), with_kinds)["by_kind"] == own
+    assert postprocess_settings(parse_args(SegmentConfig, ["--min-size", "5"]), with_kinds)["by_kind"] == {}
     with pytest.raises(ValueError, match="no fitted instance filter"):
         postprocess_settings(parse_args(SegmentConfig, ["--instance-filter"]), {})
     with pytest.raises(ValueError, match="between 0.25 and 4"):

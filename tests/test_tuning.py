@@ -120,3 +120,27 @@ def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
     other = _run_json(tmp_path / "other", "protocol", tuned, loss="ce")
     with pytest.raises(ValueError, match="loss differ"):
         copy_settings(str(refit), str(other))
+
+
+def test_a_rare_kind_keeps_its_own_thresholds_only_where_they_win_out_of_sample():
+    from pipeline.inference import settings_for_kind
+    from pipeline.tuning import per_kind_settings
+
+    combos = [(0.5, 0.5, 15), (0.7, 0.4, 30), (0.6, 0.6, 50)]
+    kinds = ["fluorescence"] * 6 + ["stained"] * 4 + ["bright-field"] * 2
+    per_image = np.zeros((len(kinds), len(combos)))
+    per_image[:6] = (0.5, 0.7, 0.6)            # fluorescence: the global choice (index 1) is best
+    per_image[6:10] = (0.2, 0.3, 0.45)         # stained: consistently better with its own values
+    per_image[10:] = (0.9, 0.1, 0.1)           # bright-field: too few images to judge
+    chosen, log = per_kind_settings(per_image, combos, kinds, global_index=1)
+    assert chosen == {"stained": {"threshold": 0.6, "seed_threshold": 0.6, "min_size": 50}}
+    assert log["stained"]["leave_one_out"] == pytest.approx(0.45) and log["stained"]["global"] == pytest.approx(0.3)
+    assert "bright-field" not in log
+    noisy = per_image.copy()
+    noisy[6:10] = [(0.8, 0.3, 0.0), (0.0, 0.3, 0.7), (0.8, 0.3, 0.0), (0.0, 0.3, 0.7)]  # best differs per image
+    chosen, log = per_kind_settings(noisy, combos, kinds, global_index=1)
+    assert chosen == {} and not log["stained"]["kept"]  # in sample it would look better; out of sample it is not
+    assert log["stained"]["in_sample"] > log["stained"]["global"]
+    assert settings_for_kind(0.7, 0.4, 30, {"stained": {"threshold": 0.6, "seed_threshold": 0.6, "min_size": 50}},
+                             "stained") == (0.6, 0.6, 50)
+    assert settings_for_kind(0.7, 0.4, 30, {"stained": {"threshold": 0.6}}, "fluorescence") == (0.7, 0.4, 30)
