@@ -8,6 +8,7 @@ split is small and every candidate reuses the same predicted probabilities.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -16,6 +17,7 @@ import time
 import numpy as np
 
 from pipeline import fileio
+from pipeline.config import TrainConfig
 
 PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales": (True, (0.8, 1.0, 1.25))}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
@@ -203,8 +205,10 @@ def copy_settings(model: str, source: str) -> dict:
     if tuned.get("config", {}).get("holdout") != "protocol":
         raise ValueError(f"{source}: settings must come from a --holdout protocol run (its tune split unseen)")
     ignored = {"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch"}
-    differ = sorted(key for key, value in info.get("config", {}).items()
-                    if key not in ignored and tuned.get("config", {}).get(key) != value)
+    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)}  # options newer than a run
+    mine, theirs = info.get("config", {}), tuned.get("config", {})
+    differ = sorted(key for key in set(mine) | set(theirs) if key not in ignored
+                    and mine.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key)))
     if differ:
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info["postprocess"] = {**settings, "tuned_on": f"{settings['tuned_on']}, for {os.path.relpath(source_path)} "
