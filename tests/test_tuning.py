@@ -145,3 +145,23 @@ def test_a_rare_kind_keeps_its_own_thresholds_only_where_they_win_out_of_sample(
     assert settings_for_kind(0.7, 0.4, 30, {"stained": {"threshold": 0.6, "seed_threshold": 0.6, "min_size": 50}},
                              "stained") == (0.6, 0.6, 50)
     assert settings_for_kind(0.7, 0.4, 30, {"stained": {"threshold": 0.6}}, "fluorescence") == (0.7, 0.4, 30)
+
+
+def test_postprocess_gives_each_kind_of_image_its_own_thresholds(tmp_path):
+    from pipeline.inference import postprocess, read_labels
+
+    probabilities = np.zeros((2, 40, 40, 3), np.float16)
+    probabilities[..., 0] = 1
+    probabilities[:, 10:25, 10:25] = (0.4, 0.6, 0.0)  # one nucleus, P(interior) 0.6 for both images
+    ids = ["grey", "pink"]
+    batch = {"image_id": np.array(ids), "path": np.array([f"{i}/images/{i}.png" for i in ids]),
+             "height": np.array([40, 40]), "width": np.array([40, 40]), "ok": np.array([True, True]),
+             "error": np.array(["", ""], dtype=object), "kind": np.array(["file", "file"]),
+             "source": np.array(["", ""]), "image_kind": np.array(["fluorescence", "stained"]),
+             "probabilities": probabilities}
+    out = postprocess(batch, str(tmp_path / "out"), threshold=0.7, min_size=10, overlay_ids=frozenset(),
+                      max_pixels=10**6, encode=False, seed_threshold=0.7,
+                      by_kind={"stained": {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}})
+    assert list(out["status"]) == ["done", "done"]
+    assert list(out["nuclei"]) == [0, 1]  # the global 0.7 finds nothing; the stained image's own 0.5 finds it
+    assert read_labels(str(tmp_path / "out" / out["labels"][1])).max() == 1
