@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if config.settings_from:
             settings = copy_settings(config.model, config.settings_from)
-            print(f"settings of {config.settings_from} copied: {({k: v for k, v in settings.items() if k != 'instance_filter'})}")
+            shown = {key: value for key, value in settings.items() if key != "instance_filter"}
+            print(f"settings of {config.settings_from} copied: {shown}")
             return
 
         log = tune(config.model, config.data, write=not config.dry_run,

@@ -88,7 +88,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     data = config.data or trained.get("data", "")
     if not data:
         raise ValueError("--data is needed: the model's run.json does not name its training data")
-    split = config.split if config.split != "auto" else ("test" if trained.get("holdout") in ("protocol", "refit") else "val")
+    protocol = trained.get("holdout") in ("protocol", "refit")
+    split = config.split if config.split != "auto" else ("test" if protocol else "val")
     refs = held_out_refs(split, data, trained)
     print(f"scoring the {split} split: {len(refs)} images", flush=True)
     model_folder = os.path.dirname(model_path)

@@ -2,9 +2,10 @@
 
 Every choice is made on the tune split (never the test split), in steps whose scores are all kept in
 tuning.json: (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
-globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the
-tune images so the score that decides is of images the filter did not see. One process, no Ray: the tune
-split is small and every candidate reuses the same predicted probabilities.
+globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive
+filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so the score
+that decides is of images the filter did not see. One process, no Ray: the tune split is small and every
+candidate reuses the same predicted probabilities.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     from pipeline.registry import info_path, read_model_info, resolve_model
     from pipeline.sources import load_sample
     from submission.instance_filter import fit_filter
+    from submission.metric import image_score
 
     if set(predictions) - set(PREDICTIONS) or not predictions:
         raise ValueError(f"--predictions: choose among {', '.join(PREDICTIONS)}, got {', '.join(predictions)}")
@@ -137,8 +139,6 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     del probabilities
 
     # 2. Post-processing thresholds on the chosen prediction: every image scored at every combination.
-    from submission.metric import image_score
-
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
     per_image = np.array([[image_score(truth, _instances(p, *combo)) for combo in combos]
                           for truth, p in zip(truths, chosen_probabilities)])
