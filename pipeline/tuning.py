@@ -94,7 +94,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     from pipeline.augment import apply_appearance
     from pipeline.evaluation import held_out_refs
     from pipeline.images import normalise
-    from pipeline.inference import Predictor
+    from pipeline.inference import Predictor, settings_for_kind
     from pipeline.protocol import image_kind
     from pipeline.registry import info_path, read_model_info, resolve_model
     from pipeline.sources import load_sample
@@ -158,11 +158,9 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     for kind, entry in kind_log.items():
         print(f"  {kind} ({entry['images']} images): global {entry['global']:.4f}, own {entry['chosen']} "
               f"leave-one-out {entry['leave_one_out']:.4f}: {'kept' if entry['kept'] else 'dropped'}", flush=True)
-    kind_of_image = [by_kind.get(kind) for kind in kinds]
 
-    # 3. The false-positive filter, judged out of fold.
-    labels = [_instances(p, *(tuple(own[name] for name in names) if own else best))
-              for p, own in zip(chosen_probabilities, kind_of_image)]
+    # 3. The false-positive filter, judged out of fold, on the nuclei the chosen settings give each image.
+    labels = [_instances(p, *settings_for_kind(*best, by_kind, kind)) for p, kind in zip(chosen_probabilities, kinds)]
     cv = filter_cross_validation(truths, labels, chosen_probabilities)
     cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
     gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]
