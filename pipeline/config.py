@@ -135,6 +135,9 @@ class SegmentConfig(DataConfig):
                              "default: the model's run.json, else off")
     scales: str = option("", "native-mode models: comma-separated scale factors whose predictions are averaged, "
                              "e.g. 1,1.5 (default: the model's run.json, else 1)")
+    nucleus_area: float = option(None, "native-mode models: zoom each image so its median nucleus (measured by a "
+                                       "first plain pass) has about this many pixels, within 0.5x-2x; 0 = off "
+                                       "(default: the model's run.json, else off)")
     instance_filter: bool = option(None, "drop predicted objects the model's fitted false-positive filter rejects "
                                          "(default: on when the model's run.json has one)")
     tile: int = option(0, "native-mode models: images larger than this are predicted in overlapping tiles "

@@ -71,12 +71,15 @@ class Predictor:
 
     Resize-mode models get fixed-size batches; native-mode models get each image whole (padded to a
     multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes; `scales`
-    (native-mode models) averages over the image resized by each factor.
+    (native-mode models) averages over the image resized by each factor, and `size_normalisation` first
+    zooms each image so its median nucleus has about the model's `nucleus_area` pixels.
     """
 
     def __init__(self, model_path: str, batch_size: int, threads: int, tta: bool = False, tile: int = DEFAULT_TILE,
-                 overlap: int = 64, use_gpu: bool = False, scales: tuple[float, ...] = (1.0,)):
+                 overlap: int = 64, use_gpu: bool = False, scales: tuple[float, ...] = (1.0,),
+                 size_normalisation: dict | None = None):
         self.batch_size, self.tta, self.tile, self.overlap, self.scales = batch_size, tta, tile, overlap, tuple(scales)
+        self.size_normalisation = size_normalisation
         if model_path.endswith(".onnx"):  # ONNX Runtime: no TensorFlow in this process
             from pipeline.onnx_model import OnnxModel
 
@@ -117,7 +120,7 @@ class Predictor:
         from pipeline.augment import predict_scales
 
         return predict_scales(np.asarray(image, np.float32), self.forward, self.scales, self.tile, self.overlap,
-                              self.tta)
+                              self.tta, self.size_normalisation)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], bool)
@@ -268,13 +271,30 @@ def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
 
 
 def prediction_settings(config: SegmentConfig, info: dict) -> dict:
-    """tta (flips) and scales: the flags when given, else the model's run.json, else none."""
+    """tta (flips), scales and size normalisation: the flags when given, else the model's run.json, else none.
+
+    Size normalisation measures nuclei with the settings stored beside its target (run.json), else with the
+    model's global post-processing settings.
+    """
     saved = info.get("postprocess") or {}
     scales = tuple(float(part) for part in config.scales.split(",") if part.strip()) if config.scales else \
         tuple(saved.get("scales") or (1.0,))
     if any(not 0.25 <= scale <= 4 for scale in scales):
         raise ValueError(f"--scales: each factor must be between 0.25 and 4, got {config.scales}")
-    return {"tta": bool(saved.get("tta", False)) if config.tta is None else config.tta, "scales": scales}
+    stored = dict(saved.get("size_normalisation") or {})
+    nucleus_area = float(stored.get("nucleus_area") or 0.0) if config.nucleus_area is None else config.nucleus_area
+    if nucleus_area < 0:
+        raise ValueError(f"--nucleus-area: pixels (0 = off), got {config.nucleus_area}")
+    if nucleus_area and not info.get("mode") == "native":
+        raise ValueError("--nucleus-area: only native-mode models predict whole images at any size")
+    size_normalisation = None
+    if nucleus_area:
+        size_normalisation = {"threshold": float(saved.get("threshold", DEFAULT_THRESHOLD)),
+                              "seed_threshold": float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
+                              "min_size": int(saved.get("min_size", DEFAULT_MIN_SIZE)), **stored,
+                              "nucleus_area": nucleus_area}
+    return {"tta": bool(saved.get("tta", False)) if config.tta is None else config.tta, "scales": scales,
+            "size_normalisation": size_normalisation}
 
 
 @dataclass

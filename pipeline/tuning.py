@@ -1,7 +1,8 @@
 """Choose a model's inference settings on the evaluation protocol's tune split, and store them in its run.json.
 
 Every choice is made on the tune split (never the test split), in steps whose scores are all kept in
-tuning.json: (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
+tuning.json: (0) size normalisation: the nucleus area each image is zoomed to (or none), with plain
+prediction; (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
 globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive
 filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so the score
 that decides is of images the filter did not see. One process, no Ray: the tune split is small and every
@@ -24,6 +25,7 @@ PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 SEED_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
 MIN_SIZES = (15, 30, 50)
+NUCLEUS_AREAS = (0, 150, 200, 250, 300)  # size normalisation targets in pixels (0: off), chosen on plain prediction
 FILTER_CUTOFFS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FOLDS = 5
 
@@ -121,20 +123,45 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     log = {"model": model_path, "split": "tune", "images": len(refs), "steps": {}}
     print(f"tuning on the tune split: {len(refs)} images", flush=True)
 
-    # 1. How to predict: each option scored with the current post-processing.
-    probabilities, step = {}, {}
     predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024))  # loaded once
-    for name in predictions:
-        predictor.tta, predictor.scales = PREDICTIONS[name]
+
+    def predict_all(flips: bool, scales: tuple[float, ...], nucleus_area: float) -> tuple[list, dict]:
+        predictor.tta, predictor.scales = flips, scales
+        predictor.size_normalisation = {**measured_with, "nucleus_area": nucleus_area} if nucleus_area else None
         tick = time.time()
-        probabilities[name] = [predictor.predict_whole(image).astype(np.float16) for image in inputs]
-        seconds = time.time() - tick
-        step[name] = {"score": mean_score(truths, [_instances(p, *current) for p in probabilities[name]]),
-                      "predict_seconds": round(seconds, 1)}
-        print(f"  prediction {name:13s} score {step[name]['score']:.4f} ({seconds:.0f} s)", flush=True)
+        predicted = [predictor.predict_whole(image).astype(np.float16) for image in inputs]
+        return predicted, {"score": mean_score(truths, [_instances(p, *current) for p in predicted]),
+                           "predict_seconds": round(time.time() - tick, 1)}
+
+    # 0. Size normalisation: each target nucleus area scored with plain prediction and the current post-processing,
+    # which also measures each image's nuclei.
+    measured_with = dict(zip(("threshold", "seed_threshold", "min_size"), current))
+    plain, sizes = {}, {}
+    for area in NUCLEUS_AREAS:
+        plain[area], sizes[area] = predict_all(False, (1.0,), area)
+        print(f"  nucleus area {area or 'off':>4} (plain) score {sizes[area]['score']:.4f} "
+              f"({sizes[area]['predict_seconds']:.0f} s)", flush=True)
+    nucleus_area = max(sizes, key=lambda area: sizes[area]["score"])
+    if sizes[nucleus_area]["score"] - sizes[0]["score"] < min_gain:
+        nucleus_area = 0
+    log["steps"]["size_normalisation"] = {"with": measured_with,
+                                          "scores": {str(area): entry for area, entry in sizes.items()},
+                                          "chosen": nucleus_area}
+    plain = plain[nucleus_area]
+
+    # 1. How to predict: each option scored with the current post-processing (and the chosen size normalisation).
+    probabilities, step = {}, {}
+    for name in predictions:
+        if name == "plain":
+            probabilities[name], step[name] = plain, sizes[nucleus_area]
+        else:
+            probabilities[name], step[name] = predict_all(*PREDICTIONS[name], nucleus_area)
+        print(f"  prediction {name:13s} score {step[name]['score']:.4f} ({step[name]['predict_seconds']:.0f} s)",
+              flush=True)
+    del plain
     best_prediction = max(step, key=lambda name: step[name]["score"])
     log["steps"]["prediction"] = {"with": dict(zip(("threshold", "seed_threshold", "min_size"), current)),
-                                  "scores": step, "chosen": best_prediction}
+                                  "nucleus_area": nucleus_area, "scores": step, "chosen": best_prediction}
     chosen_probabilities = probabilities[best_prediction]
     del probabilities
 
@@ -174,6 +201,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     flips, scales = PREDICTIONS[best_prediction]
     settings = {"threshold": best[0], "seed_threshold": best[1], "min_size": best[2], "tta": flips,
                 "scales": list(scales),
+                "size_normalisation": {**measured_with, "nucleus_area": nucleus_area} if nucleus_area else None,
                 "instance_filter": fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep_filter else None,
                 "by_kind": by_kind, "tuned_on": f"tune split of the evaluation protocol ({len(refs)} images)",
                 "tune_score": cv["by_cutoff"][cutoff] if keep_filter else cv["unfiltered"]}

@@ -70,10 +70,18 @@ def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
 
     fitted = {"kind": "logistic", "cutoff": 0.5}
     saved = {"postprocess": {"tta": True, "scales": [0.8, 1.0, 1.25], "instance_filter": fitted}}
-    assert prediction_settings(SegmentConfig(), saved) == {"tta": True, "scales": (0.8, 1.0, 1.25)}
-    assert prediction_settings(SegmentConfig(), {}) == {"tta": False, "scales": (1.0,)}
+    assert prediction_settings(SegmentConfig(), saved) == {"tta": True, "scales": (0.8, 1.0, 1.25), "size_normalisation": None}
+    assert prediction_settings(SegmentConfig(), {}) == {"tta": False, "scales": (1.0,), "size_normalisation": None}
     flags = parse_args(SegmentConfig, ["--no-tta", "--scales", "1,1.5", "--no-instance-filter"])
-    assert prediction_settings(flags, saved) == {"tta": False, "scales": (1.0, 1.5)}
+    assert prediction_settings(flags, saved) == {"tta": False, "scales": (1.0, 1.5), "size_normalisation": None}
+    stored = {"nucleus_area": 200, "threshold": 0.7, "seed_threshold": 0.4, "min_size": 30}
+    sized = {"mode": "native", "postprocess": {**saved["postprocess"], "size_normalisation": stored}}
+    assert prediction_settings(SegmentConfig(), sized)["size_normalisation"] == stored
+    assert prediction_settings(parse_args(SegmentConfig, ["--nucleus-area", "0"]), sized)["size_normalisation"] is None
+    assert prediction_settings(parse_args(SegmentConfig, ["--nucleus-area", "150"]), {"mode": "native"})[
+        "size_normalisation"] == {"nucleus_area": 150, "threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}
+    with pytest.raises(ValueError, match="native-mode"):
+        prediction_settings(parse_args(SegmentConfig, ["--nucleus-area", "150"]), {"mode": "resize"})
     assert postprocess_settings(SegmentConfig(), saved)["instance_filter"] == fitted
     assert postprocess_settings(flags, saved)["instance_filter"] is None
     own = {"stained": {"threshold": 0.6, "seed_threshold": 0.6, "min_size": 50}}

@@ -71,6 +71,30 @@ def test_scales_average_back_at_the_images_own_size():
     assert np.allclose(several.sum(axis=-1), 1.0, atol=1e-5)
 
 
+def test_size_normalisation_zooms_an_image_so_its_median_nucleus_has_the_target_area():
+    from pipeline.augment import predict_scales, size_normalising_zoom
+
+    assert size_normalising_zoom(50, 200) == pytest.approx(2.0)
+    assert size_normalising_zoom(800, 200) == pytest.approx(0.5)
+    assert size_normalising_zoom(5000, 200) == 0.5 and size_normalising_zoom(5, 200) == 2.0  # within 0.5x-2x
+    assert size_normalising_zoom(0, 200) == 1.0 and size_normalising_zoom(100, 0) == 1.0  # nothing found / off
+    seen = []
+
+    def forward(batch):  # bright pixels are nucleus; records the size of every view it is shown
+        seen.append(batch.shape[1:3])
+        nucleus = batch[..., :1]
+        return np.concatenate([1 - nucleus, nucleus * 0.8, nucleus * 0.2], axis=-1)
+
+    labels, _ = blobs(np.random.default_rng(3), 4, 4, 0.9)  # discs of ~49 pixels
+    image = np.repeat((labels > 0).astype(np.float32)[..., None], 3, axis=2)
+    zoomed = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200})
+    assert seen == [(96, 96), (192, 192)]  # a first pass measures the nuclei, then the image is predicted at 2x
+    assert zoomed.shape == (96, 96, 3) and (zoomed[labels > 0, 0] < 0.5).mean() > 0.9
+    seen.clear()
+    assert np.array_equal(predict_scales(image, forward, (1.0,)), forward(image[None])[0])  # off: one pass as is
+    assert seen == [(96, 96), (96, 96)]
+
+
 def test_test_split_is_refused_for_a_run_that_may_have_trained_on_it(synthetic_folder):
     from pipeline.evaluation import held_out_refs
 
