@@ -68,17 +68,18 @@ def _orient(array: np.ndarray, flip: int, turns: int) -> np.ndarray:
 
 
 def random_crops(image: np.ndarray, labels: np.ndarray, size: int, count: int, rng: np.random.Generator,
-                 augment: bool = True, scale_range: tuple[float, float] = (0.7, 1.4)) -> list[tuple[np.ndarray, np.ndarray]]:
+                 augment: bool = True, scale_range: tuple[float, float] = (0.7, 1.4),
+                 zoom: float = 1.0) -> list[tuple[np.ndarray, np.ndarray]]:
     """`count` (image, labels) crops of size x size from a full-resolution image and its instance labels.
 
     With `augment`: each crop has its own scale (zoom by a factor from `scale_range`), a random flip and
-    90-degree rotation, and brightness/contrast jitter. Images smaller than a crop are padded (reflected
-    image, background labels).
+    90-degree rotation, and brightness/contrast jitter. `zoom` scales every crop of the image (size
+    normalisation). Images smaller than a crop are padded (reflected image, background labels).
     """
     crops = []
     height, width = labels.shape
     for _ in range(count):
-        scale = float(np.exp(rng.uniform(*np.log(scale_range)))) if augment else 1.0
+        scale = zoom * (float(np.exp(rng.uniform(*np.log(scale_range)))) if augment else 1.0)
         window = max(8, int(round(size / scale)))
         top = int(rng.integers(0, max(1, height - window + 1)))
         left = int(rng.integers(0, max(1, width - window + 1)))
@@ -173,11 +174,8 @@ def median_nucleus_area(probabilities: np.ndarray, threshold: float = 0.5, seed_
     """Median area in pixels of the nuclei a probability map splits into with these settings (0 when none)."""
     from submission.instances import instances_from_probabilities
 
-    labels = instances_from_probabilities(np.asarray(probabilities, np.float32), threshold=threshold,
-                                          min_size=min_size, seed_threshold=seed_threshold)
-    areas = np.bincount(labels.ravel())[1:]
-    areas = areas[areas > 0]
-    return float(np.median(areas)) if len(areas) else 0.0
+    return true_median_area(instances_from_probabilities(np.asarray(probabilities, np.float32), threshold=threshold,
+                                                         min_size=min_size, seed_threshold=seed_threshold))
 
 
 def size_normalising_zoom(median_area: float, nucleus_area: float,
@@ -190,6 +188,13 @@ def size_normalising_zoom(median_area: float, nucleus_area: float,
     if median_area <= 0 or nucleus_area <= 0:
         return 1.0
     return float(np.clip(np.sqrt(nucleus_area / median_area), *limits))
+
+
+def true_median_area(labels: np.ndarray) -> float:
+    """Median area in pixels of the nuclei of an instance label image (0 when it has none)."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(np.median(areas)) if len(areas) else 0.0
 
 
 def predict_scales(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray], scales: tuple[float, ...] = (1.0,),

@@ -59,6 +59,8 @@ class TrainConfig(DataConfig):
     crops_per_image: int = option(8, "native mode: random crops cut from each training image")
     crops_per_rare_image: int = option(0, "native mode: training crops cut from each stained or bright-field image, "
                                           "the rare kinds (0: --crops-per-image); validation keeps --crops-per-image")
+    nucleus_area: float = option(0.0, "native mode: zoom each training image (within 0.5x-2x) so its median nucleus "
+                                      "has about this many pixels, as --nucleus-area does at inference (0: off)")
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
     colour_augment: bool = option(False, "with --augment: each epoch, a random channel order for half the crops and "
                                          "grey for one in five (stained tissue; DSB2018 1st place)")

@@ -110,15 +110,18 @@ def _training_target(labels: np.ndarray, num_classes: int, border: str = "all") 
 
 def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int, mode: str = "resize",
                         appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                        seed: int = 0, border: str = "all", crops_per_rare_image: int = 0) -> dict:
+                        seed: int = 0, border: str = "all", crops_per_rare_image: int = 0,
+                        nucleus_area: float = 0.0) -> dict:
     """Ray Data UDF: decode refs and their masks into model-size training rows; strict (raises naming the file).
 
     mode 'resize': each image resized to image_size (the notebook's recipe). mode 'native':
     `crops_per_image` random image_size crops at full resolution (augmented when `augment`), so small
     nuclei keep their pixels; the crops are seeded by image id, so a rerun gives the same rows.
     `crops_per_rare_image` (when > 0) replaces that count for stained and bright-field images, the rare kinds.
+    `nucleus_area` (when > 0) zooms each image's crops so its median true nucleus has about that many pixels,
+    as size normalisation does at inference.
     """
-    from pipeline.augment import apply_appearance, random_crops
+    from pipeline.augment import apply_appearance, random_crops, size_normalising_zoom, true_median_area
     from pipeline.protocol import image_kind
 
     images, masks, ids = [], [], []
@@ -133,7 +136,8 @@ def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_class
             count = crops_per_image
             if crops_per_rare_image > 0 and image_kind(sample.image) != "fluorescence":
                 count = crops_per_rare_image
-            for crop, labels in random_crops(image, sample.labels, image_size, count, rng, augment):
+            zoom = size_normalising_zoom(true_median_area(sample.labels), nucleus_area)
+            for crop, labels in random_crops(image, sample.labels, image_size, count, rng, augment, zoom=zoom):
                 images.append(normalise(crop))
                 masks.append(_training_target(labels, num_classes, border)[..., None])
                 ids.append(ref.image_id)
@@ -196,13 +200,13 @@ def refs_dataset(refs: list[SampleRef], blocks: int = 0, per_block: int = 96):
 
 def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0, *,
                      mode: str = "resize", appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                     seed: int = 0, border: str = "all", crops_per_rare_image: int = 0):
+                     seed: int = 0, border: str = "all", crops_per_rare_image: int = 0, nucleus_area: float = 0.0):
     """Preprocessed training rows for `refs`, materialised (decoding masks is the expensive part: do it once)."""
     dataset = refs_dataset(refs, blocks).map_batches(
         preprocess_training, batch_size=None, batch_format="numpy",
         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "num_classes": num_classes, "mode": mode,
                    "appearance": appearance, "crops_per_image": crops_per_image, "augment": augment, "seed": seed,
-                   "border": border, "crops_per_rare_image": crops_per_rare_image})
+                   "border": border, "crops_per_rare_image": crops_per_rare_image, "nucleus_area": nucleus_area})
     return dataset.materialize()
 
 

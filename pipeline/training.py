@@ -361,7 +361,7 @@ def run_training(config: TrainConfig) -> dict:
                          f"{config.val_fraction}: every worker needs training and validation images")
     print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
-                   seed=config.seed, border=config.border)
+                   seed=config.seed, border=config.border, nucleus_area=config.nucleus_area)
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
                                   augment=config.augment, crops_per_rare_image=config.crops_per_rare_image, **options)
     val_data = training_dataset(val_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,

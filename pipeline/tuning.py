@@ -137,7 +137,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     # which also measures each image's nuclei.
     measured_with = dict(zip(("threshold", "seed_threshold", "min_size"), current))
     plain, sizes = {}, {}
-    for area in NUCLEUS_AREAS:
+    for area in sorted(set(NUCLEUS_AREAS) | {float(trained.get("nucleus_area") or 0)}):  # and the one it trained at
         plain[area], sizes[area] = predict_all(False, (1.0,), area)
         print(f"  nucleus area {area or 'off':>4} (plain) score {sizes[area]['score']:.4f} "
               f"({sizes[area]['predict_seconds']:.0f} s)", flush=True)

@@ -112,3 +112,29 @@ def test_rare_kinds_get_their_own_number_of_crops(synthetic_folder):
     ids, counts = np.unique(rows["image_id"], return_counts=True)
     assert {image_id: int(count) for image_id, count in zip(ids, counts)} == \
         {image_id: 2 if kind == "fluorescence" else 5 for image_id, kind in kinds.items()}
+
+
+def test_size_normalised_training_crops_zoom_each_image_towards_the_target_nucleus_area(synthetic_folder):
+    from scipy import ndimage
+
+    from pipeline.augment import random_crops, true_median_area
+    from pipeline.data import preprocess_training
+    from pipeline.sources import load_sample
+
+    yy, xx = np.mgrid[:32, :32]
+    disc = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 36).astype(np.int32)
+    crop, labels = random_crops(np.zeros((32, 32, 3), np.uint8), disc, 64, 1, np.random.default_rng(0), False, zoom=2)[0]
+    assert crop.shape == (64, 64, 3) and abs(int((labels > 0).sum()) - 4 * int(disc.sum())) < 0.1 * 4 * disc.sum()
+    assert true_median_area(disc) == disc.sum() and true_median_area(np.zeros((4, 4), np.int32)) == 0.0
+
+    refs = training_refs(synthetic_folder, 0, 0)[:3]
+    batch = {name: np.asarray([ref.to_row()[name] for ref in refs], dtype=object) for name in refs[0].to_row()}
+    native = max(true_median_area(load_sample(ref, with_masks=True).labels) for ref in refs)
+
+    def median_crop_nucleus(nucleus_area):  # median pixels of the nuclei (connected) in the crops
+        rows = preprocess_training(batch, 64, 10**8, 3, mode="native", crops_per_image=6, nucleus_area=nucleus_area)
+        areas = [np.bincount(component.ravel())[1:] for component in
+                 (ndimage.label(mask[..., 0] == 1)[0] for mask in rows["mask"])]
+        return np.median(np.concatenate(areas))
+
+    assert median_crop_nucleus(4 * native) > 2 * median_crop_nucleus(0)  # every image zoomed 2x
