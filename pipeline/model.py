@@ -12,6 +12,8 @@ import shutil
 import tempfile
 import zipfile
 
+import numpy as np
+
 from pipeline.registry import ModelFileError, info_path as _info_path, read_model_info, resolve_model
 from pipeline.tfkeras import keras, tf
 
@@ -250,6 +252,18 @@ def load_model(path: str) -> tuple[keras.Model, dict]:
     return model, info
 
 
+def _holds_weights(path: str, model) -> bool:
+    """Whether the model file at `path` exists and has exactly `model`'s weights."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        existing, _ = load_model(path)
+    except Exception:  # noqa: BLE001 - unreadable or refused: it is replaced
+        return False
+    mine, theirs = model.get_weights(), existing.get_weights()
+    return len(mine) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
+
+
 def package_model(model_path: str, folder: str) -> dict:
     """Copy a run's model into `folder` as a shipped model: inference-only weights, run.json with their sha256.
 
@@ -261,8 +275,9 @@ def package_model(model_path: str, folder: str) -> dict:
     model, info = load_model(model_path)
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "model.keras")
-    save_for_inference(model, target + ".partial.keras")
-    os.replace(target + ".partial.keras", target)
+    if not _holds_weights(target, model):  # a settings-only re-package keeps the file's bytes (and sha256)
+        save_for_inference(model, target + ".partial.keras")
+        os.replace(target + ".partial.keras", target)
     info = {**info, "model": "model.keras", "sha256": {"model.keras": sha256_of(target)},
             "packaged_from": os.path.relpath(model_path)}
     write_text_atomic(os.path.join(folder, "run.json"), json.dumps(info, indent=2))

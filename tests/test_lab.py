@@ -76,6 +76,27 @@ def test_sha256_check_refuses_a_changed_model_file(tmp_path):
         load_model(path)
 
 
+def test_repackaging_the_same_weights_keeps_the_file_and_a_new_model_replaces_it(tmp_path):
+    from pipeline.model import build_unet, package_model, save_for_inference
+    from pipeline.registry import sha256_of
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_for_inference(build_unet(64, 2, "none", encoder_width=0.35), str(run / "model.keras"))
+    (run / "run.json").write_text(json.dumps({"num_classes": 2, "postprocess": {"threshold": 0.5}}))
+    shipped = tmp_path / "shipped"
+    first = package_model(str(run / "model.keras"), str(shipped))
+    mtime = os.path.getmtime(shipped / "model.keras")
+    (run / "run.json").write_text(json.dumps({"num_classes": 2, "postprocess": {"threshold": 0.7}}))
+    second = package_model(str(run / "model.keras"), str(shipped))  # new settings, same weights
+    assert second["sha256"] == first["sha256"] and os.path.getmtime(shipped / "model.keras") == mtime
+    assert json.loads((shipped / "run.json").read_text())["postprocess"]["threshold"] == 0.7
+    save_for_inference(build_unet(64, 3, "none", encoder_width=0.35), str(run / "model.keras"))
+    (run / "run.json").write_text(json.dumps({"num_classes": 3}))
+    third = package_model(str(run / "model.keras"), str(shipped))  # other weights: the file is replaced
+    assert third["sha256"]["model.keras"] == sha256_of(str(shipped / "model.keras")) != first["sha256"]["model.keras"]
+
+
 def test_shipped_model_is_documented_small_and_checked():
     from pipeline.registry import MODELS_DIR, read_model_info, resolve_model, shipped_models
 
