@@ -189,7 +189,8 @@ def test_bad_model_file_is_one_clear_line(tmp_path, synthetic_folder):
 
 
 def test_native_mode_model_segments_whole_images_in_tiles_with_tta(tmp_path, synthetic_folder, ray_session):
-    """A native-resolution 3-class model: whole images (tiled when larger than --tile), flips averaged."""
+    """A native-resolution 3-class model: whole images (tiled when larger than --tile), flips averaged, sizes
+    normalised."""
     import json
 
     from pipeline.config import SegmentConfig
@@ -207,7 +208,7 @@ def test_native_mode_model_segments_whole_images_in_tiles_with_tta(tmp_path, syn
     (folder / "wide.png").write_bytes(png(np.tile(render_sample(1, 2, with_masks=False).image, (1, 3, 1))))
     output = str(tmp_path / "out")
     config = SegmentConfig(model=str(run / "model.keras"), input=str(folder), output=output, tta=True, tile=256,
-                           overlap=32, cpus_per_actor=0.5, overlays=-1)
+                           overlap=32, cpus_per_actor=0.5, overlays=-1, nucleus_area=150)  # size normalisation too
     result = run_segmentation(config, output)
     assert result.done == 13 and result.failed == 0
     for row in result.rows:
