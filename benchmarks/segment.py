@@ -49,9 +49,10 @@ def segment_seconds(model: str, folder: str, output: str, measurements: bool = T
 
     shutil.rmtree(output, ignore_errors=True)
     began = time.perf_counter()
-    # Plain prediction (no flips or scales, whatever run.json says): the cost of the pipeline, not of TTA.
+    # Plain prediction (no flips, scales or size normalisation, whatever run.json says): the cost of the
+    # pipeline, not of test-time augmentation.
     result = run_segmentation(SegmentConfig(model=model, input=folder, output=output, measurements=measurements,
-                                            report=measurements, tta=False, scales="1"), output)
+                                            report=measurements, tta=False, scales="1", nucleus_area=0), output)
     return time.perf_counter() - began, result.done
 
 
