@@ -2,9 +2,9 @@
 
 `python jobs/tune.py --model RUN/model.keras` predicts the run's tune-split images (never its test split)
 zoomed to several nucleus sizes (or not), then plain, with flips and with flips + scales, grid-searches the
-post-processing thresholds, and fits the
-false-positive filter, keeping it only if it helps out of fold. Writes RUN/tuning.json (every score) and the
-chosen settings into RUN/run.json, so segment.py, submit.py and evaluate.py use them with no flag.
+post-processing thresholds, and fits the false-positive filter, keeping it only if it helps out of fold.
+Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
+evaluate.py use them with no flag.
 A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras.
 """
 from __future__ import annotations
