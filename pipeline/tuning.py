@@ -160,8 +160,8 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
               flush=True)
     del plain
     best_prediction = max(step, key=lambda name: step[name]["score"])
-    log["steps"]["prediction"] = {"with": dict(zip(("threshold", "seed_threshold", "min_size"), current)),
-                                  "nucleus_area": nucleus_area, "scores": step, "chosen": best_prediction}
+    log["steps"]["prediction"] = {"with": measured_with, "nucleus_area": nucleus_area, "scores": step,
+                                  "chosen": best_prediction}
     chosen_probabilities = probabilities[best_prediction]
     del probabilities
 
