@@ -67,8 +67,10 @@ class TrainConfig(DataConfig):
     loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
                        choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
-    border: str = option("all", "3 classes: the border class around every nucleus (all) or only where nuclei touch "
-                                "(touching; DSB2018 1st place)", choices=("all", "touching"))
+    border: str = option("all", "3 classes: the border class around every nucleus (all), only where nuclei touch "
+                                "(touching; DSB2018 1st place), or the outer half of each nucleus' depth, so the "
+                                "interior class is its core (core; centre seeds, DSB2018 4th place)",
+                         choices=("all", "touching", "core"))
     num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
                               choices=(2, 3))
     holdout: str = option("random", "random: hold out --val-fraction of the images (seeded by --seed) for validation; "
@@ -106,6 +108,18 @@ class TrainConfig(DataConfig):
         values = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+# What may differ between two runs of one recipe: seeds, run lengths, where they ran, and which split held out.
+NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch"})
+
+
+def recipe_differences(mine: dict, theirs: dict) -> list[str]:
+    """The training options (config.json / run.json "config") in which two runs' recipes differ; options newer
+    than a run count at their defaults."""
+    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)}
+    return sorted(key for key in set(mine) | set(theirs) if key not in NOT_RECIPE
+                  and mine.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key)))
 
 
 # Named configurations for `--preset`: values replace the defaults; flags given on the command line still win.
@@ -233,3 +247,11 @@ class PackageConfig:
     model: str = option("", "the run's model.keras")
     name: str = option("", "the shipped model's name (a folder under models/)")
     output: str = option("", "folder to write (default: models/<name>)")
+
+
+@dataclass
+class EnsembleConfig:
+    """jobs/ensemble.py: one model averaging several runs of one recipe."""
+
+    models: str = option("", "the runs' model.keras files, comma-separated (same recipe, different seeds)")
+    output: str = option("", "run folder to write: model.keras and run.json (tune it next: jobs/tune.py)")

@@ -10,7 +10,6 @@ candidate reuses the same predicted probabilities.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -19,7 +18,7 @@ import time
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import TrainConfig
+from pipeline.config import recipe_differences
 
 PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales": (True, (0.8, 1.0, 1.25))}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
@@ -230,11 +229,7 @@ def copy_settings(model: str, source: str) -> dict:
         raise ValueError(f"{source}: its run.json holds no tuned settings (run jobs/tune.py on it first)")
     if tuned.get("config", {}).get("holdout") != "protocol":
         raise ValueError(f"{source}: settings must come from a --holdout protocol run (its tune split unseen)")
-    ignored = {"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch"}
-    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)}  # options newer than a run
-    mine, theirs = info.get("config", {}), tuned.get("config", {})
-    differ = sorted(key for key in set(mine) | set(theirs) if key not in ignored
-                    and mine.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key)))
+    differ = recipe_differences(info.get("config", {}), tuned.get("config", {}))
     if differ:
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info["postprocess"] = {**settings, "tuned_on": f"{settings['tuned_on']}, for {os.path.relpath(source_path)} "
