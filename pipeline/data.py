@@ -100,12 +100,13 @@ def training_refs(data: str, synthetic_count: int, seed: int) -> list[SampleRef]
 
 
 def _training_target(labels: np.ndarray, num_classes: int, border: str = "all") -> np.ndarray:
-    """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, border: of every nucleus or
-    only where nuclei touch)."""
-    from submission.instances import border_targets
+    """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, border: of every nucleus, only
+    where nuclei touch, or all but each nucleus' core)."""
+    from submission.instances import CORE_FRACTION, border_targets
 
-    return border_targets(labels, touching_only=border == "touching") if num_classes == 3 else \
-        (labels > 0).astype(np.uint8)
+    if num_classes != 3:
+        return (labels > 0).astype(np.uint8)
+    return border_targets(labels, touching_only=border == "touching", core_fraction=CORE_FRACTION * (border == "core"))
 
 
 def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int, mode: str = "resize",
