@@ -232,7 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
                                              config.encoder_width, config.freeze_encoder, config.bn_momentum,
-                                             decoder_width=config.decoder_width),
+                                             decoder_width=config.decoder_width, fine_head=config.fine_head),
                                   config.learning_rate, config.num_classes, config.loss)
 
     options = tf.data.Options()
@@ -416,6 +416,7 @@ def run_training(config: TrainConfig) -> dict:
                    "multiple of 32, tiled when large"),
         "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "encoder_width": config.encoder_width,
         "decoder_width": config.decoder_width,
+        "fine_head": config.fine_head,
         "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
                         "min_size": config.min_size},
         "data": config.data, "holdout": config.holdout, "train_images": len(train_refs), "val_images": len(val_refs),
