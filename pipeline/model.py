@@ -86,8 +86,8 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     `bn_momentum` replaces MobileNetV2's 0.999: from random init its moving statistics otherwise lag by
     ~1000 steps and validation predicts only background for the first epochs.
     `fine_head` (> 0 filters): instead of one transposed convolution from the half-resolution decoder, the
-    logits come from full-resolution features (the upsampled decoder beside convolutions of the image itself),
-    so an outline can move by one pixel, which decides a small nucleus' IoU at DSB2018's stricter thresholds.
+    logits come from full-resolution features (the upsampled decoder beside the image itself, then a 3x3
+    convolution), so an outline can move by one pixel, which decides a small nucleus' IoU at DSB2018's stricter thresholds.
     """
     if image_size % 32:
         raise ValueError(f"image size must be a multiple of 32, got {image_size}")
@@ -310,7 +310,8 @@ def ensemble_model(model_paths: list[str], output: str) -> dict:
         differ = [key for key in ("mode", "num_classes", "appearance", "image_size") if info.get(key) != first.get(key)]
         differ += recipe_differences(first.get("config", {}), info.get("config", {}))
         if differ:
-            raise ValueError(f"{path} differs from {model_paths[0]} in {', '.join(differ)}: not members of one ensemble")
+            raise ValueError(f"{path} differs from {model_paths[0]} in {', '.join(differ)}: "
+                             f"not members of one ensemble")
     inputs = keras.layers.Input(shape=(None, None, 3), name="image")
     outputs = MeanProbabilityLogits(name="ensemble_mean")([member(inputs) for member in members])
     ensemble = keras.Model(inputs, outputs, name="ensemble")
