@@ -251,6 +251,12 @@ def save_for_inference(model: keras.Model, path: str) -> None:
     bare.save(path, save_format="keras_v3")
 
 
+def _replace_with_inference_model(model: keras.Model, path: str) -> None:
+    """save_for_inference into a partial file renamed over `path`: a reader never sees half a model."""
+    save_for_inference(model, path + ".partial.keras")
+    os.replace(path + ".partial.keras", path)
+
+
 def load_model(path: str) -> tuple[keras.Model, dict]:
     """Load `model.keras` (or a shipped model's name) for inference in Keras' safe mode plus its run.json.
 
@@ -317,8 +323,7 @@ def ensemble_model(model_paths: list[str], output: str) -> dict:
     ensemble = keras.Model(inputs, outputs, name="ensemble")
     os.makedirs(output, exist_ok=True)
     target = os.path.join(output, "model.keras")
-    save_for_inference(ensemble, target + ".partial.keras")
-    os.replace(target + ".partial.keras", target)
+    _replace_with_inference_model(ensemble, target)
     holdouts = {info.get("config", {}).get("holdout") for info in infos}
     config = {**first.get("config", {}), "output": os.path.abspath(output),
               "holdout": "refit" if "refit" in holdouts else first.get("config", {}).get("holdout")}
@@ -341,8 +346,7 @@ def package_model(model_path: str, folder: str) -> dict:
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "model.keras")
     if not _holds_weights(target, model):  # a settings-only re-package keeps the file's bytes (and sha256)
-        save_for_inference(model, target + ".partial.keras")
-        os.replace(target + ".partial.keras", target)
+        _replace_with_inference_model(model, target)
     info = {**info, "model": "model.keras", "sha256": {"model.keras": sha256_of(target)},
             "packaged_from": os.path.relpath(model_path)}
     write_text_atomic(os.path.join(folder, "run.json"), json.dumps(info, indent=2))
