@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_export(config)
         print(f"checked on {result['images']} images from {result['check_source']}: max |TensorFlow - ONNX Runtime| "
               f"= {result['max_abs_difference']:.2e}")
-        print(f"wrote {result['onnx']} and {result['json']}")
+        print(f"wrote {result['onnx']}{''.join(', ' + path for path in result['specialists'])} and {result['json']}")
 
     return run_job(work)
 

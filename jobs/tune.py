@@ -6,6 +6,8 @@ post-processing thresholds, and fits the false-positive filter, keeping it only 
 Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
 evaluate.py use them with no flag.
 A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras.
+`--specialists stained=ST/model.keras` routes stained images to a model fine-tuned for them (jobs/train.py
+--init-from RUN/model.keras --kinds stained), if it beats this model on the tune split's stained images.
 """
 from __future__ import annotations
 
@@ -30,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"settings of {config.settings_from} copied: {shown}")
             return
 
+        from pipeline.tuning import parse_specialists
+
         log = tune(config.model, config.data, write=not config.dry_run,
-                   predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()))
+                   predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()),
+                   specialists=parse_specialists(config.specialists))
         print(f"settings: {({k: v for k, v in log['settings'].items() if k != 'instance_filter'})}, "
               f"instance filter {'on' if log['settings']['instance_filter'] else 'off'}")
         print(f"tune_score={log['settings']['tune_score']:.4f}")

@@ -51,6 +51,11 @@ class TrainConfig(DataConfig):
     fine_head: int = option(0, "filters of a full-resolution output head (0: the notebook's transposed convolution "
                                "from the half-resolution decoder); outlines placed to the pixel")
     freeze_encoder: bool = option(False, "keep the encoder's weights fixed (useful with imagenet weights)")
+    init_from: str = option("", "start from this trained model.keras's weights (fine-tuning) instead of a new model; "
+                                "its architecture flags must match (give the same --preset)")
+    kinds: str = option("", "train and validate only on these kinds of image, comma-separated: fluorescence, stained, "
+                            "bright-field (empty: all). With --init-from, a specialist that jobs/tune.py "
+                            "--specialists can route that kind of image to")
     mode: str = option("resize", "resize: whole images resized to --image-size (the notebook's recipe); native: "
                                  "train on --image-size crops at full resolution, predict whole images",
                        choices=("resize", "native"))
@@ -240,6 +245,9 @@ class TuneConfig:
                                     "which has trained on the tune split")
     predictions: str = option("plain,flips,flips+scales", "ways of predicting to compare (comma-separated): plain, "
                                                           "flips, flips+scales (0.8, 1, 1.25)")
+    specialists: str = option("", "KIND=MODEL,...: route that kind of image (stained, bright-field, fluorescence) to "
+                                  "a model fine-tuned for it (jobs/train.py --init-from --kinds), kept only if it "
+                                  "beats this model on the kind's tune images; copied beside this model")
 
 
 @dataclass

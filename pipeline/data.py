@@ -72,13 +72,32 @@ def split_refs(refs: list[SampleRef], val_fraction: float, seed: int) -> tuple[l
     return ordered[n_val:], ordered[:n_val]
 
 
+def image_kinds(refs: list[SampleRef]) -> dict[str, str]:
+    """Each image's kind (pipeline.protocol.image_kind: fluorescence, stained, bright-field), by image id."""
+    from pipeline.protocol import image_kind
+
+    return {ref.image_id: image_kind(load_sample(ref, with_masks=False).image) for ref in refs}
+
+
+def refs_of_kinds(refs: list[SampleRef], kinds: str) -> list[SampleRef]:
+    """The refs whose image is of one of `kinds` (comma-separated); all of them when `kinds` is empty."""
+    from pipeline.protocol import KINDS
+
+    wanted = {part.strip() for part in kinds.split(",") if part.strip()}
+    if not wanted:
+        return refs
+    if wanted - set(KINDS):
+        raise ValueError(f"--kinds: choose among {', '.join(KINDS)}, got {kinds}")
+    of = image_kinds(refs)
+    return [ref for ref in refs if of[ref.image_id] in wanted]
+
+
 def protocol_refs(refs: list[SampleRef], seed: int | None = None) -> dict[str, list[SampleRef]]:
     """The evaluation protocol's train / tune / test refs (pipeline.protocol); each image is decoded once for its kind."""
-    from pipeline.protocol import SPLIT_SEED, image_kind, protocol_splits
+    from pipeline.protocol import SPLIT_SEED, protocol_splits
 
     by_id = {ref.image_id: ref for ref in refs}
-    kinds = {ref.image_id: image_kind(load_sample(ref, with_masks=False).image) for ref in refs}
-    splits = protocol_splits(kinds, SPLIT_SEED if seed is None else seed)
+    splits = protocol_splits(image_kinds(refs), SPLIT_SEED if seed is None else seed)
     return {name: [by_id[image_id] for image_id in ids] for name, ids in splits.items()}
 
 

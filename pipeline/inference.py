@@ -66,6 +66,27 @@ def write_labels(output: str, image_path: str, labels: np.ndarray) -> str:
     return candidates[suffix]
 
 
+def _load_forward(model_path: str, threads: int, use_gpu: bool = False):
+    """(run.json, classes, images -> softmax probabilities) of a Keras or ONNX model file."""
+    if model_path.endswith(".onnx"):  # ONNX Runtime: no TensorFlow in this process
+        from pipeline.onnx_model import OnnxModel
+
+        model = OnnxModel(model_path, threads=max(1, threads), use_gpu=use_gpu)
+        return model.info, model.classes, model.probabilities
+    from pipeline.tfkeras import tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already running in this process (a plain loop): keep its threads
+        pass
+    from pipeline.model import load_model
+
+    keras_model, info = load_model(model_path)
+    softmax = tf.function(lambda x: tf.nn.softmax(keras_model(x, training=False), axis=-1), reduce_retracing=True)
+    return info, int(keras_model.output_shape[-1]), lambda images: softmax(images).numpy()
+
+
 class Predictor:
     """Ray Data actor: holds one model replica and turns image batches into class probabilities.
 
@@ -77,30 +98,20 @@ class Predictor:
 
     def __init__(self, model_path: str, batch_size: int, threads: int, tta: bool = False, tile: int = DEFAULT_TILE,
                  overlap: int = 64, use_gpu: bool = False, scales: tuple[float, ...] = (1.0,),
-                 size_normalisation: dict | None = None):
+                 size_normalisation: dict | None = None, specialists: dict | None = None):
+        from pipeline.registry import specialist_files
+
         self.batch_size, self.tta, self.tile, self.overlap, self.scales = batch_size, tta, tile, overlap, tuple(scales)
         self.size_normalisation = size_normalisation
-        if model_path.endswith(".onnx"):  # ONNX Runtime: no TensorFlow in this process
-            from pipeline.onnx_model import OnnxModel
-
-            model = OnnxModel(model_path, threads=max(1, threads), use_gpu=use_gpu)
-            self.info, self.classes, self.forward = model.info, model.classes, model.probabilities
-        else:
-            from pipeline.tfkeras import tf
-
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(max(1, threads))
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:  # TensorFlow already running in this process (a plain loop): keep its threads
-                pass
-            from pipeline.model import load_model
-
-            keras_model, self.info = load_model(model_path)
-            self.classes = int(keras_model.output_shape[-1])
-            softmax = tf.function(lambda x: tf.nn.softmax(keras_model(x, training=False), axis=-1),
-                                  reduce_retracing=True)
-            self.forward = lambda images: softmax(images).numpy()
+        self.info, self.classes, self.forward = _load_forward(model_path, threads, use_gpu)
         self.native = self.info.get("mode") == "native"
+        # Kinds of image routed to a model fine-tuned for them: run.json's, or those given (jobs/tune.py trying one).
+        files = specialist_files(model_path, self.info) if specialists is None else specialists
+        self.forwards = {kind: _load_forward(path, threads, use_gpu)[2] for kind, path in files.items()}
+
+    def forward_for(self, kind: str = ""):
+        """The model function for an image of `kind`: its specialist's, else the model's own."""
+        return self.forwards.get(kind, self.forward)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities; batches are padded to a fixed size so results never depend on batching."""
@@ -115,12 +126,12 @@ class Predictor:
             outputs.append(probabilities[:len(chunk)])
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
-    def predict_whole(self, image: np.ndarray) -> np.ndarray:
-        """Probabilities of one image at its own size (native-mode models)."""
+    def predict_whole(self, image: np.ndarray, kind: str = "") -> np.ndarray:
+        """Probabilities of one image at its own size (native-mode models), by its kind's specialist if it has one."""
         from pipeline.augment import predict_scales
 
-        return predict_scales(np.asarray(image, np.float32), self.forward, self.scales, self.tile, self.overlap,
-                              self.tta, self.size_normalisation)
+        return predict_scales(np.asarray(image, np.float32), self.forward_for(kind), self.scales, self.tile,
+                              self.overlap, self.tta, self.size_normalisation)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], bool)
@@ -128,9 +139,10 @@ class Predictor:
         classes = self.classes
         if self.native:
             probabilities = np.empty(len(ok), dtype=object)
+            kinds = batch["image_kind"] if "image_kind" in batch else [""] * len(ok)
             for row in range(len(ok)):
-                probabilities[row] = (self.predict_whole(batch["image"][row]).astype(np.float16) if ok[row]
-                                      else np.zeros((1, 1, classes), np.float16))
+                probabilities[row] = (self.predict_whole(batch["image"][row], str(kinds[row])).astype(np.float16)
+                                      if ok[row] else np.zeros((1, 1, classes), np.float16))
         else:
             probabilities = np.zeros((len(ok), *batch["image"].shape[1:3], classes), np.float16)
             if ok.any():

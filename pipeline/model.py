@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 
-from pipeline.registry import ModelFileError, info_path as _info_path, read_model_info, resolve_model
+from pipeline.registry import ModelFileError, info_path as _info_path, read_model_info, resolve_model, specialist_files
 from pipeline.tfkeras import keras, tf
 
 __all__ = ["ModelFileError", "build_unet", "load_model", "save_model", "save_for_inference"]
@@ -328,6 +328,8 @@ def ensemble_model(model_paths: list[str], output: str) -> dict:
     config = {**first.get("config", {}), "output": os.path.abspath(output),
               "holdout": "refit" if "refit" in holdouts else first.get("config", {}).get("holdout")}
     info = {key: value for key, value in first.items() if key not in ("sha256", "packaged_from", "metrics")}
+    info["postprocess"] = {key: value for key, value in (first.get("postprocess") or {}).items()
+                           if key != "specialists"}  # a member's specialists are not the ensemble's
     info.update(model="model.keras", config=config, ensemble_of=[os.path.relpath(path) for path in model_paths],
                 ensemble_seeds=[member.get("config", {}).get("seed") for member in infos])
     write_text_atomic(os.path.join(output, "run.json"), json.dumps(info, indent=2))
@@ -343,12 +345,18 @@ def package_model(model_path: str, folder: str) -> dict:
     from pipeline.registry import sha256_of
 
     model, info = load_model(model_path)
+    info_before = info
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "model.keras")
     if not _holds_weights(target, model):  # a settings-only re-package keeps the file's bytes (and sha256)
         _replace_with_inference_model(model, target)
     info = {**info, "model": "model.keras", "sha256": {"model.keras": sha256_of(target)},
             "packaged_from": os.path.relpath(model_path)}
+    for path in specialist_files(model_path, info_before).values():  # kind specialists travel with it, as lean
+        specialist, name = load_model(path)[0], os.path.basename(path)
+        if not _holds_weights(os.path.join(folder, name), specialist):
+            _replace_with_inference_model(specialist, os.path.join(folder, name))
+        info["sha256"][name] = sha256_of(os.path.join(folder, name))
     write_text_atomic(os.path.join(folder, "run.json"), json.dumps(info, indent=2))
     tuning = os.path.join(os.path.dirname(model_path), "tuning.json")
     if os.path.isfile(tuning):

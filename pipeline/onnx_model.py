@@ -56,27 +56,47 @@ class OnnxModel:
 def export_onnx(model_path: str, output: str, check_images: list[np.ndarray], tolerance: float = 1e-4) -> dict:
     """Convert a Keras model to ONNX, check it against TensorFlow on `check_images`, write it with its settings.
 
-    Returns {'max_abs_difference', 'images', 'onnx', 'json'}; raises (writing nothing) if the outputs differ by
-    more than `tolerance` (softmax probabilities) on any image.
+    A model with kind specialists (run.json) gets an ONNX file for each beside it, `<output stem>.<kind>.onnx`,
+    named in the settings. Returns {'max_abs_difference', 'images', 'onnx', 'json', 'specialists'}; raises (writing
+    nothing) if any model's outputs differ by more than `tolerance` (softmax probabilities) on any image.
     """
     import onnx
-    import tf2onnx
 
     from pipeline.model import load_model
-    from pipeline.tfkeras import tf
+    from pipeline.registry import specialist_files
 
     model, info = load_model(model_path)
-    signature = (tf.TensorSpec((None, None, None, 3), tf.float32, name=INPUT_NAME),)
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
+    converted = {"": _converted_and_checked(model, check_images, tolerance)}
+    for kind, path in specialist_files(model_path, info).items():  # kind specialists: an ONNX file each, beside
+        converted[kind] = _converted_and_checked(load_model(path)[0], check_images, tolerance)
+    stem = os.path.splitext(output)[0]
+    files = {kind: output if not kind else f"{stem}.{kind}.onnx" for kind in converted}
     info = {key: value for key, value in info.items() if key != "sha256"}
     info.update({"exported_from": os.path.basename(model_path), "onnx_opset": OPSET})
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "run.json", json.dumps(info)
-    data = proto.SerializeToString()
+    if len(converted) > 1:
+        info["postprocess"] = {**info["postprocess"],
+                               "specialists": {kind: os.path.basename(files[kind]) for kind in converted if kind}}
+    for kind, (proto, _) in converted.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "run.json", json.dumps(info)
+        onnx.checker.check_model(proto)
+        fileio.write_bytes_atomic(files[kind], proto.SerializeToString())
+    info["sha256"] = {os.path.basename(path): sha256_of(path) for path in files.values()}
+    fileio.write_text_atomic(info_path(output), json.dumps(info, indent=2))
+    return {"max_abs_difference": max(worst for _, worst in converted.values()), "images": len(check_images),
+            "onnx": output, "json": info_path(output), "specialists": [files[kind] for kind in converted if kind]}
 
+
+def _converted_and_checked(model, check_images: list[np.ndarray], tolerance: float):
+    """(ONNX proto, max |difference| of softmax from TensorFlow's on check_images); raises when they disagree."""
     import onnxruntime as ort
+    import tf2onnx
 
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    from pipeline.tfkeras import tf
+
+    signature = (tf.TensorSpec((None, None, None, 3), tf.float32, name=INPUT_NAME),)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     worst = 0.0
     for image in check_images:
         height, width = (max(32, side - side % 32) for side in image.shape[:2])  # whole image, cut to multiples of 32
@@ -87,11 +107,7 @@ def export_onnx(model_path: str, output: str, check_images: list[np.ndarray], to
     if not check_images or worst > tolerance:
         raise ValueError(f"ONNX export disagrees with TensorFlow: max |difference| {worst:.2e} over "
                          f"{len(check_images)} images (tolerance {tolerance:.0e}); nothing written")
-    onnx.checker.check_model(proto)
-    fileio.write_bytes_atomic(output, data)
-    info["sha256"] = {os.path.basename(output): sha256_of(output)}
-    fileio.write_text_atomic(info_path(output), json.dumps(info, indent=2))
-    return {"max_abs_difference": worst, "images": len(check_images), "onnx": output, "json": info_path(output)}
+    return proto, worst
 
 
 def check_images_for(config, info: dict) -> tuple[str, list[np.ndarray]]:

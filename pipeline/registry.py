@@ -69,3 +69,26 @@ def read_model_info(model_path: str) -> dict:
         raise ModelFileError(f"{model_path}: sha256 differs from the one recorded in {info_path(model_path)}: "
                              f"the file was changed or corrupted; refusing to load it")
     return info
+
+
+def specialist_files(model_path: str, info: dict) -> dict[str, str]:
+    """{kind: path} of the model's kind specialists (run.json `postprocess.specialists`: kind -> a file beside the
+    model), each checked against the sha256 in the model's run.json; a name that leaves the folder is refused."""
+    from pipeline.protocol import KINDS
+
+    named = (info.get("postprocess") or {}).get("specialists") or {}
+    folder = os.path.dirname(os.path.abspath(model_path))
+    files = {}
+    for kind, name in named.items():
+        if kind not in KINDS or not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ModelFileError(f"{info_path(model_path)}: specialist {kind}={name!r}: must be a kind of image and "
+                                 f"a file beside the model")
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ModelFileError(f"{path}: the {kind} specialist named in {info_path(model_path)} is missing")
+        expected = (info.get("sha256") or {}).get(name)
+        if expected and sha256_of(path) != expected:
+            raise ModelFileError(f"{path}: sha256 differs from the one recorded in {info_path(model_path)}: "
+                                 f"the file was changed or corrupted; refusing to load it")
+        files[kind] = path
+    return files

@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Body run by every Ray Train worker: MWMS scope, model, shards of the data, fit, final report."""
     import ray
     import ray.train
-    from pipeline.model import CUSTOM_OBJECTS, build_unet, compile_model
+    from pipeline.model import CUSTOM_OBJECTS, build_unet, compile_model, load_model
     from pipeline.tfkeras import keras, tf
 
     config = TrainConfig(**loop_config["config"])
@@ -229,6 +229,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 print(f"resuming from the checkpoint of epoch {state.get('epoch', 0)}", flush=True)
                 _truncate_history(config.output, int(state.get("epoch", 0)))
+        elif config.init_from:  # fine-tuning: the given model's weights are the starting point
+            model = compile_model(load_model(config.init_from)[0], config.learning_rate, config.num_classes,
+                                  config.loss)
         else:
             model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
                                              config.encoder_width, config.freeze_encoder, config.bn_momentum,
@@ -328,9 +331,25 @@ def _snapshot_arrays(val_dataset, count: int) -> dict | None:
     return {"image": np.asarray(batch["image"]), "mask": np.asarray(batch["mask"])}
 
 
+# What a model given to --init-from must share with the run's flags: its weights are the run's starting point.
+ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width", "fine_head")
+
+
+def _check_init_from(config: TrainConfig) -> None:
+    """Refuse an --init-from model whose architecture or input handling differs from this run's flags."""
+    from pipeline.registry import read_model_info
+
+    info = read_model_info(config.init_from)
+    trained = {**info.get("config", {}), **{key: info[key] for key in ARCHITECTURE if key in info}}
+    differ = [key for key in ARCHITECTURE if key in trained and trained[key] != getattr(config, key)]
+    if differ:
+        raise ValueError(f"--init-from {config.init_from}: it differs from this run in {', '.join(differ)} "
+                         f"(give the flags or --preset it was trained with)")
+
+
 def run_training(config: TrainConfig) -> dict:
     """Train as configured; returns run.json's content. The run folder ends with model.keras beside it."""
-    from pipeline.data import ensure_ray, protocol_refs, split_refs, training_dataset, training_refs
+    from pipeline.data import ensure_ray, protocol_refs, refs_of_kinds, split_refs, training_dataset, training_refs
 
     started = time.time()
     output = os.path.abspath(config.output)
@@ -339,7 +358,8 @@ def run_training(config: TrainConfig) -> dict:
     if config.resume:
         config = _saved_config(output)
     # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
-    config = dataclasses.replace(config, output=output)
+    config = dataclasses.replace(config, output=output,
+                                 init_from=os.path.abspath(config.init_from) if config.init_from else "")
     ensure_ray(log_to_driver=True)
     import ray
     import ray.train
@@ -356,6 +376,15 @@ def run_training(config: TrainConfig) -> dict:
         print(f"evaluation protocol: {len(splits['test'])} test images held out, never seen", flush=True)
     else:
         train_refs, val_refs = split_refs(refs, config.val_fraction, config.seed)
+    if config.kinds:  # a specialist: one kind of image, in training and in validation
+        train_refs, val_refs = refs_of_kinds(train_refs, config.kinds), refs_of_kinds(val_refs, config.kinds)
+        print(f"--kinds {config.kinds}: {len(train_refs)} training and {len(val_refs)} validation images of that kind",
+              flush=True)
+        if not train_refs or not val_refs:
+            raise ValueError(f"--kinds {config.kinds}: {config.data} has {len(train_refs)} training and "
+                             f"{len(val_refs)} validation images of that kind; a specialist needs both")
+    if config.init_from:
+        _check_init_from(config)
     if len(val_refs) < config.workers or len(train_refs) < config.workers:
         raise ValueError(f"{len(refs)} images are too few for {config.workers} workers with --val-fraction "
                          f"{config.val_fraction}: every worker needs training and validation images")

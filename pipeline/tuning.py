@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -89,8 +90,81 @@ def per_kind_settings(per_image: np.ndarray, combos: list[tuple], kinds: list[st
     return chosen, log
 
 
+def parse_specialists(text: str) -> dict[str, str]:
+    """'stained=runs/st/model.keras,...' -> {kind: path}; one clear error for anything else."""
+    from pipeline.protocol import KINDS
+
+    specialists = {}
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        kind, _, path = part.partition("=")
+        if kind.strip() not in KINDS or not path.strip():
+            raise ValueError(f"--specialists: KIND=MODEL with KIND one of {', '.join(KINDS)}, got {part!r}")
+        specialists[kind.strip()] = path.strip()
+    return specialists
+
+
+def _check_specialist(kind: str, path: str, info: dict) -> None:
+    """A specialist must read images as the model does and must not have trained on the tune split."""
+    from pipeline.registry import read_model_info
+
+    theirs = read_model_info(path)
+    differ = [key for key in ("mode", "num_classes", "appearance", "image_size") if theirs.get(key) != info.get(key)]
+    if differ:
+        raise ValueError(f"--specialists {kind}={path}: it differs from the model in {', '.join(differ)}")
+    if theirs.get("config", {}).get("holdout") != "protocol":
+        raise ValueError(f"--specialists {kind}={path}: it must be trained with --holdout protocol (the tune split "
+                         f"unseen), as it is judged on the tune split")
+
+
+def choose_specialists(model_path: str, candidates: dict[str, str], inputs: list, truths: list, kinds: list[str],
+                       min_gain: float) -> tuple[dict, dict]:
+    """Keep each kind's specialist whose tune images score better with it than with the model, both with plain
+    prediction and their best post-processing values out of sample (leave-one-out over the threshold grid)."""
+    from pipeline.inference import Predictor
+    from submission.metric import image_score
+
+    combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
+    kept, log = {}, {}
+    for kind, path in candidates.items():
+        rows = [i for i, own in enumerate(kinds) if own == kind]
+        if len(rows) < 3:
+            log[kind] = {"images": len(rows), "kept": False, "why": "fewer than 3 tune images of this kind"}
+            continue
+        scores = {}
+        for name, specialists in (("model", {}), ("specialist", {kind: path})):
+            predictor = Predictor(model_path, batch_size=1, threads=2, specialists=specialists)
+            per_image = np.array([[image_score(truths[i], _instances(predictor.predict_whole(inputs[i], kind), *combo))
+                                   for combo in combos] for i in rows])
+            scores[name] = float(np.mean([per_image[j, np.delete(per_image, j, axis=0).mean(axis=0).argmax()]
+                                          for j in range(len(rows))]))
+        keep = scores["specialist"] - scores["model"] >= min_gain
+        log[kind] = {"images": len(rows), "model": path, "leave_one_out": scores, "kept": keep}
+        print(f"  {kind} specialist ({len(rows)} images, plain, best thresholds out of sample): "
+              f"{scores['specialist']:.4f} vs the model's {scores['model']:.4f}: {'kept' if keep else 'dropped'}",
+              flush=True)
+        if keep:
+            kept[kind] = os.path.abspath(path)
+    return kept, log
+
+
+def attach_specialists(model_path: str, info: dict, specialists: dict[str, str]) -> dict[str, str]:
+    """Copy each specialist beside the model as `specialist-<kind>.keras` (sha256 into info); returns {kind: name}."""
+    from pipeline.registry import sha256_of
+
+    folder, named = os.path.dirname(os.path.abspath(model_path)), {}
+    for kind, path in specialists.items():
+        name = f"specialist-{kind}.keras"
+        target = os.path.join(folder, name)
+        if os.path.abspath(path) != target:
+            shutil.copyfile(path, target + ".partial")
+            os.replace(target + ".partial", target)
+        info.setdefault("sha256", {})[name] = sha256_of(target)
+        named[kind] = name
+    return named
+
+
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002,
-         predictions: tuple[str, ...] = tuple(PREDICTIONS)) -> dict:
+         predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None) -> dict:
     """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json."""
     from pipeline.augment import apply_appearance
     from pipeline.evaluation import held_out_refs
@@ -122,13 +196,26 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     log = {"model": model_path, "split": "tune", "images": len(refs), "steps": {}}
     print(f"tuning on the tune split: {len(refs)} images", flush=True)
 
-    predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024))  # loaded once
+    kinds = [image_kind(sample.image) for sample in samples]
+
+    # Specialists: given ones are judged on their kind's tune images; without any given, the model's own stay.
+    from pipeline.registry import specialist_files
+
+    if specialists:
+        for kind, path in specialists.items():
+            _check_specialist(kind, path, info)
+        routed, log["steps"]["specialists"] = choose_specialists(model_path, specialists, inputs, truths, kinds,
+                                                                 min_gain)
+    else:
+        routed = specialist_files(model_path, info)
+    predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024),
+                          specialists=routed)  # loaded once
 
     def predict_all(flips: bool, scales: tuple[float, ...], nucleus_area: float) -> tuple[list, dict]:
         predictor.tta, predictor.scales = flips, scales
         predictor.size_normalisation = {**measured_with, "nucleus_area": nucleus_area} if nucleus_area else None
         tick = time.time()
-        predicted = [predictor.predict_whole(image).astype(np.float16) for image in inputs]
+        predicted = [predictor.predict_whole(image, kind).astype(np.float16) for image, kind in zip(inputs, kinds)]
         return predicted, {"score": mean_score(truths, [_instances(p, *current) for p in predicted]),
                            "predict_seconds": round(time.time() - tick, 1)}
 
@@ -178,7 +265,6 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
                                    "chosen": dict(zip(names, best)), "score": grid[best]}
 
     # 2b. Stained and bright-field images may get their own values, kept only where they win out of sample.
-    kinds = [image_kind(sample.image) for sample in samples]
     by_kind, kind_log = per_kind_settings(per_image, combos, kinds, combos.index(best), min_gain)
     log["steps"]["postprocess_by_kind"] = kind_log
     for kind, entry in kind_log.items():
@@ -204,11 +290,17 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
                 "instance_filter": fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep_filter else None,
                 "by_kind": by_kind, "tuned_on": f"tune split of the evaluation protocol ({len(refs)} images)",
                 "tune_score": cv["by_cutoff"][cutoff] if keep_filter else cv["unfiltered"]}
+    if routed:
+        settings["specialists"] = {kind: f"specialist-{kind}.keras" for kind in routed}
     log["settings"] = settings
     log["seconds"] = round(time.time() - started, 1)
     folder = os.path.dirname(model_path)
     fileio.write_text_atomic(os.path.join(folder, "tuning.json"), json.dumps(log, indent=2))
     if write:
+        for kind in set((saved.get("specialists") or {})) - set(routed):  # a dropped specialist's file goes
+            info.get("sha256", {}).pop(saved["specialists"][kind], None)
+        if routed:
+            settings["specialists"] = attach_specialists(model_path, info, routed)
         info["postprocess"] = settings
         fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
     return log
@@ -220,7 +312,7 @@ def copy_settings(model: str, source: str) -> dict:
 
     Refuses a source that was not tuned, or whose recipe (apart from holdout, seed and paths) differs.
     """
-    from pipeline.registry import info_path, read_model_info, resolve_model
+    from pipeline.registry import info_path, read_model_info, resolve_model, specialist_files
 
     model_path, source_path = os.path.abspath(resolve_model(model)), os.path.abspath(resolve_model(source))
     info, tuned = read_model_info(model_path), read_model_info(source_path)
@@ -234,6 +326,8 @@ def copy_settings(model: str, source: str) -> dict:
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info["postprocess"] = {**settings, "tuned_on": f"{settings['tuned_on']}, for {os.path.relpath(source_path)} "
                                                    f"(same recipe, tune split unseen)"}
+    if settings.get("specialists"):  # the specialists those settings were tuned with come along
+        info["postprocess"]["specialists"] = attach_specialists(model_path, info, specialist_files(source_path, tuned))
     fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
     tuning = os.path.join(os.path.dirname(source_path), "tuning.json")
     if os.path.isfile(tuning):

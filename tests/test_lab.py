@@ -98,12 +98,14 @@ def test_repackaging_the_same_weights_keeps_the_file_and_a_new_model_replaces_it
 
 
 def test_shipped_model_is_documented_small_and_checked():
-    from pipeline.registry import MODELS_DIR, read_model_info, resolve_model, shipped_models
+    from pipeline.registry import MODELS_DIR, read_model_info, resolve_model, shipped_models, specialist_files
 
     assert "dsb2018" in shipped_models()
     path = resolve_model("dsb2018")
     assert os.path.getsize(path) <= 25 * 2**20
     info = read_model_info(path)
     assert info["sha256"]["model.keras"] and info["mode"] == "native" and info["num_classes"] == 3
+    for specialist in specialist_files(path, info).values():  # checked against run.json's sha256 too
+        assert os.path.getsize(specialist) <= 25 * 2**20
     card = open(os.path.join(MODELS_DIR, "dsb2018", "README.md"), encoding="utf-8").read()
     assert info["sha256"]["model.keras"] in card and "test split" in card

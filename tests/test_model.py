@@ -182,3 +182,58 @@ def test_an_ensemble_predicts_its_members_mean_probability_and_refuses_other_rec
     with pytest.raises(ValueError, match="differs .* in loss: not members of one ensemble"):
         from pipeline.model import ensemble_model
         ensemble_model(paths, str(tmp_path / "mixed"))
+
+
+def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model(tmp_path):
+    """run.json routes stained images to a specialist beside the model: Predictor, package and ONNX export agree."""
+    from pipeline.inference import Predictor
+    from pipeline.model import package_model, save_for_inference
+    from pipeline.onnx_model import export_onnx
+    from pipeline.registry import ModelFileError
+    from pipeline.tfkeras import tf
+    from pipeline.tuning import attach_specialists
+
+    paths = {}
+    for seed, name in ((1, "general"), (2, "stained")):
+        run = tmp_path / name
+        run.mkdir()
+        tf.random.set_seed(seed)
+        save_for_inference(build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.25), str(run / "model.keras"))
+        (run / "run.json").write_text(json.dumps({"mode": "native", "num_classes": 3, "image_size": 64,
+                                                  "postprocess": {"threshold": 0.6}}))
+        paths[name] = str(run / "model.keras")
+    info = json.loads((tmp_path / "general" / "run.json").read_text())
+    info["postprocess"]["specialists"] = attach_specialists(paths["general"], info, {"stained": paths["stained"]})
+    (tmp_path / "general" / "run.json").write_text(json.dumps(info))
+    assert info["postprocess"]["specialists"] == {"stained": "specialist-stained.keras"}
+    assert "specialist-stained.keras" in info["sha256"]
+
+    image = np.random.default_rng(0).random((96, 64, 3)).astype(np.float32)
+    alone = {name: Predictor(path, batch_size=1, threads=1).predict_whole(image) for name, path in paths.items()}
+    assert not np.allclose(alone["general"], alone["stained"], atol=1e-3)
+    routed = Predictor(paths["general"], batch_size=1, threads=1)
+    np.testing.assert_allclose(routed.predict_whole(image, "stained"), alone["stained"], atol=1e-6)
+    np.testing.assert_allclose(routed.predict_whole(image, "fluorescence"), alone["general"], atol=1e-6)
+    batch = {"image": np.array([image, image], dtype=object), "ok": np.array([True, True]),
+             "image_kind": np.array(["stained", "bright-field"])}
+    out = routed(batch)["probabilities"]
+    np.testing.assert_allclose(out[0], alone["stained"], atol=1e-3)  # float16 in the batch
+    np.testing.assert_allclose(out[1], alone["general"], atol=1e-3)
+
+    shipped = tmp_path / "shipped"
+    package_model(paths["general"], str(shipped))
+    np.testing.assert_allclose(Predictor(str(shipped / "model.keras"), 1, 1).predict_whole(image, "stained"),
+                               alone["stained"], atol=1e-6)
+    exported = export_onnx(str(shipped / "model.keras"), str(tmp_path / "nuclei.onnx"), [image[:64]])
+    assert exported["specialists"] == [str(tmp_path / "nuclei.stained.onnx")]
+    np.testing.assert_allclose(Predictor(str(tmp_path / "nuclei.onnx"), 1, 1).predict_whole(image, "stained"),
+                               alone["stained"], atol=1e-4)
+
+    with open(shipped / "specialist-stained.keras", "ab") as stream:  # a changed specialist is refused
+        stream.write(b"\0")
+    with pytest.raises(ModelFileError, match="sha256 differs"):
+        Predictor(str(shipped / "model.keras"), 1, 1)
+    info["postprocess"]["specialists"] = {"stained": "../stained/model.keras"}  # outside the model's folder
+    (tmp_path / "general" / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="a file beside the model"):
+        Predictor(paths["general"], 1, 1)

@@ -181,3 +181,33 @@ def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
     assert (output / "model.keras").is_file()
     assert json.loads((output / "run.json").read_text())["epochs_run"] == 6
     assert glob.glob(str(output / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(trained_run, tmp_path):
+    """--init-from starts from a trained model's weights (a step too small to move them leaves them as they were);
+    --kinds keeps only that kind of image; a model of another architecture or a kind with no images is refused."""
+    import dataclasses
+
+    from pipeline.data import image_kinds
+    from pipeline.model import load_model
+    from pipeline.synthetic import synthetic_refs
+    from pipeline.training import run_training
+
+    config, _ = trained_run
+    start = os.path.join(config.output, "model.keras")
+    tuned = dataclasses.replace(config, output=str(tmp_path / "tuned"), init_from=start, kinds="fluorescence",
+                                epochs=1, workers=1, cpus_per_worker=1.0, learning_rate=1e-12, warmup_epochs=0,
+                                crash_at_epoch=-1, snapshots=0, synthetic_count=16)
+    info = run_training(tuned)
+    assert info["config"]["init_from"] == start and info["config"]["kinds"] == "fluorescence"
+    kinds = list(image_kinds(synthetic_refs(16, config.seed)).values())  # synthetic data has all three looks
+    assert info["train_images"] + info["val_images"] == kinds.count("fluorescence") < 16
+    before, after = load_model(start)[0], load_model(os.path.join(tuned.output, "model.keras"))[0]
+    assert len(before.trainable_weights) == len(after.trainable_weights)
+    for mine, theirs in zip(before.trainable_weights, after.trainable_weights):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=1e-6)
+
+    with pytest.raises(ValueError, match="--kinds stained: .* has 0 training and 0 validation images"):
+        run_training(dataclasses.replace(tuned, output=str(tmp_path / "none"), kinds="stained", synthetic_count=4))
+    with pytest.raises(ValueError, match="--init-from .* differs from this run in encoder_width"):
+        run_training(dataclasses.replace(tuned, output=str(tmp_path / "other"), encoder_width=0.5))

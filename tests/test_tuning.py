@@ -1,4 +1,6 @@
 """Inference choices made on the tune split: the false-positive filter, multi-scale prediction, split refusal."""
+import os
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,51 @@ def test_postprocess_gives_each_kind_of_image_its_own_thresholds(tmp_path):
     assert list(out["status"]) == ["done", "done"]
     assert list(out["nuclei"]) == [0, 1]  # the global 0.7 finds nothing; the stained image's own 0.5 finds it
     assert read_labels(str(tmp_path / "out" / out["labels"][1])).max() == 1
+
+
+def _pixel_model(folder, sharpness: float):
+    """A saved model whose logits follow each pixel's red channel: sharpness > 0 finds bright nuclei, 0 finds none."""
+    import json
+
+    from pipeline.model import save_for_inference
+    from pipeline.tfkeras import keras
+
+    inputs = keras.layers.Input((None, None, 3))
+    layer = keras.layers.Conv2D(3, 1)
+    model = keras.Model(inputs, layer(inputs))
+    weights = np.zeros((1, 1, 3, 3), np.float32)
+    weights[0, 0, 0] = (-sharpness, sharpness, 0.0)
+    layer.set_weights([weights, np.array([sharpness / 2 + 1, -sharpness / 2, -10.0], np.float32)])
+    folder.mkdir()
+    save_for_inference(model, str(folder / "model.keras"))
+    (folder / "run.json").write_text(json.dumps({"mode": "native", "num_classes": 3, "appearance": "colour",
+                                                 "image_size": 128, "config": {"holdout": "protocol"}}))
+    return str(folder / "model.keras")
+
+
+def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path):
+    from pipeline.tuning import _check_specialist, choose_specialists, parse_specialists
+
+    rng = np.random.default_rng(3)
+    truths = [blobs(rng, 4, 6, 1.0)[0] for _ in range(4)]
+    inputs = [np.repeat((labels > 0)[..., None], 3, axis=2).astype(np.float32) for labels in truths]
+    kinds = ["stained", "stained", "stained", "fluorescence"]
+    finds, blind = _pixel_model(tmp_path / "finds", 20.0), _pixel_model(tmp_path / "blind", 0.0)
+
+    kept, log = choose_specialists(blind, {"stained": finds}, inputs, truths, kinds, min_gain=0.002)
+    assert kept == {"stained": os.path.abspath(finds)} and log["stained"]["images"] == 3
+    assert log["stained"]["leave_one_out"]["specialist"] > 0.9 > log["stained"]["leave_one_out"]["model"]
+    kept, log = choose_specialists(finds, {"stained": blind}, inputs, truths, kinds, min_gain=0.002)
+    assert kept == {} and log["stained"]["kept"] is False
+    kept, log = choose_specialists(blind, {"bright-field": finds}, inputs, truths, kinds, min_gain=0.002)
+    assert kept == {} and "fewer than 3" in log["bright-field"]["why"]
+
+    assert parse_specialists(" stained=a/model.keras ") == {"stained": "a/model.keras"}
+    with pytest.raises(ValueError, match="KIND=MODEL"):
+        parse_specialists("purple=a/model.keras")
+    import json
+    info = json.loads((tmp_path / "blind" / "run.json").read_text())
+    _check_specialist("stained", finds, info)
+    (tmp_path / "finds" / "run.json").write_text(json.dumps({**info, "config": {"holdout": "refit"}}))
+    with pytest.raises(ValueError, match="--holdout protocol"):
+        _check_specialist("stained", finds, info)
