@@ -197,11 +197,11 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
     start = os.path.join(config.output, "model.keras")
     tuned = dataclasses.replace(config, output=str(tmp_path / "tuned"), init_from=start, kinds="fluorescence",
                                 epochs=1, workers=1, cpus_per_worker=1.0, learning_rate=1e-12, warmup_epochs=0,
-                                crash_at_epoch=-1, snapshots=0, synthetic_count=16)
+                                crash_at_epoch=-1, snapshots=0, synthetic_count=20)
     info = run_training(tuned)
     assert info["config"]["init_from"] == start and info["config"]["kinds"] == "fluorescence"
-    kinds = list(image_kinds(synthetic_refs(16, config.seed)).values())  # synthetic data has all three looks
-    assert info["train_images"] + info["val_images"] == kinds.count("fluorescence") < 16
+    kinds = list(image_kinds(synthetic_refs(20, config.seed)).values())  # synthetic data has all three looks
+    assert info["train_images"] + info["val_images"] == kinds.count("fluorescence") < 20
     before, after = load_model(start)[0], load_model(os.path.join(tuned.output, "model.keras"))[0]
     assert len(before.trainable_weights) == len(after.trainable_weights)
     for mine, theirs in zip(before.trainable_weights, after.trainable_weights):
