@@ -5,7 +5,8 @@ tuning.json: (0) size normalisation: the nucleus area each image is zoomed to (o
 prediction; (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
 globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive
 filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so the score
-that decides is of images the filter did not see. One process, no Ray: the tune split is small and every
+that decides is of images the filter did not see. Before all of these, a kind specialist given to it (a model
+fine-tuned on one kind of image) is kept only if that kind's tune images score better with it. One process, no Ray: the tune split is small and every
 candidate reuses the same predicted probabilities.
 """
 from __future__ import annotations
@@ -62,6 +63,12 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
             "all_features": np.concatenate(features), "all_targets": np.concatenate(targets)}
 
 
+def leave_one_out_score(per_image: np.ndarray) -> float:
+    """Mean score when each image (row) gets the combination (column) that is best on all the other images."""
+    return float(np.mean([per_image[row, np.delete(per_image, row, axis=0).mean(axis=0).argmax()]
+                          for row in range(len(per_image))]))
+
+
 def per_kind_settings(per_image: np.ndarray, combos: list[tuple], kinds: list[str], global_index: int,
                       min_gain: float = 0.002, rare: tuple[str, ...] = ("stained", "bright-field")) -> tuple[dict, dict]:
     """Own post-processing values for the rare kinds of image, where they beat the global ones out of sample.
@@ -78,8 +85,7 @@ def per_kind_settings(per_image: np.ndarray, combos: list[tuple], kinds: list[st
         rows = np.flatnonzero(kinds == kind)
         if len(rows) < 3:
             continue
-        leave_one_out = float(np.mean([per_image[row, per_image[rows[rows != row]].mean(axis=0).argmax()]
-                                       for row in rows]))
+        leave_one_out = leave_one_out_score(per_image[rows])
         best = int(per_image[rows].mean(axis=0).argmax())
         baseline = float(per_image[rows, global_index].mean())
         kept = leave_one_out - baseline >= min_gain
@@ -135,8 +141,7 @@ def choose_specialists(model_path: str, candidates: dict[str, str], inputs: list
             predictor = Predictor(model_path, batch_size=1, threads=2, specialists=specialists)
             per_image = np.array([[image_score(truths[i], _instances(predictor.predict_whole(inputs[i], kind), *combo))
                                    for combo in combos] for i in rows])
-            scores[name] = float(np.mean([per_image[j, np.delete(per_image, j, axis=0).mean(axis=0).argmax()]
-                                          for j in range(len(rows))]))
+            scores[name] = leave_one_out_score(per_image)
         keep = scores["specialist"] - scores["model"] >= min_gain
         log[kind] = {"images": len(rows), "model": path, "leave_one_out": scores, "kept": keep}
         print(f"  {kind} specialist ({len(rows)} images, plain, best thresholds out of sample): "
@@ -297,7 +302,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     folder = os.path.dirname(model_path)
     fileio.write_text_atomic(os.path.join(folder, "tuning.json"), json.dumps(log, indent=2))
     if write:
-        for kind in set((saved.get("specialists") or {})) - set(routed):  # a dropped specialist's file goes
+        for kind in set((saved.get("specialists") or {})) - set(routed):  # a dropped specialist: no longer listed
             info.get("sha256", {}).pop(saved["specialists"][kind], None)
         if routed:
             settings["specialists"] = attach_specialists(model_path, info, routed)
