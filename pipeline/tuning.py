@@ -122,25 +122,29 @@ def _check_specialist(kind: str, path: str, info: dict) -> None:
                          f"unseen), as it is judged on the tune split")
 
 
-def choose_specialists(model_path: str, candidates: dict[str, str], inputs: list, truths: list, kinds: list[str],
+def choose_specialists(predictor, candidates: dict[str, str], inputs: list, truths: list, kinds: list[str],
                        min_gain: float) -> tuple[dict, dict]:
     """Keep each kind's specialist whose tune images score better with it than with the model, both with plain
-    prediction and their best post-processing values out of sample (leave-one-out over the threshold grid)."""
-    from pipeline.inference import Predictor
+    prediction and their best post-processing values out of sample (leave-one-out over the threshold grid).
+
+    `predictor` holds the model and the candidates (Predictor(..., specialists=candidates)); the losers are
+    removed from it, so it goes on routing only the kinds kept.
+    """
     from submission.metric import image_score
 
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
+    predictor.tta, predictor.scales, predictor.size_normalisation = False, (1.0,), None
     kept, log = {}, {}
     for kind, path in candidates.items():
         rows = [i for i, own in enumerate(kinds) if own == kind]
         if len(rows) < 3:
             log[kind] = {"images": len(rows), "kept": False, "why": "fewer than 3 tune images of this kind"}
+            predictor.forwards.pop(kind, None)
             continue
         scores = {}
-        for name, specialists in (("model", {}), ("specialist", {kind: path})):
-            predictor = Predictor(model_path, batch_size=1, threads=2, specialists=specialists)
-            per_image = np.array([[image_score(truths[i], _instances(predictor.predict_whole(inputs[i], kind), *combo))
-                                   for combo in combos] for i in rows])
+        for name, routed_as in (("model", ""), ("specialist", kind)):  # "": the model's own forward pass
+            per_image = np.array([[image_score(truths[i], _instances(predictor.predict_whole(inputs[i], routed_as),
+                                                                     *combo)) for combo in combos] for i in rows])
             scores[name] = leave_one_out_score(per_image)
         keep = scores["specialist"] - scores["model"] >= min_gain
         log[kind] = {"images": len(rows), "model": path, "leave_one_out": scores, "kept": keep}
@@ -149,6 +153,8 @@ def choose_specialists(model_path: str, candidates: dict[str, str], inputs: list
               flush=True)
         if keep:
             kept[kind] = os.path.abspath(path)
+        else:
+            predictor.forwards.pop(kind, None)
     return kept, log
 
 
@@ -206,15 +212,14 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     # Specialists: given ones are judged on their kind's tune images; without any given, the model's own stay.
     from pipeline.registry import specialist_files
 
-    if specialists:
-        for kind, path in specialists.items():
-            _check_specialist(kind, path, info)
-        routed, log["steps"]["specialists"] = choose_specialists(model_path, specialists, inputs, truths, kinds,
-                                                                 min_gain)
-    else:
-        routed = specialist_files(model_path, info)
+    for kind, path in (specialists or {}).items():
+        _check_specialist(kind, path, info)
+    routed = specialists or specialist_files(model_path, info)
     predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024),
                           specialists=routed)  # loaded once
+    if specialists:
+        routed, log["steps"]["specialists"] = choose_specialists(predictor, specialists, inputs, truths, kinds,
+                                                                 min_gain)
 
     def predict_all(flips: bool, scales: tuple[float, ...], nucleus_area: float) -> tuple[list, dict]:
         predictor.tta, predictor.scales = flips, scales

@@ -214,6 +214,7 @@ def _pixel_model(folder, sharpness: float):
 
 
 def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path):
+    from pipeline.inference import Predictor
     from pipeline.tuning import _check_specialist, choose_specialists, parse_specialists
 
     rng = np.random.default_rng(3)
@@ -222,12 +223,18 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
     kinds = ["stained", "stained", "stained", "fluorescence"]
     finds, blind = _pixel_model(tmp_path / "finds", 20.0), _pixel_model(tmp_path / "blind", 0.0)
 
-    kept, log = choose_specialists(blind, {"stained": finds}, inputs, truths, kinds, min_gain=0.002)
+    def choose(model, candidates):
+        predictor = Predictor(model, batch_size=1, threads=1, specialists=candidates)
+        kept, log = choose_specialists(predictor, candidates, inputs, truths, kinds, min_gain=0.002)
+        assert set(predictor.forwards) == set(kept)  # it goes on routing only the kinds kept
+        return kept, log
+
+    kept, log = choose(blind, {"stained": finds})
     assert kept == {"stained": os.path.abspath(finds)} and log["stained"]["images"] == 3
     assert log["stained"]["leave_one_out"]["specialist"] > 0.9 > log["stained"]["leave_one_out"]["model"]
-    kept, log = choose_specialists(finds, {"stained": blind}, inputs, truths, kinds, min_gain=0.002)
+    kept, log = choose(finds, {"stained": blind})
     assert kept == {} and log["stained"]["kept"] is False
-    kept, log = choose_specialists(blind, {"bright-field": finds}, inputs, truths, kinds, min_gain=0.002)
+    kept, log = choose(blind, {"bright-field": finds})
     assert kept == {} and "fewer than 3" in log["bright-field"]["why"]
 
     assert parse_specialists(" stained=a/model.keras ") == {"stained": "a/model.keras"}
