@@ -79,8 +79,9 @@ def image_kinds(refs: list[SampleRef]) -> dict[str, str]:
     return {ref.image_id: image_kind(load_sample(ref, with_masks=False).image) for ref in refs}
 
 
-def refs_of_kinds(refs: list[SampleRef], kinds: str) -> list[SampleRef]:
-    """The refs whose image is of one of `kinds` (comma-separated); all of them when `kinds` is empty."""
+def refs_of_kinds(refs: list[SampleRef], kinds: str, known: dict[str, str] | None = None) -> list[SampleRef]:
+    """The refs whose image is of one of `kinds` (comma-separated); all of them when `kinds` is empty.
+    `known` (image id -> kind, from image_kinds) saves decoding the images again."""
     from pipeline.protocol import KINDS
 
     wanted = {part.strip() for part in kinds.split(",") if part.strip()}
@@ -88,16 +89,18 @@ def refs_of_kinds(refs: list[SampleRef], kinds: str) -> list[SampleRef]:
         return refs
     if wanted - set(KINDS):
         raise ValueError(f"--kinds: choose among {', '.join(KINDS)}, got {kinds}")
-    of = image_kinds(refs)
+    of = known if known is not None else image_kinds(refs)
     return [ref for ref in refs if of[ref.image_id] in wanted]
 
 
-def protocol_refs(refs: list[SampleRef], seed: int | None = None) -> dict[str, list[SampleRef]]:
-    """The evaluation protocol's train / tune / test refs (pipeline.protocol); each image is decoded once for its kind."""
+def protocol_refs(refs: list[SampleRef], seed: int | None = None,
+                  known: dict[str, str] | None = None) -> dict[str, list[SampleRef]]:
+    """The evaluation protocol's train / tune / test refs (pipeline.protocol); each image is decoded once for its kind
+    (unless `known` gives the kinds already)."""
     from pipeline.protocol import SPLIT_SEED, protocol_splits
 
     by_id = {ref.image_id: ref for ref in refs}
-    splits = protocol_splits(image_kinds(refs), SPLIT_SEED if seed is None else seed)
+    splits = protocol_splits(known if known is not None else image_kinds(refs), SPLIT_SEED if seed is None else seed)
     return {name: [by_id[image_id] for image_id in ids] for name, ids in splits.items()}
 
 

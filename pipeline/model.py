@@ -345,14 +345,14 @@ def package_model(model_path: str, folder: str) -> dict:
     from pipeline.registry import sha256_of
 
     model, info = load_model(model_path)
-    info_before = info
+    specialists = specialist_files(model_path, info)
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "model.keras")
     if not _holds_weights(target, model):  # a settings-only re-package keeps the file's bytes (and sha256)
         _replace_with_inference_model(model, target)
     info = {**info, "model": "model.keras", "sha256": {"model.keras": sha256_of(target)},
             "packaged_from": os.path.relpath(model_path)}
-    for path in specialist_files(model_path, info_before).values():  # kind specialists travel with it, as lean
+    for path in specialists.values():  # kind specialists travel with it, as lean copies
         specialist, name = load_model(path)[0], os.path.basename(path)
         if not _holds_weights(os.path.join(folder, name), specialist):
             _replace_with_inference_model(specialist, os.path.join(folder, name))

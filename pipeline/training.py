@@ -349,7 +349,8 @@ def _check_init_from(config: TrainConfig) -> None:
 
 def run_training(config: TrainConfig) -> dict:
     """Train as configured; returns run.json's content. The run folder ends with model.keras beside it."""
-    from pipeline.data import ensure_ray, protocol_refs, refs_of_kinds, split_refs, training_dataset, training_refs
+    from pipeline.data import (ensure_ray, image_kinds, protocol_refs, refs_of_kinds, split_refs, training_dataset,
+                               training_refs)
 
     started = time.time()
     output = os.path.abspath(config.output)
@@ -366,8 +367,9 @@ def run_training(config: TrainConfig) -> dict:
     from ray.train.tensorflow import TensorflowTrainer
 
     refs = training_refs(config.data, config.synthetic_count, config.seed)
+    kinds = image_kinds(refs) if config.kinds or config.holdout in ("protocol", "refit") else None  # decoded once
     if config.holdout in ("protocol", "refit"):  # test split never seen; tune split drives choices
-        splits = protocol_refs(refs)
+        splits = protocol_refs(refs, known=kinds)
         train_refs, val_refs = splits["train"], splits["tune"]
         if config.holdout == "refit":  # the tune split joins training: its validation figures are no longer held out
             train_refs = train_refs + val_refs
@@ -377,7 +379,7 @@ def run_training(config: TrainConfig) -> dict:
     else:
         train_refs, val_refs = split_refs(refs, config.val_fraction, config.seed)
     if config.kinds:  # a specialist: one kind of image, in training and in validation
-        train_refs, val_refs = refs_of_kinds(train_refs, config.kinds), refs_of_kinds(val_refs, config.kinds)
+        train_refs, val_refs = (refs_of_kinds(part, config.kinds, kinds) for part in (train_refs, val_refs))
         print(f"--kinds {config.kinds}: {len(train_refs)} training and {len(val_refs)} validation images of that kind",
               flush=True)
         if not train_refs or not val_refs:
