@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         info = run_training(config)
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(info["final_metrics"].items()) if isinstance(v, float))
         print(f"model: {os.path.join(os.path.abspath(config.output), 'model.keras')} "
-              f"(best epoch {info['best_epoch']} of {info['epochs_run']}; {metrics})")
+              f"(weights of epoch {info['kept_epoch']} of {info['epochs_run']}, best {info['best_epoch']}; {metrics})")
 
     return run_job(work)
 

@@ -90,6 +90,10 @@ class TrainConfig(DataConfig):
     learning_rate: float = option(1e-3, "peak Adam learning rate")
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up; early stopping waits for them")
     patience: int = option(8, "early stopping: epochs without validation-loss improvement")
+    keep: str = option("best", "which weights the run keeps: best = the epoch with the lowest validation loss (early "
+                               "stopping restores them); last = the last epoch's, with no early stopping (for a "
+                               "fine-tune whose validation images are too few to pick an epoch by)",
+                       choices=("best", "last"))
     bn_momentum: float = option(0.9, "BatchNorm momentum (Keras' 0.999 lags ~1000 steps from random init)")
     threshold: float = option(0.5, "written to run.json as inference's default: probability above which a pixel "
                                    "is nucleus")

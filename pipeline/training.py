@@ -72,7 +72,9 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
                 self.best, self.wait, self.best_epoch = saved["best"], saved["wait"], saved["best_epoch"]
                 self.best_weights = state.get("best_weights")
 
-    early_stopping = ResumableEarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True,
+    keep_best = config.keep == "best"  # "last": the callback only records the best epoch; it never stops nor restores
+    early_stopping = ResumableEarlyStopping(monitor="val_loss", patience=config.patience if keep_best else config.epochs,
+                                            restore_best_weights=keep_best,
                                             start_from_epoch=config.warmup_epochs, verbose=1 if rank == 0 else 0)
     log_dir = os.path.join(os.path.abspath(config.output), "tensorboard")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "snapshots")) if rank == 0 else None
@@ -436,6 +438,7 @@ def run_training(config: TrainConfig) -> dict:
     best = next((row for row in history if math.isfinite(final.get("best_val_loss", math.inf))
                  and row.get("epoch") == final.get("best_epoch")), None) \
         or min((row for row in history if "val_loss" in row), key=lambda row: row["val_loss"], default={})
+    kept = best if config.keep == "best" else max(history, key=lambda row: row.get("epoch", 0), default={})
     info = {
         "format": "nuclei-unet/1", "model": "model.keras", "keras": "tf-keras",
         "image_size": config.image_size, "num_classes": config.num_classes,
@@ -452,7 +455,8 @@ def run_training(config: TrainConfig) -> dict:
                         "min_size": config.min_size},
         "data": config.data, "holdout": config.holdout, "train_images": len(train_refs), "val_images": len(val_refs),
         "workers": config.workers, "epochs_run": int(max((m.get("epoch", 0) for m in history), default=0)),
-        "best_epoch": best.get("epoch"), "final_metrics": {k: v for k, v in best.items() if k != "epoch"},
+        "best_epoch": best.get("epoch"), "kept_epoch": kept.get("epoch"),
+        "final_metrics": {k: v for k, v in kept.items() if k != "epoch"},
         "train_seconds": round(time.time() - started, 1), "config": dataclasses.asdict(config),
         "sha256": {"model.keras": sha256_of(os.path.join(output, "model.keras"))},
     }

@@ -184,8 +184,9 @@ def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
 
 
 def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(trained_run, tmp_path):
-    """--init-from starts from a trained model's weights (a step too small to move them leaves them as they were);
-    --kinds keeps only that kind of image; a model of another architecture or a kind with no images is refused."""
+    """--init-from starts from a trained model's weights (steps too small to move them leave them as they were);
+    --kinds keeps only that kind of image; --keep last runs every epoch and keeps the last one's weights and metrics;
+    a model of another architecture or a kind with no images is refused."""
     import dataclasses
 
     from pipeline.data import image_kinds
@@ -196,10 +197,13 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
     config, _ = trained_run
     start = os.path.join(config.output, "model.keras")
     tuned = dataclasses.replace(config, output=str(tmp_path / "tuned"), init_from=start, kinds="fluorescence",
-                                epochs=1, workers=1, cpus_per_worker=1.0, learning_rate=1e-12, warmup_epochs=0,
-                                crash_at_epoch=-1, snapshots=0, synthetic_count=20)
+                                epochs=3, workers=1, cpus_per_worker=1.0, learning_rate=1e-12, warmup_epochs=0,
+                                patience=1, keep="last", crash_at_epoch=-1, snapshots=0, synthetic_count=20)
     info = run_training(tuned)
     assert info["config"]["init_from"] == start and info["config"]["kinds"] == "fluorescence"
+    history = [json.loads(line) for line in open(os.path.join(tuned.output, "history.jsonl"), encoding="utf-8")]
+    assert info["epochs_run"] == info["kept_epoch"] == 3 and 1 <= info["best_epoch"] <= 3
+    assert info["final_metrics"]["val_loss"] == history[-1]["val_loss"]
     kinds = list(image_kinds(synthetic_refs(20, config.seed)).values())  # synthetic data has all three looks
     assert info["train_images"] + info["val_images"] == kinds.count("fluorescence") < 20
     before, after = load_model(start)[0], load_model(os.path.join(tuned.output, "model.keras"))[0]
