@@ -102,7 +102,7 @@ class TrainConfig(DataConfig):
     min_size: int = option(10, "written to run.json: inference drops predicted nuclei smaller than this (pixels)")
     snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
     time_limit: float = option(0.0, "minutes: stop after the last epoch that can finish within this much time from "
-                                    "the start of the job (best weights kept); 0 = no limit")
+                                    "the start of the job (weights kept as --keep says); 0 = no limit")
     max_failures: int = option(2, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
     resume: bool = option(False, "continue the interrupted run in --output from its last checkpoint, with the "
                                  "settings saved in its config.json (other flags are ignored)")

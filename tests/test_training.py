@@ -201,7 +201,7 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
                                 patience=1, keep="last", crash_at_epoch=-1, snapshots=0, synthetic_count=20)
     info = run_training(tuned)
     assert info["config"]["init_from"] == start and info["config"]["kinds"] == "fluorescence"
-    history = [json.loads(line) for line in open(os.path.join(tuned.output, "history.jsonl"), encoding="utf-8")]
+    history = [json.loads(line) for line in (tmp_path / "tuned" / "history.jsonl").read_text().splitlines()]
     assert info["epochs_run"] == info["kept_epoch"] == 3 and 1 <= info["best_epoch"] <= 3
     assert info["final_metrics"]["val_loss"] == history[-1]["val_loss"]
     kinds = list(image_kinds(synthetic_refs(20, config.seed)).values())  # synthetic data has all three looks
