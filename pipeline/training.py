@@ -98,14 +98,18 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
                 writer.flush()
 
     class Throughput(keras.callbacks.Callback):
-        """Adds `epoch_seconds` and `samples_per_second` (all workers together) to each epoch's logs."""
+        """Adds `epoch_seconds`, `steps` (training batches this epoch, counted) and `samples_per_second` (all
+        workers together) to each epoch's logs."""
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
+            self.started, self.steps = time.perf_counter(), 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.started
-            logs["epoch_seconds"] = seconds
+            logs["epoch_seconds"], logs["steps"] = seconds, self.steps
             logs["samples_per_second"] = train_rows * world / seconds
 
     planned = {"epochs": config.epochs}  # shrunk by TimeLimit to the epochs that fit; read by the LR schedule
@@ -249,10 +253,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Reading the shard once avoids a Ray Data epoch barrier inside every Keras epoch (prefetching
         across it can deadlock the workers); going through distribute_datasets_from_function stops
         Keras from re-batching each worker's batches as global ones (an empty split batch: NaN loss).
+        The rows are `normalise`d uint8 images, so they are held as uint8 (a quarter of the memory, which a
+        --crop-pool needs) and turned back into exactly the same floats as they are batched.
         """
         columns = {"image": [], "mask": []}
         for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
-            columns["image"].append(batch["image"])
+            columns["image"].append(np.round(batch["image"] * 255.0).astype(np.uint8))
             columns["mask"].append(batch["mask"])
         images, masks = np.concatenate(columns["image"]), np.concatenate(columns["mask"])
         sizes[name] = len(images)
@@ -261,6 +267,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             dataset = tf.data.Dataset.from_tensor_slices((images, masks))
             if shuffle:
                 dataset = dataset.shuffle(len(images), seed=config.seed + rank, reshuffle_each_iteration=True)
+            dataset = dataset.map(as_floats, num_parallel_calls=tf.data.AUTOTUNE)
             if shuffle and config.augment:
                 dataset = dataset.map(flip_and_turn, num_parallel_calls=tf.data.AUTOTUNE)
             dataset = dataset.batch(config.batch_size)
@@ -269,6 +276,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return dataset.repeat().prefetch(2).with_options(options)
 
         return strategy.distribute_datasets_from_function(make)
+
+    def as_floats(image, mask):
+        return tf.cast(image, tf.float32) * (1.0 / 255.0), mask  # pipeline.images.normalise, bit for bit
 
     def flip_and_turn(image, mask):
         return epoch_augmentation(image, mask, config.colour_augment)
@@ -281,13 +291,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sizes: dict[str, int] = {}
     train_data, val_data = shard("train", True), shard("val", False)
 
+    # A training epoch takes its 1/crop_pool share of the crops: the shuffled stream repeats across epochs.
+    epoch_rows = {"train": math.ceil(sizes["train"] / config.crop_pool), "val": sizes["val"]}
+
     def steps(name: str) -> int:
-        return max(1, math.ceil(sizes[name] / config.batch_size))  # Ray splits equally: same on every worker
+        return max(1, math.ceil(epoch_rows[name] / config.batch_size))  # Ray splits equally: same on every worker
 
     snapshots = loop_config.get("snapshots") or {}
     callbacks, early_stopping, report = _make_callbacks(
         config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None,
-        train_rows=sizes["train"], deadline=float(loop_config.get("deadline") or 0.0))
+        train_rows=epoch_rows["train"], deadline=float(loop_config.get("deadline") or 0.0))
     initial_epoch = int(state.get("epoch", 0))
     if initial_epoch < config.epochs:
         model.fit(train_data, validation_data=val_data, epochs=config.epochs,
@@ -389,14 +402,21 @@ def run_training(config: TrainConfig) -> dict:
                              f"{len(val_refs)} validation images of that kind; a specialist needs both")
     if config.init_from:
         _check_init_from(config)
+    crop_options_used = config.crop_pool != 1 or config.nucleus_crops != 0
+    if (crop_options_used and config.mode != "native") or config.crop_pool < 1 or not 0 <= config.nucleus_crops <= 1:
+        raise ValueError(f"--crop-pool {config.crop_pool} --nucleus-crops {config.nucleus_crops}: crop options need "
+                         "--mode native, a pool of at least 1 and a fraction from 0 to 1")
     if len(val_refs) < config.workers or len(train_refs) < config.workers:
         raise ValueError(f"{len(refs)} images are too few for {config.workers} workers with --val-fraction "
                          f"{config.val_fraction}: every worker needs training and validation images")
     print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
                    seed=config.seed, border=config.border, nucleus_area=config.nucleus_area)
+    pool = config.crop_pool  # training crops only: validation keeps the same crops every epoch
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
-                                  augment=config.augment, crops_per_rare_image=config.crops_per_rare_image, **options)
+                                  augment=config.augment, nucleus_crops=config.nucleus_crops,
+                                  **dict(options, crops_per_image=config.crops_per_image * pool,
+                                         crops_per_rare_image=config.crops_per_rare_image * pool))
     val_data = training_dataset(val_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
                                 augment=False, **options)
 
@@ -454,7 +474,8 @@ def run_training(config: TrainConfig) -> dict:
         "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
                         "min_size": config.min_size},
         "data": config.data, "holdout": config.holdout, "train_images": len(train_refs), "val_images": len(val_refs),
-        "workers": config.workers, "epochs_run": int(max((m.get("epoch", 0) for m in history), default=0)),
+        "train_crops": train_data.count(), "workers": config.workers,
+        "epochs_run": int(max((m.get("epoch", 0) for m in history), default=0)),
         "best_epoch": best.get("epoch"), "kept_epoch": kept.get("epoch"),
         "final_metrics": {k: v for k, v in kept.items() if k != "epoch"},
         "train_seconds": round(time.time() - started, 1), "config": dataclasses.asdict(config),
