@@ -376,6 +376,10 @@ def run_training(config: TrainConfig) -> dict:
     # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
     config = dataclasses.replace(config, output=output,
                                  init_from=os.path.abspath(config.init_from) if config.init_from else "")
+    crop_options_used = config.crop_pool != 1 or config.nucleus_crops != 0
+    if (crop_options_used and config.mode != "native") or config.crop_pool < 1 or not 0 <= config.nucleus_crops <= 1:
+        raise ValueError(f"--crop-pool {config.crop_pool} --nucleus-crops {config.nucleus_crops}: crop options need "
+                         "--mode native, a pool of at least 1 and a fraction from 0 to 1")
     ensure_ray(log_to_driver=True)
     import ray
     import ray.train
@@ -402,10 +406,6 @@ def run_training(config: TrainConfig) -> dict:
                              f"{len(val_refs)} validation images of that kind; a specialist needs both")
     if config.init_from:
         _check_init_from(config)
-    crop_options_used = config.crop_pool != 1 or config.nucleus_crops != 0
-    if (crop_options_used and config.mode != "native") or config.crop_pool < 1 or not 0 <= config.nucleus_crops <= 1:
-        raise ValueError(f"--crop-pool {config.crop_pool} --nucleus-crops {config.nucleus_crops}: crop options need "
-                         "--mode native, a pool of at least 1 and a fraction from 0 to 1")
     if len(val_refs) < config.workers or len(train_refs) < config.workers:
         raise ValueError(f"{len(refs)} images are too few for {config.workers} workers with --val-fraction "
                          f"{config.val_fraction}: every worker needs training and validation images")
