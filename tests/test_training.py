@@ -236,3 +236,30 @@ def test_a_crop_pool_gives_the_epochs_different_crops_in_the_same_number_of_step
     with pytest.raises(ValueError, match="crop options need --mode native"):
         run_training(dataclasses.replace(config, output=str(tmp_path / "resize"), mode="resize"))
 
+
+
+def test_a_weight_average_is_what_validation_sees_and_the_run_keeps(ray_session, tmp_path):
+    """--weight-average: an epoch's checkpoint holds the averaged weights (validated, kept) and the raw ones
+    training goes on from, which differ; --keep last keeps the last average; a decay of 1 or more is refused."""
+    import dataclasses
+
+    from pipeline.config import TrainConfig
+    from pipeline.model import load_model
+    from pipeline.training import run_training
+
+    config = TrainConfig(data="synthetic", synthetic_count=12, output=str(tmp_path / "ema"), epochs=2, workers=1,
+                         cpus_per_worker=1.0, weight_average=0.9, keep="last", warmup_epochs=0, snapshots=0, seed=5,
+                         **TINY)
+    info = run_training(config)
+    assert info["config"]["weight_average"] == 0.9 and info["kept_epoch"] == 2
+    last = glob.glob(str(tmp_path / "ema" / "ray" / "*" / "epoch_0002"))[0]  # Ray keeps it beside the final one
+    average = load_model(os.path.join(last, "model.keras"))[0].get_weights()
+    with np.load(os.path.join(last, "raw_weights.npz")) as saved:
+        raw = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    assert [a.shape for a in average] == [r.shape for r in raw]
+    assert max(float(np.abs(a - r).max()) for a, r in zip(average, raw)) > 1e-3
+    kept = load_model(str(tmp_path / "ema" / "model.keras"))[0].get_weights()
+    for mine, last in zip(kept, average):
+        np.testing.assert_array_equal(mine, last)
+    with pytest.raises(ValueError, match="--weight-average 1.0"):
+        run_training(dataclasses.replace(config, output=str(tmp_path / "bad"), weight_average=1.0))
