@@ -97,8 +97,9 @@ class TrainConfig(DataConfig):
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up; early stopping waits for them")
     patience: int = option(8, "early stopping: epochs without validation-loss improvement")
     keep: str = option("best", "which weights the run keeps: best = the epoch with the lowest validation loss (early "
-                               "stopping restores them); last = the last epoch's, with no early stopping (for a "
-                               "fine-tune whose validation images are too few to pick an epoch by)",
+                               "stopping restores them); last = the last epoch's, with no early stopping (the preset's: "
+                               "the tune split scored them higher; and for a fine-tune whose validation images are "
+                               "too few to pick an epoch by)",
                        choices=("best", "last"))
     weight_average: float = option(0.0, "decay per training step of an exponential moving average of the weights: "
                                         "validation, early stopping, checkpoints and the saved model use the "
@@ -142,11 +143,22 @@ def recipe_differences(mine: dict, theirs: dict) -> list[str]:
                   and mine.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key)))
 
 
+def kept_weights_config(info: dict) -> dict:
+    """A run's training options (run.json "config") with `keep` as its weights are: `keep` only decides early
+    stopping and restoring, so a --keep best run whose best epoch was its last kept exactly what --keep last keeps."""
+    config = dict(info.get("config", {}))
+    last_was_best = bool(info.get("best_epoch")) and info.get("best_epoch") == info.get("epochs_run")
+    if config.get("keep", "best") == "best" and last_was_best:
+        config["keep"] = "last"
+    return config
+
+
 # Named configurations for `--preset`: values replace the defaults; flags given on the command line still win.
 TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="colour", loss="ce+dice", image_size=128,
                     crops_per_image=8, augment=True, border_weight=2.0, encoder_width=0.5, decoder_width=0.5,
-                    batch_size=16, learning_rate=2e-3, epochs=40, warmup_epochs=2, patience=10, holdout="protocol",
+                    batch_size=16, learning_rate=2e-3, epochs=40, warmup_epochs=2, patience=10, keep="last",
+                    holdout="protocol",
                     time_limit=45.0, threshold=0.6, seed_threshold=0.5, min_size=30),
 }
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import recipe_differences
+from pipeline.config import kept_weights_config, recipe_differences
 
 PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales": (True, (0.8, 1.0, 1.25))}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
@@ -331,7 +331,7 @@ def copy_settings(model: str, source: str) -> dict:
         raise ValueError(f"{source}: its run.json holds no tuned settings (run jobs/tune.py on it first)")
     if tuned.get("config", {}).get("holdout") != "protocol":
         raise ValueError(f"{source}: settings must come from a --holdout protocol run (its tune split unseen)")
-    differ = recipe_differences(info.get("config", {}), tuned.get("config", {}))
+    differ = recipe_differences(kept_weights_config(info), kept_weights_config(tuned))
     if differ:
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info["postprocess"] = {**settings, "tuned_on": f"{settings['tuned_on']}, for {os.path.relpath(source_path)} "

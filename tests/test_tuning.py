@@ -149,6 +149,24 @@ def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
         copy_settings(str(refit), str(other))
 
 
+def test_a_keep_best_run_whose_best_epoch_was_its_last_counts_as_keep_last(tmp_path):
+    import json
+
+    from pipeline.tuning import copy_settings
+
+    tuned = {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 30, "tuned_on": "tune split"}
+    sibling = _run_json(tmp_path / "sibling", "protocol", tuned, keep="last")
+    refit = _run_json(tmp_path / "refit", "refit", {"threshold": 0.6}, keep="best")
+    info = json.loads((tmp_path / "refit" / "run.json").read_text())
+    for best_epoch, transfers in ((37, False), (40, True)):  # early stopping's pick, or the last epoch's weights
+        (tmp_path / "refit" / "run.json").write_text(json.dumps({**info, "epochs_run": 40, "best_epoch": best_epoch}))
+        if transfers:
+            assert copy_settings(str(refit), str(sibling))["threshold"] == 0.7
+        else:
+            with pytest.raises(ValueError, match="keep differ"):
+                copy_settings(str(refit), str(sibling))
+
+
 def test_a_rare_kind_keeps_its_own_thresholds_only_where_they_win_out_of_sample():
     from pipeline.inference import settings_for_kind
     from pipeline.tuning import per_kind_settings
