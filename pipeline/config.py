@@ -97,9 +97,9 @@ class TrainConfig(DataConfig):
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up; early stopping waits for them")
     patience: int = option(8, "early stopping: epochs without validation-loss improvement")
     keep: str = option("best", "which weights the run keeps: best = the epoch with the lowest validation loss (early "
-                               "stopping restores them); last = the last epoch's, with no early stopping (the preset's: "
-                               "the tune split scored them higher; and for a fine-tune whose validation images are "
-                               "too few to pick an epoch by)",
+                               "stopping restores them); last = the last epoch's, with no early stopping (the "
+                               "preset's: the tune split scored them higher; and for a fine-tune whose validation "
+                               "images are too few to pick an epoch by)",
                        choices=("best", "last"))
     weight_average: float = option(0.0, "decay per training step of an exponential moving average of the weights: "
                                         "validation, early stopping, checkpoints and the saved model use the "
