@@ -237,7 +237,6 @@ def test_a_crop_pool_gives_the_epochs_different_crops_in_the_same_number_of_step
         run_training(dataclasses.replace(config, output=str(tmp_path / "resize"), mode="resize"))
 
 
-
 def test_a_weight_average_is_what_validation_sees_and_the_run_keeps(ray_session, tmp_path):
     """--weight-average: an epoch's checkpoint holds the averaged weights (validated, kept) and the raw ones
     training goes on from, which differ; --keep last keeps the last average; a decay of 1 or more is refused."""
@@ -259,7 +258,7 @@ def test_a_weight_average_is_what_validation_sees_and_the_run_keeps(ray_session,
     assert [a.shape for a in average] == [r.shape for r in raw]
     assert max(float(np.abs(a - r).max()) for a, r in zip(average, raw)) > 1e-3
     kept = load_model(str(tmp_path / "ema" / "model.keras"))[0].get_weights()
-    for mine, last in zip(kept, average):
-        np.testing.assert_array_equal(mine, last)
+    for mine, averaged in zip(kept, average):
+        np.testing.assert_array_equal(mine, averaged)
     with pytest.raises(ValueError, match="--weight-average 1.0"):
         run_training(dataclasses.replace(config, output=str(tmp_path / "bad"), weight_average=1.0))
