@@ -77,6 +77,9 @@ class TrainConfig(DataConfig):
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
     colour_augment: bool = option(False, "with --augment: each epoch, a random channel order for half the crops and "
                                          "grey for one in five (stained tissue; DSB2018 1st place)")
+    stain_augment: float = option(0.0, "with --augment: each epoch, scale each stain's amount (haematoxylin, eosin, "
+                                       "DAB) in coloured crops by 1 +- this and shift it by a quarter of it, as "
+                                       "staining varies between labs (0: off; e.g. 0.25)")
     loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
                        choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")

@@ -222,12 +222,39 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
     return callbacks, early_stopping, _report
 
 
-def epoch_augmentation(image, mask, colour: bool = False):
+# Haematoxylin, eosin and DAB optical densities of one unit of each stain (Ruifrok & Johnston 2001, as
+# skimage.color.rgb_from_hed), rows normalised; their inverse turns a pixel's optical density into stain amounts.
+STAIN_VECTORS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+STAIN_VECTORS = STAIN_VECTORS / np.linalg.norm(STAIN_VECTORS, axis=1, keepdims=True)
+
+
+def stain_jitter(image, scale, shift, min_colour: float = 0.04):
+    """A stained crop as if its haematoxylin / eosin / DAB amounts were each multiplied by `scale` and shifted by
+    `shift` (optical density); crops with no colour (fluorescence, grey) come back unchanged.
+
+    The crops are the model's `colour` appearance, inverted (nuclei bright), so the light reaching the camera
+    is 1 - value. Stain-space colour augmentation (Tellez et al. 2018, 2019: "HED" jitter) imitates how H&E
+    staining varies between labs, the variation the 19 stained test images differ by, unlike a channel shuffle.
+    """
+    from pipeline.tfkeras import tf
+
+    light = tf.clip_by_value(1.0 - image, 1.0 / 255.0, 1.0)
+    density = -tf.math.log(light)
+    stains = tf.constant(STAIN_VECTORS, tf.float32)
+    amounts = tf.einsum("...c,cs->...s", density, tf.constant(np.linalg.inv(STAIN_VECTORS), tf.float32))
+    amounts = amounts * scale + shift
+    jittered = 1.0 - tf.exp(-tf.einsum("...s,sc->...c", amounts, stains))
+    coloured = tf.reduce_mean(tf.abs(image - tf.reduce_mean(image, axis=-1, keepdims=True))) > min_colour
+    return tf.where(coloured, tf.clip_by_value(jittered, 0.0, 1.0), image)
+
+
+def epoch_augmentation(image, mask, colour: bool = False, stain: float = 0.0):
     """A fresh random flip and 90-degree turn of a training crop every epoch (image and mask alike).
 
     With `colour`, also a random channel order (half the crops) and grey (one in five) for the image alone:
     DSB2018's 1st place found channel shuffle and colour/grey remapping "very important" for stained tissue,
     so the model learns nuclei by their contrast with their surroundings rather than one stain's hue.
+    `stain` > 0: each stain's amount scaled by 1 +- stain and shifted by +- stain / 4 (see stain_jitter).
     """
     from pipeline.tfkeras import tf
 
@@ -240,6 +267,9 @@ def epoch_augmentation(image, mask, colour: bool = False):
         image = tf.gather(image, order, axis=-1)
         grey = tf.repeat(tf.reduce_mean(image, axis=-1, keepdims=True), 3, axis=-1)
         image = tf.where(tf.random.uniform([]) < 0.2, grey, image)
+    if stain > 0:
+        image = stain_jitter(image, tf.random.uniform([3], 1.0 - stain, 1.0 + stain),
+                             tf.random.uniform([3], -stain / 4, stain / 4))
     return image, mask
 
 
@@ -323,7 +353,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return tf.cast(image, tf.float32) * (1.0 / 255.0), mask  # pipeline.images.normalise, bit for bit
 
     def flip_and_turn(image, mask):
-        return epoch_augmentation(image, mask, config.colour_augment)
+        return epoch_augmentation(image, mask, config.colour_augment, config.stain_augment)
 
     class_weights = tf.constant([1.0, 1.0, config.border_weight], tf.float32)
 

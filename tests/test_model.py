@@ -153,6 +153,29 @@ def test_epoch_augmentation_moves_mask_with_image_and_shuffles_only_colour():
     assert plain == {(0.9, 0.5, 0.1)}  # without colour: geometry only
 
 
+def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
+    from pipeline.tfkeras import tf
+    from pipeline.training import STAIN_VECTORS, epoch_augmentation, stain_jitter
+
+    # An inverted H&E crop: eosin-pink background, a haematoxylin-purple nucleus (light = exp(-density)).
+    light = np.exp(-np.full((16, 16, 3), 0.3) * STAIN_VECTORS[1]).astype(np.float32)
+    light[4:10, 4:10] = np.exp(-0.9 * STAIN_VECTORS[0] - 0.2 * STAIN_VECTORS[1])
+    image = 1.0 - light
+    same = stain_jitter(tf.constant(image), tf.ones(3), tf.zeros(3)).numpy()
+    assert np.abs(same - image).max() < 1e-4  # no jitter: the same crop
+    more_eosin = stain_jitter(tf.constant(image), tf.constant([1.0, 1.5, 1.0]), tf.zeros(3)).numpy()
+    less_haematoxylin = stain_jitter(tf.constant(image), tf.constant([0.5, 1.0, 1.0]), tf.zeros(3)).numpy()
+    assert np.allclose(more_eosin[0, 0], 1 - np.exp(-0.45 * STAIN_VECTORS[1]), atol=1e-4)
+    assert less_haematoxylin[6, 6].sum() < image[6, 6].sum() and np.allclose(less_haematoxylin[0, 0], image[0, 0])
+    grey = np.full((16, 16, 3), 0.3, np.float32)
+    assert (stain_jitter(tf.constant(grey), tf.constant([1.5, 0.5, 1.0]), tf.constant([0.1, 0, 0])).numpy() == grey).all()
+    mask = np.zeros((16, 16, 1), np.uint8)
+    tf.random.set_seed(1)
+    jittered = [epoch_augmentation(tf.constant(image), tf.constant(mask), stain=0.25)[0].numpy() for _ in range(5)]
+    assert len({round(float(out.sum()), 3) for out in jittered}) == 5 and all(0 <= out.min() <= out.max() <= 1
+                                                                                for out in jittered)
+
+
 def test_an_ensemble_predicts_its_members_mean_probability_and_refuses_other_recipes(tmp_path):
     from jobs.ensemble import main as ensemble_job
     from pipeline.model import save_for_inference
