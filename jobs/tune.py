@@ -5,7 +5,8 @@ zoomed to several nucleus sizes (or not), then plain, with flips and with flips 
 post-processing thresholds, and fits the false-positive filter, keeping it only if it helps out of fold.
 Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
 evaluate.py use them with no flag.
-A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras.
+A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
+with the sibling's specialists, or with --specialists its own (the same recipe, --holdout refit, --init-from the refit).
 `--specialists stained=ST/model.keras` routes stained images to a model fine-tuned for them (jobs/train.py
 --init-from RUN/model.keras --kinds stained), if it beats this model on the tune split's stained images.
 """
@@ -24,15 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(TuneConfig, argv, description=__doc__, prog="jobs/tune.py", required=("model",))
 
     def work() -> None:
-        from pipeline.tuning import copy_settings, tune
+        from pipeline.tuning import copy_settings, parse_specialists, tune
 
         if config.settings_from:
-            settings = copy_settings(config.model, config.settings_from)
+            settings = copy_settings(config.model, config.settings_from, parse_specialists(config.specialists))
             shown = {key: value for key, value in settings.items() if key != "instance_filter"}
             print(f"settings of {config.settings_from} copied: {shown}")
             return
-
-        from pipeline.tuning import parse_specialists
 
         log = tune(config.model, config.data, write=not config.dry_run,
                    predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()),

@@ -275,7 +275,9 @@ class TuneConfig:
                                                           "flips, flips+scales (0.8, 1, 1.25)")
     specialists: str = option("", "KIND=MODEL,...: route that kind of image (stained, bright-field, fluorescence) to "
                                   "a model fine-tuned for it (jobs/train.py --init-from --kinds), kept only if it "
-                                  "beats this model on the kind's tune images; copied beside this model")
+                                  "beats this model on the kind's tune images; copied beside this model. With "
+                                  "--settings-from: the refit's own specialists (the sibling's specialist recipe "
+                                  "trained with --holdout refit --init-from this model) instead of the sibling's")
 
 
 @dataclass

@@ -316,11 +316,33 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     return log
 
 
-def copy_settings(model: str, source: str) -> dict:
+def _check_refit_specialist(kind: str, path: str, model_path: str, info: dict) -> None:
+    """A refit's own specialist: trained with --holdout refit --kinds KIND, fine-tuned from the refit model itself."""
+    from pipeline.registry import read_model_info
+
+    theirs = read_model_info(path)
+    trained = theirs.get("config", {})
+    problems = [f"{key} {theirs.get(key)!r} (the model's: {info.get(key)!r})"
+                for key in ("mode", "num_classes", "appearance", "image_size") if theirs.get(key) != info.get(key)]
+    if trained.get("holdout") != "refit":
+        problems.append(f"--holdout {trained.get('holdout')} (a refit's specialist: --holdout refit)")
+    if trained.get("kinds") != kind:
+        problems.append(f"--kinds {trained.get('kinds') or 'all'!r} (not {kind})")
+    if not trained.get("init_from") or not os.path.isfile(trained["init_from"]) or \
+            not os.path.samefile(trained["init_from"], model_path):
+        problems.append(f"--init-from {trained.get('init_from') or 'none'} (not this refit model)")
+    if problems:
+        raise ValueError(f"--specialists {kind}={path}: not this refit's own {kind} specialist: {'; '.join(problems)}")
+
+
+def copy_settings(model: str, source: str, specialists: dict[str, str] | None = None) -> dict:
     """Give `model` (a --holdout refit run) the inference settings tuned for `source`, the same recipe trained
     with --holdout protocol, whose tune split was unseen; returns the settings written into model's run.json.
 
-    Refuses a source that was not tuned, or whose recipe (apart from holdout, seed and paths) differs.
+    Refuses a source that was not tuned, or whose recipe (apart from holdout, seed and paths) differs. The
+    specialists those settings were tuned with come along, unless `specialists` gives the refit its own: their
+    recipe trained with --holdout refit from the refit model, as the refit is the source's recipe trained on the
+    train and tune splits together (the recipe itself is the caller's to keep the same).
     """
     from pipeline.registry import info_path, read_model_info, resolve_model, specialist_files
 
@@ -336,8 +358,16 @@ def copy_settings(model: str, source: str) -> dict:
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info["postprocess"] = {**settings, "tuned_on": f"{settings['tuned_on']}, for {os.path.relpath(source_path)} "
                                                    f"(same recipe, tune split unseen)"}
-    if settings.get("specialists"):  # the specialists those settings were tuned with come along
-        info["postprocess"]["specialists"] = attach_specialists(model_path, info, specialist_files(source_path, tuned))
+    carried = specialist_files(source_path, tuned) if settings.get("specialists") else {}
+    for kind, path in (specialists or {}).items():
+        if kind not in carried:
+            raise ValueError(f"--specialists {kind}=...: the settings of {source} were tuned without a {kind} "
+                             f"specialist")
+        _check_refit_specialist(kind, path, model_path, info)
+        carried[kind] = os.path.abspath(path)
+        info["postprocess"]["tuned_on"] += f", with this refit's own {kind} specialist"
+    if carried:  # the specialists those settings were tuned with, or the refit's own of the same recipe
+        info["postprocess"]["specialists"] = attach_specialists(model_path, info, carried)
     fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
     tuning = os.path.join(os.path.dirname(source_path), "tuning.json")
     if os.path.isfile(tuning):

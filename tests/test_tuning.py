@@ -167,6 +167,34 @@ def test_a_keep_best_run_whose_best_epoch_was_its_last_counts_as_keep_last(tmp_p
                 copy_settings(str(refit), str(sibling))
 
 
+def test_a_refit_takes_its_own_specialist_only_if_it_was_fine_tuned_from_the_refit(tmp_path):
+    import json
+
+    from pipeline.tuning import copy_settings
+
+    tuned = {"threshold": 0.7, "tuned_on": "tune split", "specialists": {"stained": "specialist-stained.keras"}}
+    sibling = _run_json(tmp_path / "sibling", "protocol", tuned)
+    (tmp_path / "sibling" / "specialist-stained.keras").write_bytes(b"the sibling's specialist")
+    refit = _run_json(tmp_path / "refit", "refit", {"threshold": 0.6})
+    own = _run_json(tmp_path / "own", "refit", {}, kinds="stained", init_from=str(refit))
+    own.write_bytes(b"the refit's own specialist")
+    wrong = {"protocol": _run_json(tmp_path / "p", "protocol", {}, kinds="stained", init_from=str(refit)),
+             "not this refit model": _run_json(tmp_path / "s", "refit", {}, kinds="stained", init_from=str(sibling)),
+             "not stained": _run_json(tmp_path / "k", "refit", {}, kinds="fluorescence", init_from=str(refit))}
+    for why, path in wrong.items():
+        with pytest.raises(ValueError, match=why):
+            copy_settings(str(refit), str(sibling), {"stained": str(path)})
+    with pytest.raises(ValueError, match="tuned without a bright-field specialist"):
+        copy_settings(str(refit), str(sibling), {"bright-field": str(own)})
+    attached = tmp_path / "refit" / "specialist-stained.keras"
+    assert copy_settings(str(refit), str(sibling))["specialists"] == {"stained": "specialist-stained.keras"}
+    assert attached.read_bytes() == b"the sibling's specialist"  # by default the sibling's comes along
+    settings = copy_settings(str(refit), str(sibling), {"stained": str(own)})
+    assert attached.read_bytes() == b"the refit's own specialist" and "own stained specialist" in settings["tuned_on"]
+    info = json.loads((tmp_path / "refit" / "run.json").read_text())
+    assert info["postprocess"]["threshold"] == 0.7 and info["sha256"]["specialist-stained.keras"]
+
+
 def test_a_rare_kind_keeps_its_own_thresholds_only_where_they_win_out_of_sample():
     from pipeline.inference import settings_for_kind
     from pipeline.tuning import per_kind_settings
