@@ -6,8 +6,9 @@ prediction; (1) prediction: plain, flips, flips + scales; (2) post-processing th
 globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive
 filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so the score
 that decides is of images the filter did not see. Before all of these, a kind specialist given to it (a model
-fine-tuned on one kind of image) is kept only if that kind's tune images score better with it. One process, no Ray: the tune split is small and every
-candidate reuses the same predicted probabilities.
+fine-tuned on one kind of image) is kept only if that kind's tune images score better with it. One process, no
+Ray: the tune split is small and every candidate reuses the same predicted probabilities. A pass that scores below
+the settings an earlier pass stored (same tune split, same specialists) leaves them in place.
 """
 from __future__ import annotations
 
@@ -174,6 +175,21 @@ def attach_specialists(model_path: str, info: dict, specialists: dict[str, str])
     return named
 
 
+def _comparable_stored_score(saved: dict, info: dict, routed: dict[str, str], tuned_on: str) -> float | None:
+    """The tune score recorded with the model's stored settings, if an earlier pass tuned them on the same tune
+    split with the same specialists (so the two passes' scores measure the same thing); else None.
+
+    Each pass starts from the stored thresholds and can wander to settings that score lower; comparing the
+    two keeps re-tuning from ever losing ground on the tune split.
+    """
+    from pipeline.registry import sha256_of
+
+    if saved.get("tuned_on") != tuned_on or "tune_score" not in saved:
+        return None
+    stored = {kind: (info.get("sha256") or {}).get(name) for kind, name in (saved.get("specialists") or {}).items()}
+    return float(saved["tune_score"]) if stored == {kind: sha256_of(path) for kind, path in routed.items()} else None
+
+
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002,
          predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None) -> dict:
     """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json."""
@@ -303,6 +319,12 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     if routed:
         settings["specialists"] = {kind: f"specialist-{kind}.keras" for kind in routed}
     log["settings"] = settings
+    stored_score = _comparable_stored_score(saved, info, routed, settings["tuned_on"])
+    if stored_score is not None and stored_score > settings["tune_score"]:
+        log["kept_stored"] = {"stored_tune_score": stored_score, "this_pass": settings["tune_score"]}
+        print(f"  the stored settings score {stored_score:.4f} on the tune split, this pass's "
+              f"{settings['tune_score']:.4f}: kept the stored ones", flush=True)
+        write = False
     log["seconds"] = round(time.time() - started, 1)
     folder = os.path.dirname(model_path)
     fileio.write_text_atomic(os.path.join(folder, "tuning.json"), json.dumps(log, indent=2))

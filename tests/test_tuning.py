@@ -259,6 +259,34 @@ def _pixel_model(folder, sharpness: float):
     return str(folder / "model.keras")
 
 
+def test_tuning_stores_its_settings_and_a_later_pass_never_loses_ground(tmp_path, synthetic_folder):
+    import json
+
+    from pipeline.tuning import tune
+
+    model = _pixel_model(tmp_path / "run", 20.0)
+    run_json = tmp_path / "run" / "run.json"
+    info = json.loads(run_json.read_text())
+    info["config"].update(data=synthetic_folder, seed=1, synthetic_count=12)
+    run_json.write_text(json.dumps(info))
+
+    log = tune(model, predictions=("plain",))
+    stored = json.loads(run_json.read_text())["postprocess"]
+    assert "kept_stored" not in log and 0.05 < stored["tune_score"] == log["settings"]["tune_score"] <= 1
+    assert stored["threshold"] in (0.5, 0.6, 0.7, 0.8) and stored["tuned_on"].startswith("tune split")
+    # An earlier pass whose settings scored better on the same tune split keeps them ...
+    better = {**stored, "threshold": 0.55, "tune_score": 1.0}
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "postprocess": better}))
+    log = tune(model, predictions=("plain",))
+    assert log["kept_stored"] == {"stored_tune_score": 1.0, "this_pass": log["settings"]["tune_score"]}
+    assert json.loads(run_json.read_text())["postprocess"] == better
+    # ... but a score recorded on other images (or with other specialists) measures something else.
+    other = {**better, "tuned_on": "tune split of the evaluation protocol (500 images)"}
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "postprocess": other}))
+    log = tune(model, predictions=("plain",))
+    assert "kept_stored" not in log and json.loads(run_json.read_text())["postprocess"]["threshold"] != 0.55
+
+
 def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path):
     from pipeline.inference import Predictor
     from pipeline.tuning import _check_specialist, choose_specialists, parse_specialists
