@@ -36,9 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         log = tune(config.model, config.data, write=not config.dry_run,
                    predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()),
                    specialists=parse_specialists(config.specialists))
-        print(f"settings: {({k: v for k, v in log['settings'].items() if k != 'instance_filter'})}, "
+        kept = log.get("kept_stored")
+        print(f"{'this pass (not stored)' if kept else 'settings'}: "
+              f"{({k: v for k, v in log['settings'].items() if k != 'instance_filter'})}, "
               f"instance filter {'on' if log['settings']['instance_filter'] else 'off'}")
-        print(f"tune_score={log['settings']['tune_score']:.4f}")
+        print(f"tune_score={kept['stored_tune_score'] if kept else log['settings']['tune_score']:.4f}")
 
     return run_job(work)
 
