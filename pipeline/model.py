@@ -14,7 +14,8 @@ import zipfile
 
 import numpy as np
 
-from pipeline.registry import ModelFileError, info_path as _info_path, read_model_info, resolve_model, specialist_files
+from pipeline.registry import (ModelFileError, info_path as _info_path, read_model_info, reading_differences,
+                               resolve_model, specialist_files)
 from pipeline.tfkeras import keras, tf
 
 __all__ = ["ModelFileError", "build_unet", "load_model", "save_model", "save_for_inference"]
@@ -313,7 +314,7 @@ def ensemble_model(model_paths: list[str], output: str) -> dict:
         infos.append(info)
     first = infos[0]
     for path, info in zip(model_paths[1:], infos[1:]):
-        differ = [key for key in ("mode", "num_classes", "appearance", "image_size") if info.get(key) != first.get(key)]
+        differ = reading_differences(info, first)
         differ += recipe_differences(first.get("config", {}), info.get("config", {}))
         if differ:
             raise ValueError(f"{path} differs from {model_paths[0]} in {', '.join(differ)}: "

@@ -71,6 +71,11 @@ def read_model_info(model_path: str) -> dict:
     return info
 
 
+def reading_differences(theirs: dict, mine: dict) -> list[str]:
+    """The run.json keys in which two models read images differently (so one cannot stand in for the other)."""
+    return [key for key in ("mode", "num_classes", "appearance", "image_size") if theirs.get(key) != mine.get(key)]
+
+
 def specialist_files(model_path: str, info: dict) -> dict[str, str]:
     """{kind: path} of the model's kind specialists (run.json `postprocess.specialists`: kind -> a file beside the
     model), each checked against the sha256 in the model's run.json; a name that leaves the folder is refused."""

@@ -234,7 +234,7 @@ def stain_jitter(image, scale, shift, min_colour: float = 0.04):
 
     The crops are the model's `colour` appearance, inverted (nuclei bright), so the light reaching the camera
     is 1 - value. Stain-space colour augmentation (Tellez et al. 2018, 2019: "HED" jitter) imitates how H&E
-    staining varies between labs, the variation the 19 stained test images differ by, unlike a channel shuffle.
+    staining varies between labs (the variation between DSB2018's stained images), unlike a channel shuffle.
     """
     from pipeline.tfkeras import tf
 

@@ -112,10 +112,10 @@ def parse_specialists(text: str) -> dict[str, str]:
 
 def _check_specialist(kind: str, path: str, info: dict) -> None:
     """A specialist must read images as the model does and must not have trained on the tune split."""
-    from pipeline.registry import read_model_info
+    from pipeline.registry import read_model_info, reading_differences
 
     theirs = read_model_info(path)
-    differ = [key for key in ("mode", "num_classes", "appearance", "image_size") if theirs.get(key) != info.get(key)]
+    differ = reading_differences(theirs, info)
     if differ:
         raise ValueError(f"--specialists {kind}={path}: it differs from the model in {', '.join(differ)}")
     if theirs.get("config", {}).get("holdout") != "protocol":
@@ -340,12 +340,12 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
 
 def _check_refit_specialist(kind: str, path: str, model_path: str, info: dict) -> None:
     """A refit's own specialist: trained with --holdout refit --kinds KIND, fine-tuned from the refit model itself."""
-    from pipeline.registry import read_model_info
+    from pipeline.registry import read_model_info, reading_differences
 
     theirs = read_model_info(path)
     trained = theirs.get("config", {})
     problems = [f"{key} {theirs.get(key)!r} (the model's: {info.get(key)!r})"
-                for key in ("mode", "num_classes", "appearance", "image_size") if theirs.get(key) != info.get(key)]
+                for key in reading_differences(theirs, info)]
     if trained.get("holdout") != "refit":
         problems.append(f"--holdout {trained.get('holdout')} (a refit's specialist: --holdout refit)")
     if trained.get("kinds") != kind:
