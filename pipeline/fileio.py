@@ -92,6 +92,25 @@ def write_bytes_atomic(location: str, data: bytes) -> None:
         raise
 
 
+def remove_partials(folder: str, older_than: float) -> int:
+    """Delete the temporary files write_bytes_atomic leaves behind when its process is killed mid-write (local
+    folders; only files last written before `older_than`, so a live writer's are left alone); returns how many."""
+    removed = 0
+    if is_uri(folder) or not os.path.isdir(folder):
+        return 0
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".partial-") and name.endswith(".tmp"):
+                path = os.path.join(directory, name)
+                try:
+                    if os.path.getmtime(path) < older_than:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:  # its writer finished (or cleaned up) meanwhile
+                    pass
+    return removed
+
+
 def write_text_atomic(location: str, text: str) -> None:
     """Text version of write_bytes_atomic (UTF-8)."""
     write_bytes_atomic(location, text.encode("utf-8"))

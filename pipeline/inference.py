@@ -393,6 +393,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
     started = time.time()
     model_path = os.path.abspath(resolve_model(config.model))
     info = inspect_model(model_path)  # fail fast, on the driver, with a clear message for a bad model file
+    fileio.remove_partials(output, older_than=started)  # half-written files of an earlier run that was killed
     image_size = int(info.get("image_size", config.image_size))
     listing = list_images(config.input)
     result = SegmentationResult()

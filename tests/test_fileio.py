@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pipeline.fileio import UnsafePathError, safe_join, write_bytes_atomic
+from pipeline.fileio import UnsafePathError, remove_partials, safe_join, write_bytes_atomic
 
 
 def test_atomic_write_leaves_only_the_finished_file_with_usual_permissions(tmp_path):
@@ -14,6 +14,21 @@ def test_atomic_write_leaves_only_the_finished_file_with_usual_permissions(tmp_p
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_killed_writers_temporary_files_are_removed_and_a_live_writers_kept(tmp_path):
+    import time
+
+    (tmp_path / "labels" / "sub").mkdir(parents=True)
+    stale, live = tmp_path / "labels" / "sub" / ".partial-a1.tmp", tmp_path / "labels" / ".partial-b2.tmp"
+    finished = tmp_path / "labels" / "image.png"
+    for path in (stale, live, finished):
+        path.write_bytes(b"data")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    os.utime(finished, (time.time() - 60, time.time() - 60))
+    assert remove_partials(str(tmp_path), older_than=time.time() - 30) == 1
+    assert not stale.exists() and live.exists() and finished.exists()
+    assert remove_partials(str(tmp_path / "missing"), older_than=time.time()) == 0
 
 
 @pytest.mark.parametrize("relative", ["../x.png", "/etc/passwd", "a/../../x", "", "C:/x.png"])
