@@ -157,6 +157,12 @@ class NucleusDice(NucleusIoU):
         return 2.0 * iou / (1.0 + iou)
 
 
+def _class_labels(y_true):
+    """[B, H, W] int32 class labels from a target batch shaped [B, H, W] or [B, H, W, 1]."""
+    y_true = tf.convert_to_tensor(y_true)
+    return tf.cast(tf.squeeze(y_true, -1) if y_true.shape.rank == 4 else y_true, tf.int32)
+
+
 class CrossEntropyDice(keras.losses.Loss):
     """Per-pixel cross-entropy plus (1 - soft Dice) of each nucleus class over the batch (DSB2018 1st place).
 
@@ -171,8 +177,7 @@ class CrossEntropyDice(keras.losses.Loss):
         self.num_classes, self.dice_weight = num_classes, dice_weight
 
     def call(self, y_true, y_pred):
-        y_true = tf.convert_to_tensor(y_true)
-        labels = tf.cast(tf.squeeze(y_true, -1) if y_true.shape.rank == 4 else y_true, tf.int32)
+        labels = _class_labels(y_true)
         cross_entropy = tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
         probabilities = tf.nn.softmax(y_pred, axis=-1)[..., 1:]
         truth = tf.one_hot(labels, self.num_classes, dtype=probabilities.dtype)[..., 1:]
@@ -220,9 +225,7 @@ class CrossEntropyDiceLovasz(CrossEntropyDice):
         self.lovasz_weight = lovasz_weight
 
     def call(self, y_true, y_pred):
-        y_true = tf.convert_to_tensor(y_true)
-        labels = tf.cast(tf.squeeze(y_true, -1) if y_true.shape.rank == 4 else y_true, tf.int32)
-        lovasz = lovasz_softmax(labels, tf.nn.softmax(y_pred, axis=-1), self.num_classes)
+        lovasz = lovasz_softmax(_class_labels(y_true), tf.nn.softmax(y_pred, axis=-1), self.num_classes)
         return super().call(y_true, y_pred) + self.lovasz_weight * lovasz[:, None, None]
 
     def get_config(self):
