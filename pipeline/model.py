@@ -179,12 +179,17 @@ class CrossEntropyDice(keras.losses.Loss):
     def call(self, y_true, y_pred):
         labels = _class_labels(y_true)
         cross_entropy = tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
-        probabilities = tf.nn.softmax(y_pred, axis=-1)[..., 1:]
+        softmax = tf.nn.softmax(y_pred, axis=-1)
+        probabilities = softmax[..., 1:]
         truth = tf.one_hot(labels, self.num_classes, dtype=probabilities.dtype)[..., 1:]
         overlap = tf.reduce_sum(probabilities * truth, axis=(0, 1, 2))
         total = tf.reduce_sum(probabilities + truth, axis=(0, 1, 2))
         dice = (2.0 * overlap + 1.0) / (total + 1.0)
-        return cross_entropy + self.dice_weight * (1.0 - tf.reduce_mean(dice))
+        return cross_entropy + self.dice_weight * (1.0 - tf.reduce_mean(dice)) + self.crop_terms(labels, softmax)
+
+    def crop_terms(self, labels, softmax):
+        """Terms a subclass adds per crop ([B, 1, 1]), from the batch's labels and softmax; none here."""
+        return 0.0
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "dice_weight": self.dice_weight}
@@ -224,9 +229,8 @@ class CrossEntropyDiceLovasz(CrossEntropyDice):
         super().__init__(num_classes=num_classes, dice_weight=dice_weight, name=name, **kwargs)
         self.lovasz_weight = lovasz_weight
 
-    def call(self, y_true, y_pred):
-        lovasz = lovasz_softmax(_class_labels(y_true), tf.nn.softmax(y_pred, axis=-1), self.num_classes)
-        return super().call(y_true, y_pred) + self.lovasz_weight * lovasz[:, None, None]
+    def crop_terms(self, labels, softmax):
+        return self.lovasz_weight * lovasz_softmax(labels, softmax, self.num_classes)[:, None, None]
 
     def get_config(self):
         return {**super().get_config(), "lovasz_weight": self.lovasz_weight}
@@ -246,7 +250,9 @@ class MeanProbabilityLogits(keras.layers.Layer):
 
 CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice,
                   "CrossEntropyDiceLovasz": CrossEntropyDiceLovasz, "MeanProbabilityLogits": MeanProbabilityLogits}
-LOSSES = ("ce", "ce+dice", "ce+dice+lovasz")
+_LOSS_MAKERS = {"ce": lambda classes: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                "ce+dice": CrossEntropyDice, "ce+dice+lovasz": CrossEntropyDiceLovasz}
+LOSSES = tuple(_LOSS_MAKERS)
 
 
 def compile_model(model: keras.Model, learning_rate: float, num_classes: int, loss: str = "ce") -> keras.Model:
@@ -254,9 +260,7 @@ def compile_model(model: keras.Model, learning_rate: float, num_classes: int, lo
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss={"ce": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                        "ce+dice": lambda: CrossEntropyDice(num_classes),
-                        "ce+dice+lovasz": lambda: CrossEntropyDiceLovasz(num_classes)}[loss](),
+                  loss=_LOSS_MAKERS[loss](num_classes),
                   metrics=["accuracy", NucleusIoU(num_classes), NucleusDice(num_classes)])
     return model
 
