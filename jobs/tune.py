@@ -2,7 +2,8 @@
 
 `python jobs/tune.py --model RUN/model.keras` predicts the run's tune-split images (never its test split)
 zoomed to several nucleus sizes (or not), then plain, with flips and with flips + scales, grid-searches the
-post-processing thresholds, and fits the false-positive filter, keeping it only if it helps out of fold.
+post-processing thresholds, and fits the false-positive filter and the outline refiner, keeping each only if it
+helps out of fold.
 Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
 evaluate.py use them with no flag.
 A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
@@ -20,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.cli import run_job  # noqa: E402
 from pipeline.config import TuneConfig, parse_args  # noqa: E402
 
+FITTED = ("instance_filter", "outline_refiner")  # long lists of numbers: shown as on / off
+
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(TuneConfig, argv, description=__doc__, prog="jobs/tune.py", required=("model",))
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if config.settings_from:
             settings = copy_settings(config.model, config.settings_from, parse_specialists(config.specialists))
-            shown = {key: value for key, value in settings.items() if key != "instance_filter"}
+            shown = {key: value for key, value in settings.items() if key not in FITTED}
             print(f"settings of {config.settings_from} copied: {shown}")
             return
 
@@ -38,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                    specialists=parse_specialists(config.specialists))
         kept = log.get("kept_stored")
         print(f"{'this pass (not stored)' if kept else 'settings'}: "
-              f"{({k: v for k, v in log['settings'].items() if k != 'instance_filter'})}, "
-              f"instance filter {'on' if log['settings']['instance_filter'] else 'off'}")
+              f"{({k: v for k, v in log['settings'].items() if k not in FITTED})}, "
+              f"instance filter {'on' if log['settings']['instance_filter'] else 'off'}, "
+              f"outline refiner {'on' if log['settings']['outline_refiner'] else 'off'}")
         print(f"tune_score={kept['stored_tune_score'] if kept else log['settings']['tune_score']:.4f}")
 
     return run_job(work)

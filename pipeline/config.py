@@ -191,6 +191,9 @@ class SegmentConfig(DataConfig):
                                        "(default: the model's run.json, else off)")
     instance_filter: bool = option(None, "drop predicted objects the model's fitted false-positive filter rejects "
                                          "(default: on when the model's run.json has one)")
+    refine_outlines: bool = option(None, "re-decide the pixels near each nucleus' edge with the model's fitted "
+                                         "outline refiner, from the probabilities and the image (default: on "
+                                         "when the model's run.json has one)")
     tile: int = option(0, "native-mode models: images larger than this are predicted in overlapping tiles "
                           "(0: the tile size in the model's run.json, else 1024)")
     overlap: int = option(64, "pixels shared by neighbouring tiles (blended)")

@@ -131,7 +131,8 @@ def evaluate(config: EvaluateConfig) -> dict:
                                       encode_png(picture(sample.image, sample.labels, predicted)))
     post = postprocess_settings(config, info)
     summary = {"model": model_path, "data": data, "split": split, **prediction_settings(config, info),
-               "postprocess": {**post, "instance_filter": post["instance_filter"] is not None},
+               "postprocess": {**post, "instance_filter": post["instance_filter"] is not None,
+                               "outline_refiner": post["outline_refiner"] is not None},
                "thresholds": [round(float(t), 2) for t in THRESHOLDS], "table": summarise(rows),
                "seconds": round(result.seconds, 1)}
     fileio.write_text_atomic(os.path.join(output, "summary.json"), json.dumps(summary, indent=2))

@@ -153,12 +153,15 @@ class Predictor:
 
 def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, threshold: float,
                             min_size: int, seed_threshold: float | None = None,
-                            instance_filter: dict | None = None) -> np.ndarray:
-    """Upsample model-size probabilities to the image's own size, split them into nuclei, drop rejected ones."""
+                            instance_filter: dict | None = None, outline_refiner: dict | None = None,
+                            image: np.ndarray | None = None) -> np.ndarray:
+    """Upsample model-size probabilities to the image's own size, split them into nuclei, drop rejected ones,
+    and re-decide their outlines from the probabilities and the original `image` (when a refiner is given)."""
     import cv2
 
     from submission.instance_filter import apply_filter
     from submission.instances import instances_from_probabilities
+    from submission.outlines import refine_outlines
 
     upsampled = probabilities.astype(np.float32)
     if upsampled.shape[:2] != (int(height), int(width)):
@@ -167,7 +170,10 @@ def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, 
         upsampled = upsampled[..., None]
     labels = instances_from_probabilities(upsampled, threshold=threshold, min_size=min_size,
                                           seed_threshold=seed_threshold)
-    return apply_filter(labels, upsampled, instance_filter)
+    labels = apply_filter(labels, upsampled, instance_filter)
+    if outline_refiner and image is not None:
+        labels = refine_outlines(labels, upsampled, image, outline_refiner)
+    return labels
 
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -210,7 +216,8 @@ def settings_for_kind(threshold: float, seed_threshold: float | None, min_size: 
 
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
                 max_pixels: int, encode: bool, seed_threshold: float | None = None, measure: bool = False,
-                instance_filter: dict | None = None, by_kind: dict | None = None) -> dict:
+                instance_filter: dict | None = None, by_kind: dict | None = None,
+                outline_refiner: dict | None = None) -> dict:
     """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows).
 
     `by_kind` (from jobs/tune.py) gives stained or bright-field images their own thresholds and minimum size.
@@ -233,15 +240,17 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 kind = str(batch["image_kind"][row]) if "image_kind" in batch else ""
                 own_threshold, own_seed, own_min_size = settings_for_kind(threshold, seed_threshold, min_size,
                                                                           by_kind, kind)
+                path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
+                ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]), source=str(batch["source"][row]),
+                                image_path=path)
+                image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image if outline_refiner else None
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
                                                  batch["width"][row], own_threshold, own_min_size, own_seed,
-                                                 instance_filter)
-                path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
+                                                 instance_filter, outline_refiner, image)
                 label_file = _relative_label_path(output, write_labels(output, path, labels))
                 if image_id in overlay_ids or (measure and labels.max()):
-                    ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]),
-                                    source=str(batch["source"][row]), image_path=path)
-                    image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image
+                    if image is None:
+                        image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image
                     if image_id in overlay_ids:
                         fileio.write_bytes_atomic(output_paths(output, path)[1], encode_png(overlay(image, labels)))
                     if measure and labels.max():
@@ -266,7 +275,8 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
 
 
 def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
-    """threshold, seed_threshold, min_size, instance filter: the flags when given, else run.json, else defaults.
+    """threshold, seed_threshold, min_size, instance filter, outline refiner: the flags when given, else run.json,
+    else defaults.
 
     The per-kind values of run.json (`by_kind`) apply only when no threshold or size flag is given.
     """
@@ -275,10 +285,14 @@ def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
     use_filter = saved.get("instance_filter") is not None if config.instance_filter is None else config.instance_filter
     if use_filter and not saved.get("instance_filter"):
         raise ValueError("--instance-filter: this model's run.json has no fitted instance filter (jobs/tune.py fits one)")
+    use_refiner = saved.get("outline_refiner") is not None if config.refine_outlines is None else config.refine_outlines
+    if use_refiner and not saved.get("outline_refiner"):
+        raise ValueError("--refine-outlines: this model's run.json has no fitted outline refiner (jobs/tune.py fits one)")
     return {"threshold": config.threshold or float(saved.get("threshold", DEFAULT_THRESHOLD)),
             "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
             "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE)),
             "instance_filter": saved.get("instance_filter") if use_filter else None,
+            "outline_refiner": saved.get("outline_refiner") if use_refiner else None,
             "by_kind": {} if flagged else dict(saved.get("by_kind") or {})}
 
 

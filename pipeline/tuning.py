@@ -5,7 +5,8 @@ tuning.json: (0) size normalisation: the nucleus area each image is zoomed to (o
 prediction; (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
 globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive
 filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so the score
-that decides is of images the filter did not see. Before all of these, a kind specialist given to it (a model
+that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py), judged the
+same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
 fine-tuned on one kind of image) is kept only if that kind's tune images score better with it. One process, no
 Ray: the tune split is small and every candidate reuses the same predicted probabilities. A pass that scores below
 the settings an earlier pass stored (same tune split, same specialists) leaves them in place.
@@ -29,6 +30,7 @@ SEED_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)
 MIN_SIZES = (15, 30, 50)
 NUCLEUS_AREAS = (0, 150, 200, 250, 300)  # size normalisation targets in pixels (0: off), chosen on plain prediction
 FILTER_CUTOFFS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+REFINER_CUTOFFS = (0.4, 0.45, 0.5, 0.55, 0.6)
 FOLDS = 5
 
 
@@ -60,8 +62,33 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
             for cutoff in FILTER_CUTOFFS:
                 filtered[cutoff][i] = apply_filter(labels[i], probabilities[i], {**params, "cutoff": cutoff})
     scores = {cutoff: mean_score(truths, filtered[cutoff]) for cutoff in FILTER_CUTOFFS}
-    return {"unfiltered": mean_score(truths, labels), "by_cutoff": scores,
+    return {"unfiltered": mean_score(truths, labels), "by_cutoff": scores, "filtered": filtered,
             "all_features": np.concatenate(features), "all_targets": np.concatenate(targets)}
+
+
+def refiner_cross_validation(truths, labels, probabilities, images, folds: int = FOLDS, seed: int = 0) -> dict:
+    """Out-of-fold tune score of the outline refiner at each cutoff (the same image folds as the filter's), and
+    the unrefined score; the band pixels' features and targets of every image, to fit the stored refiner."""
+    from submission.outlines import band_features, fit_refiner, pixel_targets, relabel
+    from submission.instance_filter import keep_probability
+
+    bands = [band_features(label, probability.astype(np.float32), image)
+             for label, probability, image in zip(labels, probabilities, images)]
+    targets = [pixel_targets(truth, mask) for truth, (_, mask) in zip(truths, bands)]
+    fold_of = np.random.default_rng(seed).permutation(len(truths)) % folds
+    refined = {cutoff: list(labels) for cutoff in REFINER_CUTOFFS}
+    for fold in range(folds):
+        train = [i for i in range(len(truths)) if fold_of[i] != fold and len(targets[i])]
+        params = fit_refiner(np.concatenate([bands[i][0] for i in train]), np.concatenate([targets[i] for i in train]))
+        for i in np.flatnonzero(fold_of == fold):
+            if not len(targets[i]):
+                continue
+            probability = keep_probability(bands[i][0].astype(np.float64), params)
+            for cutoff in REFINER_CUTOFFS:
+                refined[cutoff][i] = relabel(labels[i], bands[i][1], probability, cutoff)
+    return {"unrefined": mean_score(truths, labels),
+            "by_cutoff": {cutoff: mean_score(truths, refined[cutoff]) for cutoff in REFINER_CUTOFFS},
+            "all_features": np.concatenate([features for features, _ in bands]), "all_targets": np.concatenate(targets)}
 
 
 def leave_one_out_score(per_image: np.ndarray) -> float:
@@ -202,6 +229,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     from pipeline.sources import load_sample
     from submission.instance_filter import fit_filter
     from submission.metric import image_score
+    from submission.outlines import fit_refiner
 
     if set(predictions) - set(PREDICTIONS) or not predictions:
         raise ValueError(f"--predictions: choose among {', '.join(PREDICTIONS)}, got {', '.join(predictions)}")
@@ -309,13 +337,28 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
                                        "chosen_cutoff": cutoff, "gain": gain, "kept": keep_filter,
                                        "instances": int(len(cv["all_targets"])),
                                        "true_positive_fraction": float(np.mean(cv["all_targets"]))}
+
+    # 4. The outline refiner, on the nuclei step 3 leaves (filtered out of fold), judged out of fold on the same folds.
+    filtered = cv["filtered"][cutoff] if keep_filter else labels
+    before = cv["by_cutoff"][cutoff] if keep_filter else cv["unfiltered"]
+    outlines = refiner_cross_validation(truths, filtered, chosen_probabilities, [sample.image for sample in samples])
+    refiner_cutoff = max(outlines["by_cutoff"], key=outlines["by_cutoff"].get)
+    refiner_gain = outlines["by_cutoff"][refiner_cutoff] - before
+    keep_refiner = refiner_gain >= min_gain
+    print(f"  outline refiner: out-of-fold {outlines['by_cutoff'][refiner_cutoff]:.4f} at cutoff {refiner_cutoff} vs "
+          f"{before:.4f}: {'kept' if keep_refiner else 'dropped'}", flush=True)
+    log["steps"]["outline_refiner"] = {"before": before, "out_of_fold_by_cutoff": outlines["by_cutoff"],
+                                       "chosen_cutoff": refiner_cutoff, "gain": refiner_gain, "kept": keep_refiner,
+                                       "pixels": int(len(outlines["all_targets"]))}
     flips, scales = PREDICTIONS[best_prediction]
     settings = {"threshold": best[0], "seed_threshold": best[1], "min_size": best[2], "tta": flips,
                 "scales": list(scales),
                 "size_normalisation": {**measured_with, "nucleus_area": nucleus_area} if nucleus_area else None,
                 "instance_filter": fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep_filter else None,
+                "outline_refiner": fit_refiner(outlines["all_features"], outlines["all_targets"], refiner_cutoff)
+                if keep_refiner else None,
                 "by_kind": by_kind, "tuned_on": f"tune split of the evaluation protocol ({len(refs)} images)",
-                "tune_score": cv["by_cutoff"][cutoff] if keep_filter else cv["unfiltered"]}
+                "tune_score": outlines["by_cutoff"][refiner_cutoff] if keep_refiner else before}
     if routed:
         settings["specialists"] = {kind: f"specialist-{kind}.keras" for kind in routed}
     log["settings"] = settings

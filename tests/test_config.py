@@ -57,12 +57,12 @@ def test_postprocess_settings_come_from_flags_then_the_models_run_json():
 
     saved = {"postprocess": {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}}
     assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30,
-                                                            "instance_filter": None, "by_kind": {}}
+                                                            "instance_filter": None, "outline_refiner": None, "by_kind": {}}
     assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10,
-                                                         "instance_filter": None, "by_kind": {}}
+                                                         "instance_filter": None, "outline_refiner": None, "by_kind": {}}
     flags = parse_args(SegmentConfig, ["--threshold", "0.7", "--min-size", "5"])
     assert postprocess_settings(flags, saved) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5,
-                                                  "instance_filter": None, "by_kind": {}}
+                                                  "instance_filter": None, "outline_refiner": None, "by_kind": {}}
 
 
 def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
@@ -84,6 +84,11 @@ def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
         prediction_settings(parse_args(SegmentConfig, ["--nucleus-area", "150"]), {"mode": "resize"})
     assert postprocess_settings(SegmentConfig(), saved)["instance_filter"] == fitted
     assert postprocess_settings(flags, saved)["instance_filter"] is None
+    refined = {"postprocess": {**saved["postprocess"], "outline_refiner": fitted}}
+    assert postprocess_settings(SegmentConfig(), refined)["outline_refiner"] == fitted
+    assert postprocess_settings(parse_args(SegmentConfig, ["--no-refine-outlines"]), refined)["outline_refiner"] is None
+    with pytest.raises(ValueError, match="no fitted outline refiner"):
+        postprocess_settings(parse_args(SegmentConfig, ["--refine-outlines"]), saved)
     own = {"stained": {"threshold": 0.6, "seed_threshold": 0.6, "min_size": 50}}
     with_kinds = {"postprocess": {**saved["postprocess"], "by_kind": own}}
     assert postprocess_settings(SegmentConfig(), with_kinds)["by_kind"] == own

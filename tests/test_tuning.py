@@ -274,6 +274,9 @@ def test_tuning_stores_its_settings_and_a_later_pass_never_loses_ground(tmp_path
     stored = json.loads(run_json.read_text())["postprocess"]
     assert "kept_stored" not in log and 0.05 < stored["tune_score"] == log["settings"]["tune_score"] <= 1
     assert stored["threshold"] in (0.5, 0.6, 0.7, 0.8) and stored["tuned_on"].startswith("tune split")
+    outlines = log["steps"]["outline_refiner"]  # judged out of fold; stored only when it gained
+    assert set(outlines["out_of_fold_by_cutoff"]) == {0.4, 0.45, 0.5, 0.55, 0.6} and outlines["pixels"] > 0
+    assert (stored["outline_refiner"] is not None) == outlines["kept"]
     # An earlier pass whose settings scored better on the same tune split keeps them ...
     better = {**stored, "threshold": 0.55, "tune_score": 1.0}
     run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "postprocess": better}))
