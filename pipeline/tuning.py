@@ -68,7 +68,7 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
 
 def refiner_cross_validation(truths, labels, probabilities, images, folds: int = FOLDS, seed: int = 0) -> dict:
     """Out-of-fold tune score of the outline refiner at each cutoff (the same image folds as the filter's), and
-    the unrefined score; the band pixels' features and targets of every image, to fit the stored refiner."""
+    the band pixels' features and targets of every image, to fit the stored refiner."""
     from submission.outlines import band_features, fit_refiner, pixel_targets, relabel
     from submission.instance_filter import keep_probability
 
@@ -79,6 +79,8 @@ def refiner_cross_validation(truths, labels, probabilities, images, folds: int =
     refined = {cutoff: list(labels) for cutoff in REFINER_CUTOFFS}
     for fold in range(folds):
         train = [i for i in range(len(truths)) if fold_of[i] != fold and len(targets[i])]
+        if not train:  # no nuclei predicted outside this fold: nothing to learn from, outlines stay
+            continue
         params = fit_refiner(np.concatenate([bands[i][0] for i in train]), np.concatenate([targets[i] for i in train]))
         for i in np.flatnonzero(fold_of == fold):
             if not len(targets[i]):
@@ -86,8 +88,7 @@ def refiner_cross_validation(truths, labels, probabilities, images, folds: int =
             probability = keep_probability(bands[i][0].astype(np.float64), params)
             for cutoff in REFINER_CUTOFFS:
                 refined[cutoff][i] = relabel(labels[i], bands[i][1], probability, cutoff)
-    return {"unrefined": mean_score(truths, labels),
-            "by_cutoff": {cutoff: mean_score(truths, refined[cutoff]) for cutoff in REFINER_CUTOFFS},
+    return {"by_cutoff": {cutoff: mean_score(truths, refined[cutoff]) for cutoff in REFINER_CUTOFFS},
             "all_features": np.concatenate([features for features, _ in bands]), "all_targets": np.concatenate(targets)}
 
 
@@ -344,7 +345,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     outlines = refiner_cross_validation(truths, filtered, chosen_probabilities, [sample.image for sample in samples])
     refiner_cutoff = max(outlines["by_cutoff"], key=outlines["by_cutoff"].get)
     refiner_gain = outlines["by_cutoff"][refiner_cutoff] - before
-    keep_refiner = refiner_gain >= min_gain
+    keep_refiner = refiner_gain >= min_gain and len(outlines["all_targets"]) > 0
     print(f"  outline refiner: out-of-fold {outlines['by_cutoff'][refiner_cutoff]:.4f} at cutoff {refiner_cutoff} vs "
           f"{before:.4f}: {'kept' if keep_refiner else 'dropped'}", flush=True)
     log["steps"]["outline_refiner"] = {"before": before, "out_of_fold_by_cutoff": outlines["by_cutoff"],
