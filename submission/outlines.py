@@ -52,17 +52,18 @@ def band_features(labels: np.ndarray, probabilities: np.ndarray, image: np.ndarr
     grey_vs_nucleus = ((grey - background) / contrast).astype(np.float32)
     nuclei = float(np.median(grey[inside])) - background
     grey_vs_image = (grey - background) / (nuclei if abs(nuclei) >= 1.0 else 1.0)
-    outward_y, outward_x = np.gradient(signed)
-    columns = [probabilities[..., 0], probabilities[..., 1], probabilities[..., 2], signed,
-               np.log(object_area[nearest] + 1.0), grey_vs_nucleus, grey_vs_image]
+    outward_y, outward_x = (slope[mask] for slope in np.gradient(signed))
+    # Each whole-image column is cut to the band at once, so a large image holds only a few full-size arrays.
+    columns = [probabilities[..., 0][mask], probabilities[..., 1][mask], probabilities[..., 2][mask], signed[mask],
+               np.log(object_area[nearest[mask]] + 1.0), grey_vs_nucleus[mask], grey_vs_image[mask]]
     for scale in SCALES:
         smooth = ndimage.gaussian_filter(grey_vs_nucleus, scale)
-        slope_y, slope_x = np.gradient(smooth)
-        columns += [smooth, np.hypot(slope_y, slope_x), slope_y * outward_y + slope_x * outward_x,
-                    ndimage.laplace(smooth)]
-    columns += [ndimage.gaussian_filter(probabilities[..., 0].astype(np.float32), 1.5),
-                ndimage.gaussian_filter(probabilities[..., 2].astype(np.float32), 1.5)]
-    return np.stack([np.asarray(column, np.float32)[mask] for column in columns], axis=-1), mask
+        slope_y, slope_x = (slope[mask] for slope in np.gradient(smooth))
+        columns += [smooth[mask], np.hypot(slope_y, slope_x), slope_y * outward_y + slope_x * outward_x,
+                    ndimage.laplace(smooth)[mask]]
+    columns += [ndimage.gaussian_filter(probabilities[..., 0].astype(np.float32), 1.5)[mask],
+                ndimage.gaussian_filter(probabilities[..., 2].astype(np.float32), 1.5)[mask]]
+    return np.stack([np.asarray(column, np.float32) for column in columns], axis=-1), mask
 
 
 def relabel(labels: np.ndarray, mask: np.ndarray, nucleus_probability: np.ndarray, cutoff: float,
