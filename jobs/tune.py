@@ -21,14 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.cli import run_job  # noqa: E402
 from pipeline.config import TuneConfig, parse_args  # noqa: E402
 
-FITTED = ("instance_filter", "outline_refiner")  # long lists of numbers: shown as on / off
-
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(TuneConfig, argv, description=__doc__, prog="jobs/tune.py", required=("model",))
 
     def work() -> None:
-        from pipeline.tuning import copy_settings, parse_specialists, tune
+        from pipeline.tuning import FITTED, copy_settings, describe, parse_specialists, tune
 
         if config.settings_from:
             settings = copy_settings(config.model, config.settings_from, parse_specialists(config.specialists))
@@ -39,12 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         log = tune(config.model, config.data, write=not config.dry_run,
                    predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()),
                    specialists=parse_specialists(config.specialists))
-        kept = log.get("kept_stored")
-        print(f"{'this pass (not stored)' if kept else 'settings'}: "
-              f"{({k: v for k, v in log['settings'].items() if k not in FITTED})}, "
-              f"instance filter {'on' if log['settings']['instance_filter'] else 'off'}, "
-              f"outline refiner {'on' if log['settings']['outline_refiner'] else 'off'}")
-        print(f"tune_score={kept['stored_tune_score'] if kept else log['settings']['tune_score']:.4f}")
+        print(describe(log))
 
     return run_job(work)
 

@@ -117,6 +117,10 @@ class TrainConfig(DataConfig):
     snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
     time_limit: float = option(0.0, "minutes: stop after the last epoch that can finish within this much time from "
                                     "the start of the job (weights kept as --keep says); 0 = no limit")
+    tune: bool = option(False, "after training, choose the inference settings on the protocol's tune split "
+                               "(what jobs/tune.py does) and store them in run.json, so segment, submit and "
+                               "evaluate use them with no flag (--holdout protocol runs of all kinds of image "
+                               "only; the preset's)")
     max_failures: int = option(2, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
     resume: bool = option(False, "continue the interrupted run in --output from its last checkpoint, with the "
                                  "settings saved in its config.json (other flags are ignored)")
@@ -136,7 +140,8 @@ class TrainConfig(DataConfig):
 
 
 # What may differ between two runs of one recipe: seeds, run lengths, where they ran, and which split held out.
-NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch"})
+NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch",
+                        "tune"})
 
 
 def recipe_differences(mine: dict, theirs: dict) -> list[str]:
@@ -162,7 +167,7 @@ TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="colour", loss="ce+dice", image_size=128,
                     crops_per_image=8, augment=True, border_weight=2.0, encoder_width=0.5, decoder_width=0.5,
                     batch_size=16, learning_rate=2e-3, epochs=40, warmup_epochs=2, patience=10, keep="last",
-                    holdout="protocol", time_limit=45.0, threshold=0.6, seed_threshold=0.5, min_size=30),
+                    holdout="protocol", time_limit=45.0, threshold=0.6, seed_threshold=0.5, min_size=30, tune=True),
 }
 
 

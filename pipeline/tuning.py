@@ -32,6 +32,7 @@ NUCLEUS_AREAS = (0, 150, 200, 250, 300)  # size normalisation targets in pixels 
 FILTER_CUTOFFS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 REFINER_CUTOFFS = (0.4, 0.45, 0.5, 0.55, 0.6)
 FOLDS = 5
+FITTED = ("instance_filter", "outline_refiner")  # long lists of numbers: shown as on / off
 
 
 def _instances(probabilities, threshold, seed_threshold, min_size):
@@ -47,6 +48,11 @@ def mean_score(truths: list[np.ndarray], predictions: list[np.ndarray]) -> float
     return float(np.mean([image_score(truth, predicted) for truth, predicted in zip(truths, predictions)]))
 
 
+def _learnable(targets: list[np.ndarray]) -> bool:
+    """Whether these 0/1 targets hold both classes, as a classifier needs."""
+    return bool(targets) and np.unique(np.concatenate(targets)).size == 2
+
+
 def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, seed: int = 0) -> dict:
     """Out-of-fold tune score of the instance filter at each cutoff (images split into folds), and the unfiltered score."""
     from submission.instance_filter import apply_filter, fit_filter, instance_features, true_positive_targets
@@ -57,6 +63,11 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
     filtered = {cutoff: [None] * len(truths) for cutoff in FILTER_CUTOFFS}
     for fold in range(folds):
         train = [i for i in range(len(truths)) if fold_of[i] != fold and len(targets[i])]
+        if not _learnable([targets[i] for i in train]):  # e.g. a weak model's objects all false: keep them all
+            for i in np.flatnonzero(fold_of == fold):
+                for cutoff in FILTER_CUTOFFS:
+                    filtered[cutoff][i] = labels[i]
+            continue
         params = fit_filter(np.concatenate([features[i] for i in train]), np.concatenate([targets[i] for i in train]))
         for i in np.flatnonzero(fold_of == fold):
             for cutoff in FILTER_CUTOFFS:
@@ -79,7 +90,7 @@ def refiner_cross_validation(truths, labels, probabilities, images, folds: int =
     refined = {cutoff: list(labels) for cutoff in REFINER_CUTOFFS}
     for fold in range(folds):
         train = [i for i in range(len(truths)) if fold_of[i] != fold and len(targets[i])]
-        if not train:  # no nuclei predicted outside this fold: nothing to learn from, outlines stay
+        if not _learnable([targets[i] for i in train]):  # no nuclei outside this fold, or one class: outlines stay
             continue
         params = fit_refiner(np.concatenate([bands[i][0] for i in train]), np.concatenate([targets[i] for i in train]))
         for i in np.flatnonzero(fold_of == fold):
@@ -331,7 +342,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     cv = filter_cross_validation(truths, labels, chosen_probabilities)
     cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
     gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]
-    keep_filter = gain >= min_gain
+    keep_filter = gain >= min_gain and _learnable([cv["all_targets"]])
     print(f"  instance filter: out-of-fold {cv['by_cutoff'][cutoff]:.4f} at cutoff {cutoff} vs unfiltered "
           f"{cv['unfiltered']:.4f}: {'kept' if keep_filter else 'dropped'}", flush=True)
     log["steps"]["instance_filter"] = {"unfiltered": cv["unfiltered"], "out_of_fold_by_cutoff": cv["by_cutoff"],
@@ -345,7 +356,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     outlines = refiner_cross_validation(truths, filtered, chosen_probabilities, [sample.image for sample in samples])
     refiner_cutoff = max(outlines["by_cutoff"], key=outlines["by_cutoff"].get)
     refiner_gain = outlines["by_cutoff"][refiner_cutoff] - before
-    keep_refiner = refiner_gain >= min_gain and len(outlines["all_targets"]) > 0
+    keep_refiner = refiner_gain >= min_gain and _learnable([outlines["all_targets"]])
     print(f"  outline refiner: out-of-fold {outlines['by_cutoff'][refiner_cutoff]:.4f} at cutoff {refiner_cutoff} vs "
           f"{before:.4f}: {'kept' if keep_refiner else 'dropped'}", flush=True)
     log["steps"]["outline_refiner"] = {"before": before, "out_of_fold_by_cutoff": outlines["by_cutoff"],
@@ -380,6 +391,32 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         info["postprocess"] = settings
         fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
     return log
+
+
+def untunable_reason(trained: dict) -> str:
+    """Why a training run (its config, as a dict) cannot be tuned on the tune split after training; '' if it can."""
+    holdout = trained.get("holdout", "random")
+    if holdout == "refit":
+        return ("--holdout refit trains on the tune split too; give it the settings of the same recipe trained with "
+                "--holdout protocol: jobs/tune.py --model RUN/model.keras --settings-from SIBLING/model.keras")
+    if holdout != "protocol":
+        return f"--holdout {holdout} keeps no tune split (--holdout protocol does)"
+    if trained.get("kinds"):
+        return ("a --kinds run is a specialist; jobs/tune.py --model MODEL --specialists KIND=RUN/model.keras "
+                "judges it beside its model")
+    if trained.get("mode") != "native" or int(trained.get("num_classes", 2)) != 3:
+        return "tuning needs a native-mode, three-class model (--mode native --num-classes 3, as in the preset)"
+    return ""
+
+
+def describe(log: dict) -> str:
+    """Two lines for a person: the settings a tuning pass chose (fitted models as on/off) and its tune score."""
+    settings, kept = log["settings"], log.get("kept_stored")
+    shown = {key: value for key, value in settings.items() if key not in FITTED}
+    return (f"{'this pass (not stored)' if kept else 'settings'}: {shown}, "
+            f"instance filter {'on' if settings['instance_filter'] else 'off'}, "
+            f"outline refiner {'on' if settings['outline_refiner'] else 'off'}\n"
+            f"tune_score={kept['stored_tune_score'] if kept else settings['tune_score']:.4f}")
 
 
 def _check_refit_specialist(kind: str, path: str, model_path: str, info: dict) -> None:

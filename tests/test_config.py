@@ -97,3 +97,22 @@ def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
         postprocess_settings(parse_args(SegmentConfig, ["--instance-filter"]), {})
     with pytest.raises(ValueError, match="between 0.25 and 4"):
         prediction_settings(parse_args(SegmentConfig, ["--scales", "1,9"]), {})
+
+
+def test_tuning_after_training_is_the_presets_choice_and_not_part_of_its_recipe():
+    import dataclasses
+
+    from pipeline.config import recipe_differences
+    from pipeline.tuning import untunable_reason
+
+    preset = parse_args(TrainConfig, ["--preset", "dsb2018"])
+    assert preset.tune and not parse_args(TrainConfig, ["--preset", "dsb2018", "--no-tune"]).tune
+    assert not parse_args(TrainConfig, []).tune
+    mine = dataclasses.asdict(preset)
+    assert recipe_differences(mine, {**mine, "tune": False}) == []  # a sibling tuned by hand is the same recipe
+    assert untunable_reason(mine) == ""
+    assert "--settings-from" in untunable_reason({**mine, "holdout": "refit"})
+    assert "keeps no tune split" in untunable_reason({**mine, "holdout": "random"})
+    assert "--specialists" in untunable_reason({**mine, "kinds": "stained"})
+    assert "three-class" in untunable_reason({**mine, "num_classes": 2})
+    assert "three-class" in untunable_reason(dataclasses.asdict(parse_args(TrainConfig, ["--holdout", "protocol"])))

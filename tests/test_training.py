@@ -262,3 +262,28 @@ def test_a_weight_average_is_what_validation_sees_and_the_run_keeps(ray_session,
         np.testing.assert_array_equal(mine, averaged)
     with pytest.raises(ValueError, match="--weight-average 1.0"):
         run_training(dataclasses.replace(config, output=str(tmp_path / "bad"), weight_average=1.0))
+
+
+def test_the_train_job_tunes_a_protocol_run_on_its_tune_split_when_asked(ray_session, tmp_path, capsys):
+    """--tune (the preset's): after training, the job chooses the inference settings on the tune split and
+    stores them in run.json, as jobs/tune.py would; a --holdout refit run says at the start why it will not."""
+    from jobs.train import main as train_job
+
+    common = ["--data", "synthetic", "--synthetic-count", "16", "--epochs", "2", "--workers", "1", "--mode", "native",
+              "--num-classes", "3", "--crops-per-image", "2", "--warmup-epochs", "0", "--snapshots", "0",
+              "--seed", "4", "--tune", "--image-size", "128", "--encoder-width", "0.35", "--batch-size", "4",
+              "--backbone-weights", "none"]
+    output = tmp_path / "protocol"
+    assert train_job(common + ["--holdout", "protocol", "--output", str(output)]) == 0
+    shown = capsys.readouterr().out
+    stored = json.loads((output / "run.json").read_text())["postprocess"]
+    tuning = json.loads((output / "tuning.json").read_text())
+    assert stored["tuned_on"].startswith("tune split") and stored["tune_score"] == tuning["settings"]["tune_score"]
+    assert {"threshold", "seed_threshold", "min_size", "tta", "scales"} <= set(stored)
+    assert f"tune_score={stored['tune_score']:.4f}" in shown and "run.json holds the settings" in shown
+
+    refit = tmp_path / "refit"
+    assert train_job(common + ["--holdout", "refit", "--epochs", "1", "--output", str(refit)]) == 0
+    shown = capsys.readouterr().out
+    assert "will not be tuned after training: --holdout refit" in shown and "tune_score=" not in shown
+    assert "tuned_on" not in json.loads((refit / "run.json").read_text())["postprocess"]

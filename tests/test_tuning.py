@@ -323,3 +323,20 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
     (tmp_path / "finds" / "run.json").write_text(json.dumps({**info, "config": {"holdout": "refit"}}))
     with pytest.raises(ValueError, match="--holdout protocol"):
         _check_specialist("stained", finds, info)
+
+
+def test_cross_validation_leaves_objects_alone_when_its_targets_hold_one_class():
+    """A weak model whose every object is false (no true nuclei here) gives the filter and the refiner nothing
+    to tell apart: both keep the labels as they are instead of failing to fit."""
+    from pipeline.tuning import filter_cross_validation, refiner_cross_validation
+
+    rng = np.random.default_rng(5)
+    pairs = [blobs(rng, 3, 6, 0.9) for _ in range(5)]
+    labels, probabilities = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+    truths = [np.zeros_like(label) for label in labels]
+    images = [np.repeat((label > 0)[..., None] * 200, 3, axis=2).astype(np.uint8) for label in labels]
+    filtered = filter_cross_validation(truths, labels, probabilities)
+    assert not filtered["all_targets"].any() and len(filtered["all_targets"]) == 15
+    assert all(all(np.array_equal(a, b) for a, b in zip(kept, labels)) for kept in filtered["filtered"].values())
+    refined = refiner_cross_validation(truths, labels, probabilities, images)
+    assert len(refined["all_targets"]) > 0 and set(refined["by_cutoff"].values()) == {0.0}
