@@ -60,13 +60,10 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
     features = [instance_features(label, probability) for label, probability in zip(labels, probabilities)]
     targets = [true_positive_targets(truth, label) for truth, label in zip(truths, labels)]
     fold_of = np.random.default_rng(seed).permutation(len(truths)) % folds
-    filtered = {cutoff: [None] * len(truths) for cutoff in FILTER_CUTOFFS}
+    filtered = {cutoff: list(labels) for cutoff in FILTER_CUTOFFS}
     for fold in range(folds):
         train = [i for i in range(len(truths)) if fold_of[i] != fold and len(targets[i])]
         if not _learnable([targets[i] for i in train]):  # e.g. a weak model's objects all false: keep them all
-            for i in np.flatnonzero(fold_of == fold):
-                for cutoff in FILTER_CUTOFFS:
-                    filtered[cutoff][i] = labels[i]
             continue
         params = fit_filter(np.concatenate([features[i] for i in train]), np.concatenate([targets[i] for i in train]))
         for i in np.flatnonzero(fold_of == fold):
