@@ -6,10 +6,25 @@ import numpy as np
 THRESHOLDS = np.arange(0.5, 1.0, 0.05)
 
 
+def _ids_and_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the label values present, ascending; each pixel's index into them): np.unique(return_inverse=True).
+
+    Label images hold small non-negative integers, so one bincount and a lookup table find them in linear
+    time; np.unique sorts every pixel, which made scoring half of a tune pass. Other arrays take np.unique.
+    """
+    flat = np.asarray(labels).ravel()
+    if flat.dtype.kind in "biu" and flat.size and int(flat.min()) >= 0 and int(flat.max()) <= 2 * flat.size + 65536:
+        present = np.bincount(flat) > 0
+        lookup = np.cumsum(present) - 1
+        return np.flatnonzero(present), lookup[flat]
+    ids, indices = np.unique(flat, return_inverse=True)
+    return ids, indices.ravel()
+
+
 def iou_matrix(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
     """IoU between every true nucleus (rows) and predicted nucleus (columns) of two label images."""
-    true_ids, true_flat = np.unique(true_labels, return_inverse=True)
-    pred_ids, pred_flat = np.unique(pred_labels, return_inverse=True)
+    true_ids, true_flat = _ids_and_indices(true_labels)
+    pred_ids, pred_flat = _ids_and_indices(pred_labels)
     n_true, n_pred = true_ids.size, pred_ids.size
     intersection = np.bincount(true_flat.ravel() * n_pred + pred_flat.ravel(),
                                minlength=n_true * n_pred).reshape(n_true, n_pred)

@@ -39,3 +39,19 @@ def test_threshold_sweep_counts_a_partial_match():
     pred[0:7, 0:10] = 1  # IoU 0.7: a match at 0.50..0.65, a miss (FP + FN) from 0.70
     scores = image_scores(truth, pred)
     assert scores.tolist() == [1.0] * 4 + [0.0] * 6
+
+
+def test_label_values_with_gaps_any_integer_type_or_floats_score_alike():
+    """Label values need not be 1..N: the linear-time path (small non-negative integers) and np.unique's
+    (anything else) give the same IoU matrix, rows and columns in ascending label order."""
+    from submission.metric import iou_matrix
+
+    truth = two_nuclei()
+    pred = np.roll(truth, 1, axis=1)  # IoU 30/42 with each of its own nucleus
+    expected = iou_matrix(truth, pred)
+    assert expected.shape == (2, 2) and expected[0, 0] == pytest.approx(30 / 42) and expected[0, 1] == 0
+    lookup = np.array([0, 7, 900])
+    for relabelled in (lookup[pred].astype(np.uint16), lookup[pred].astype(np.int64), lookup[pred].astype(np.float32),
+                       np.where(pred > 0, lookup[pred], -1)):  # -1 background: np.unique's path
+        assert np.array_equal(iou_matrix(truth, relabelled), expected)
+    assert image_score(lookup[truth].astype(np.uint16), lookup[pred]) == image_score(truth, pred)
