@@ -33,6 +33,9 @@ FILTER_CUTOFFS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 REFINER_CUTOFFS = (0.4, 0.45, 0.5, 0.55, 0.6)
 FOLDS = 5
 FITTED = ("instance_filter", "outline_refiner")  # long lists of numbers: shown as on / off
+# --time-limit keeps this many epochs' time free for the tune step after training: both are compute-bound on the
+# same cores, and on the 2-core CPU box a dsb2018 preset run's tune pass (4.7 min) takes about 5 of its epochs.
+TUNE_COST_IN_EPOCHS = 5.0
 
 
 def _instances(probabilities, threshold, seed_threshold, min_size):
@@ -229,7 +232,7 @@ def _comparable_stored_score(saved: dict, info: dict, routed: dict[str, str], tu
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002,
          predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None) -> dict:
     """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json."""
-    from pipeline.augment import apply_appearance
+    from pipeline.augment import apply_appearance, median_nucleus_area, size_normalising_zoom
     from pipeline.evaluation import held_out_refs
     from pipeline.images import normalise
     from pipeline.inference import Predictor, settings_for_kind
@@ -274,20 +277,32 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         routed, log["steps"]["specialists"] = choose_specialists(predictor, specialists, inputs, truths, kinds,
                                                                  min_gain)
 
-    def predict_all(flips: bool, scales: tuple[float, ...], nucleus_area: float) -> tuple[list, dict]:
-        predictor.tta, predictor.scales = flips, scales
-        predictor.size_normalisation = {**measured_with, "nucleus_area": nucleus_area} if nucleus_area else None
+    measured_with = dict(zip(("threshold", "seed_threshold", "min_size"), current))
+    median_areas: list[float] = []  # each image's median nucleus in its plain prediction, measured once
+
+    def predict_all(flips: bool, scales: tuple[float, ...], nucleus_area: float,
+                    measure: bool = False) -> tuple[list, dict]:
+        """Every tune image predicted as inference would with these settings. Size normalisation's first plain
+        pass is the same for every target, so `measure` (plain, no size normalisation) measures each image's
+        nuclei once for all of them."""
+        predictor.tta, predictor.size_normalisation = flips, None
         tick = time.time()
-        predicted = [predictor.predict_whole(image, kind).astype(np.float16) for image, kind in zip(inputs, kinds)]
+        predicted = []
+        for index, (image, kind) in enumerate(zip(inputs, kinds)):
+            zoom = size_normalising_zoom(median_areas[index], nucleus_area) if nucleus_area else 1.0
+            predictor.scales = tuple(scale * zoom for scale in scales)
+            probabilities = predictor.predict_whole(image, kind)
+            if measure:
+                median_areas.append(median_nucleus_area(probabilities, **measured_with))
+            predicted.append(probabilities.astype(np.float16))
         return predicted, {"score": mean_score(truths, [_instances(p, *current) for p in predicted]),
                            "predict_seconds": round(time.time() - tick, 1)}
 
-    # 0. Size normalisation: each target nucleus area scored with plain prediction and the current post-processing,
-    # which also measures each image's nuclei.
-    measured_with = dict(zip(("threshold", "seed_threshold", "min_size"), current))
+    # 0. Size normalisation: each target nucleus area scored with plain prediction and the current post-processing;
+    # the first (area 0: off) also measures each image's nuclei.
     plain, sizes = {}, {}
     for area in sorted(set(NUCLEUS_AREAS) | {float(trained.get("nucleus_area") or 0)}):  # and the one it trained at
-        plain[area], sizes[area] = predict_all(False, (1.0,), area)
+        plain[area], sizes[area] = predict_all(False, (1.0,), area, measure=not area)  # 0 first: it measures
         print(f"  nucleus area {area or 'off':>4} (plain) score {sizes[area]['score']:.4f} "
               f"({sizes[area]['predict_seconds']:.0f} s)", flush=True)
     nucleus_area = max(sizes, key=lambda area: sizes[area]["score"])
@@ -388,6 +403,11 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         info["postprocess"] = settings
         fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
     return log
+
+
+def will_tune(trained: dict) -> bool:
+    """Whether a training run (its config, as a dict) is tuned on the tune split when its training ends."""
+    return bool(trained.get("tune")) and not untunable_reason(trained)
 
 
 def untunable_reason(trained: dict) -> str:

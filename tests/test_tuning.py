@@ -290,6 +290,38 @@ def test_tuning_stores_its_settings_and_a_later_pass_never_loses_ground(tmp_path
     assert "kept_stored" not in log and json.loads(run_json.read_text())["postprocess"]["threshold"] != 0.55
 
 
+def test_each_nucleus_area_is_scored_on_what_inference_predicts_with_it(tmp_path, synthetic_folder):
+    """The tune step measures each image's nuclei once for every size-normalisation target; its scores must be
+    those of inference's own size normalisation (which measures them itself, image by image)."""
+    import json
+
+    from pipeline.augment import apply_appearance
+    from pipeline.evaluation import held_out_refs
+    from pipeline.images import normalise
+    from pipeline.inference import Predictor
+    from pipeline.sources import load_sample
+    from pipeline.tuning import _instances, mean_score, tune
+
+    model = _pixel_model(tmp_path / "run", 20.0)
+    run_json = tmp_path / "run" / "run.json"
+    info = json.loads(run_json.read_text())
+    info["config"].update(data=synthetic_folder, seed=1, synthetic_count=12)
+    run_json.write_text(json.dumps(info))
+    step = tune(model, predictions=("plain",), write=False)["steps"]["size_normalisation"]
+    samples = [load_sample(ref) for ref in held_out_refs("tune", synthetic_folder, info["config"])]
+    measured_with = step["with"]
+    scores = {}
+    for area, entry in step["scores"].items():
+        predictor = Predictor(model, batch_size=1, threads=2,
+                              size_normalisation={**measured_with, "nucleus_area": float(area)} if float(area) else None)
+        predicted = [predictor.predict_whole(normalise(apply_appearance(sample.image, "colour"))).astype(np.float16)
+                     for sample in samples]
+        scores[area] = mean_score([sample.labels for sample in samples],
+                                  [_instances(p, *measured_with.values()) for p in predicted])
+        assert scores[area] == pytest.approx(entry["score"], abs=1e-9), area
+    assert len(set(scores.values())) > 1  # the targets zoomed the images differently
+
+
 def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path):
     from pipeline.inference import Predictor
     from pipeline.tuning import _check_specialist, choose_specialists, parse_specialists
