@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         import dataclasses
 
         from pipeline.training import run_training
-        from pipeline.tuning import describe, tune, untunable_reason
+        from pipeline.tuning import describe, tune, untunable_reason, will_tune
 
         skipped = untunable_reason(dataclasses.asdict(config)) if config.tune and not config.resume else ""
         if skipped:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {model} (weights of epoch {info['kept_epoch']} of {info['epochs_run']}, "
               f"best {info['best_epoch']}; {metrics})")
         trained = info["config"]  # a resumed run's own settings, not this command line's
-        if trained.get("tune") and not untunable_reason(trained):
+        if will_tune(trained):
             print("choosing the inference settings on the tune split (--no-tune skips this; jobs/tune.py redoes it)",
                   flush=True)
             log = tune(model)

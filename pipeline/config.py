@@ -116,7 +116,8 @@ class TrainConfig(DataConfig):
     min_size: int = option(10, "written to run.json: inference drops predicted nuclei smaller than this (pixels)")
     snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
     time_limit: float = option(0.0, "minutes: stop after the last epoch that can finish within this much time from "
-                                    "the start of the job (weights kept as --keep says); 0 = no limit")
+                                    "the start of the job (weights kept as --keep says), leaving time for the "
+                                    "--tune step when there is one (about 5 epochs' worth); 0 = no limit")
     tune: bool = option(False, "after training, choose the inference settings on the protocol's tune split "
                                "(what jobs/tune.py does) and store them in run.json, so segment, submit and "
                                "evaluate use them with no flag (--holdout protocol runs of all kinds of image "

@@ -21,12 +21,19 @@ from pipeline.config import TrainConfig
 from pipeline.fileio import write_text_atomic
 from pipeline.inference import DEFAULT_TILE
 from pipeline.registry import sha256_of
+from pipeline.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
 CHECKPOINT_PREFIX = "epoch_"
 FINAL_CHECKPOINT = "final"
 
 
 # ---------------------------------------------------------------- worker side
+
+def epochs_that_fit(done: int, seconds_left: float, epoch_seconds: float, reserved_epochs: float = 0.0) -> int:
+    """How many epochs a time-limited run can reach: those done, plus the whole epochs (at the last one's speed)
+    that end before the deadline with `reserved_epochs` epochs' time still left (for the --tune step)."""
+    return done + max(0, int(seconds_left // max(epoch_seconds, 1e-3) - reserved_epochs))
+
 
 def learning_rate_at(epoch: int, config: TrainConfig, epochs: int | None = None) -> float:
     """Linear warm-up for `warmup_epochs`, then cosine decay to 5% of the peak at the last epoch.
@@ -55,7 +62,7 @@ def _snapshot_strip(images: np.ndarray, truth: np.ndarray, logits: np.ndarray) -
 
 
 def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: dict, snapshot_images, snapshot_masks,
-                    resumed: bool, train_rows: int, deadline: float):
+                    resumed: bool, train_rows: int, deadline: float, reserved_epochs: float = 0.0):
     """The Keras callbacks of one worker: LR schedule, early stopping, TensorBoard, snapshots, Ray reports."""
     import ray.train
     from pipeline.images import encode_png
@@ -152,7 +159,8 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
         """Stops after the last epoch that can finish before the deadline; rank 0 decides for every worker.
 
         After each epoch it also re-plans how many epochs fit (at the last epoch's speed), so the learning
-        rate's decay ends when the run does rather than at an epoch it will never reach.
+        rate's decay ends when the run does rather than at an epoch it will never reach. `reserved_epochs`
+        epochs' time is kept free before the deadline for the work after training (the --tune step).
         """
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -162,8 +170,7 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             if not deadline:
                 return
             now = time.time()
-            seconds = max(now - self.started, 1e-3)
-            fit = epoch + 1 + max(0, int((deadline - now) // seconds))
+            fit = epochs_that_fit(epoch + 1, deadline - now, now - self.started, reserved_epochs)
             if world > 1:
                 from ray.train.collective import broadcast_from_rank_zero
 
@@ -171,7 +178,8 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             planned["epochs"] = min(config.epochs, fit)
             if fit <= epoch + 1:
                 if rank == 0:
-                    print(f"time limit: stopping after epoch {epoch + 1} (another would end past "
+                    after = " with time left for the tune step" if reserved_epochs else ""
+                    print(f"time limit: stopping after epoch {epoch + 1} (another would not end{after} within "
                           f"{config.time_limit:g} minutes)", flush=True)
                 self.model.stop_training = True
 
@@ -372,7 +380,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     snapshots = loop_config.get("snapshots") or {}
     callbacks, early_stopping, report = _make_callbacks(
         config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None,
-        train_rows=epoch_rows["train"], deadline=float(loop_config.get("deadline") or 0.0))
+        train_rows=epoch_rows["train"], deadline=float(loop_config.get("deadline") or 0.0),
+        reserved_epochs=float(loop_config.get("reserved_epochs") or 0.0))
     initial_epoch = int(state.get("epoch", 0))
     if initial_epoch < config.epochs:
         model.fit(train_data, validation_data=val_data, epochs=config.epochs,
@@ -510,7 +519,8 @@ def run_training(config: TrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config={"config": dataclasses.asdict(config), "snapshots": _snapshot_arrays(val_data, config.snapshots),
                            "sizes": {"train": len(train_refs), "val": len(val_refs)},
-                           "deadline": started + config.time_limit * 60 if config.time_limit > 0 else 0.0},
+                           "deadline": started + config.time_limit * 60 if config.time_limit > 0 else 0.0,
+                           "reserved_epochs": TUNE_COST_IN_EPOCHS if will_tune(dataclasses.asdict(config)) else 0.0},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker},
                                                placement_strategy=config.placement),

@@ -52,6 +52,20 @@ def test_learning_rate_decays_to_the_last_epoch_the_time_limit_allows():
     assert learning_rate_at(6, config, epochs=40) == learning_rate_at(6, config)  # never longer than asked
 
 
+def test_a_time_limit_leaves_the_tune_steps_epochs_free_when_the_run_will_be_tuned():
+    import dataclasses
+
+    from pipeline.training import epochs_that_fit
+    from pipeline.tuning import TUNE_COST_IN_EPOCHS, will_tune
+
+    assert epochs_that_fit(10, seconds_left=600, epoch_seconds=60) == 20
+    assert epochs_that_fit(10, seconds_left=600, epoch_seconds=60, reserved_epochs=5) == 15
+    assert epochs_that_fit(10, seconds_left=250, epoch_seconds=60, reserved_epochs=5) == 10  # stop now, never fewer
+    preset = dataclasses.asdict(parse_args(TrainConfig, ["--preset", "dsb2018"]))
+    assert will_tune(preset) and TUNE_COST_IN_EPOCHS > 0
+    assert not will_tune({**preset, "holdout": "refit"}) and not will_tune({**preset, "tune": False})
+
+
 def test_postprocess_settings_come_from_flags_then_the_models_run_json():
     from pipeline.inference import postprocess_settings
 
