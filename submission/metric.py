@@ -39,7 +39,11 @@ def iou_matrix(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
 
 def image_scores(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
     """TP/(TP+FP+FN) at each threshold for one image (a match needs IoU strictly above it)."""
-    iou = iou_matrix(true_labels, pred_labels)
+    return scores_from_iou(iou_matrix(true_labels, pred_labels))
+
+
+def scores_from_iou(iou: np.ndarray) -> np.ndarray:
+    """TP/(TP+FP+FN) at each threshold from an image's IoU matrix (true nuclei as rows, predicted as columns)."""
     n_true, n_pred = iou.shape
     if n_true == 0 and n_pred == 0:
         return np.ones(THRESHOLDS.size)
