@@ -117,7 +117,7 @@ class TrainConfig(DataConfig):
     snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
     time_limit: float = option(0.0, "minutes: stop after the last epoch that can finish within this much time from "
                                     "the start of the job (weights kept as --keep says), leaving time for the "
-                                    "--tune step when there is one (about 5 epochs' worth); 0 = no limit")
+                                    "--tune step when there is one (about 6 epochs' worth); 0 = no limit")
     tune: bool = option(False, "after training, choose the inference settings on the protocol's tune split "
                                "(what jobs/tune.py does) and store them in run.json, so segment, submit and "
                                "evaluate use them with no flag (--holdout protocol runs of all kinds of image "
@@ -167,7 +167,7 @@ def kept_weights_config(info: dict) -> dict:
 TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="colour", loss="ce+dice", image_size=128,
                     crops_per_image=8, augment=True, border_weight=2.0, encoder_width=0.5, decoder_width=0.5,
-                    batch_size=16, learning_rate=2e-3, epochs=40, warmup_epochs=2, patience=10, keep="last",
+                    batch_size=16, learning_rate=2e-3, epochs=80, warmup_epochs=2, patience=10, keep="last",
                     holdout="protocol", time_limit=45.0, threshold=0.6, seed_threshold=0.5, min_size=30, tune=True),
 }
 
