@@ -5,6 +5,8 @@
 (`jobs/export.py` writes the ONNX file and its specialists; FOLDER is Kaggle's test layout or plain images.)
 The GPU runs through ONNX Runtime's CUDA provider when onnxruntime-gpu is installed, else through PyTorch on
 CUDA with the graph converted by onnx2torch (same weights; its largest difference from ONNX Runtime is printed).
+PyTorch and onnx2torch are not the project's dependencies (CI never runs this): install them where the GPU is,
+`pip install torch onnx2torch`.
 The CPU is ONNX Runtime with every core. Medians of interleaved turns:
 (1) the network's forward pass: a batch of 32 crops of 128x128, and one 512x640 image;
 (2) every image predicted with the model's stored settings (flips, scales, size normalisation, the stained
