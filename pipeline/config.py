@@ -167,7 +167,7 @@ def kept_weights_config(info: dict) -> dict:
 TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="colour", loss="ce+dice", image_size=128,
                     crops_per_image=8, augment=True, border_weight=2.0, encoder_width=0.5, decoder_width=0.5,
-                    batch_size=16, learning_rate=2e-3, epochs=80, warmup_epochs=2, patience=10, keep="last",
+                    batch_size=16, learning_rate=2e-3, epochs=40, warmup_epochs=2, patience=10, keep="last",
                     holdout="protocol", time_limit=45.0, threshold=0.6, seed_threshold=0.5, min_size=30, tune=True),
 }
 
