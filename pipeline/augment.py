@@ -1,7 +1,7 @@
 """Pure numpy/OpenCV functions for native-resolution work: appearance, training crops, tiled prediction.
 
 - `standardise_appearance` lets one model serve fluorescence, bright-field and stained images: grey,
-  inverted when the background is light, contrast stretched per image.
+  inverted when the background is light or the image is stained tissue, contrast stretched per image.
 - `random_crops` cuts augmented training crops (scale jitter, flips, 90-degree rotations, brightness and
   contrast) from a full-resolution image and its instance labels.
 - `predict_full_image` runs a fully convolutional model on a whole image padded to a multiple of 32,
@@ -15,17 +15,21 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from pipeline.protocol import STAINED_COLOURFULNESS, colourfulness
+
 APPEARANCES = ("rgb", "standardised", "colour")
 
 
-def _stretch_lookup(grey: np.ndarray) -> tuple[np.ndarray | None, bool]:
+def _stretch_lookup(grey: np.ndarray, stained: bool = False) -> tuple[np.ndarray | None, bool]:
     """(contrast-stretch lookup table or None for a flat image, whether to invert) from a grey image.
 
-    The median pixel is background in nucleus images, so a light median means bright-field or stained
-    tissue (dark nuclei): inverting makes all three kinds look like fluorescence.
+    The median pixel is background in most nucleus images, so a light median means bright-field or stained
+    tissue (dark nuclei): inverting makes all three kinds look like fluorescence. Stained tissue is always
+    inverted: where nuclei or red tissue cover half the image its median is dark too (3 of DSB2018's 94
+    stained training images), and left as is the model outlines the background instead of the nuclei.
     """
     histogram = np.bincount(grey.ravel(), minlength=256)
-    invert = bool(np.searchsorted(np.cumsum(histogram) / max(1, grey.size), 0.5) > 127)
+    invert = stained or bool(np.searchsorted(np.cumsum(histogram) / max(1, grey.size), 0.5) > 127)
     cumulative = np.cumsum(histogram[::-1] if invert else histogram) / max(1, grey.size)
     low, high = int(np.searchsorted(cumulative, 0.01)), int(np.searchsorted(cumulative, 0.998))
     if high - low < 8:  # flat image: nothing to stretch
@@ -34,7 +38,8 @@ def _stretch_lookup(grey: np.ndarray) -> tuple[np.ndarray | None, bool]:
 
 
 def standardise_appearance(image: np.ndarray, keep_colour: bool = False) -> np.ndarray:
-    """RGB uint8 -> RGB uint8 with nuclei bright on dark: grey (or colour kept), inverted if light, stretched.
+    """RGB uint8 -> RGB uint8 with nuclei bright on dark: grey (or colour kept), inverted if light or stained,
+    stretched.
 
     Grey makes fluorescence, bright-field and stained images look alike; `keep_colour` applies the same
     inversion and stretch to each channel instead, so a model can still tell purple (haematoxylin) nuclei
@@ -43,7 +48,7 @@ def standardise_appearance(image: np.ndarray, keep_colour: bool = False) -> np.n
     """
     image = np.ascontiguousarray(image)
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    lookup, invert = _stretch_lookup(grey)
+    lookup, invert = _stretch_lookup(grey, stained=colourfulness(image) > STAINED_COLOURFULNESS)
     values = image if keep_colour else grey
     if invert:
         values = 255 - values

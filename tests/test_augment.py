@@ -1,4 +1,5 @@
 """Native-resolution helpers: appearance, augmented crops, tiled and flip-averaged whole-image prediction."""
+import cv2
 import numpy as np
 import pytest
 
@@ -34,6 +35,35 @@ def test_colour_appearance_keeps_the_hue_that_grey_loses():
     assert (colour[nucleus] > colour[..., 0].min()).all()  # inverted: the nucleus is bright in every channel
     assert int(colour[nucleus][0]) - int(colour[tissue][0]) > 150  # but its red channel tells it from the tissue
     assert colour[2, 2].max() < 40  # background dark, as in fluorescence
+
+
+@pytest.mark.parametrize("keep_colour", [False, True])
+def test_stained_tissue_is_inverted_even_when_nuclei_and_red_tissue_cover_most_of_it(keep_colour):
+    """Large purple nuclei packed on red tissue: the median pixel is dark, yet the nuclei must come out bright."""
+    image = np.full((64, 64, 3), (235, 215, 235), np.uint8)  # pale pink background, a fifth of the image
+    image[:, 13:] = (225, 40, 110)  # eosin-red tissue
+    labels = np.zeros((64, 64), np.int32)
+    for index, (top, left) in enumerate([(4, 16), (4, 40), (34, 16), (34, 40)], start=1):
+        image[top:top + 24, left:left + 20] = (95, 45, 140)  # haematoxylin-purple nuclei, half the image
+        labels[top:top + 24, left:left + 20] = index
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    assert np.median(grey) < 127 and image_kind(image) == "stained"  # a median rule alone would not invert it
+    out = standardise_appearance(image, keep_colour=keep_colour)
+    assert looks_like_fluorescence(out, labels)
+
+
+def test_real_stained_images_with_a_dark_median_come_out_with_bright_nuclei(real_zip):
+    """The three of DSB2018's 600 shared images that a median rule left uninverted (two of them score ~0 so)."""
+    from pipeline.sources import list_kaggle, load_sample
+
+    wanted = ("13f2bec0a24c", "4193474b2f1c", "52a6b8ae4c8e")
+    refs = [ref for ref in list_kaggle(real_zip).refs if ref.image_id.startswith(wanted)]
+    assert len(refs) == 3
+    for ref in refs:
+        sample = load_sample(ref)
+        assert image_kind(sample.image) == "stained"
+        red = standardise_appearance(sample.image, keep_colour=True)[..., 0]  # inverted: purple bright, eosin dark
+        assert np.median(red[sample.labels > 0]) > np.median(red[sample.labels == 0]) + 40, ref.image_id
 
 
 @pytest.mark.parametrize("index", range(6))
