@@ -28,18 +28,22 @@ def _sampled_pixels(image: np.ndarray) -> np.ndarray:
     return image.reshape(-1, 3).astype(np.int16)[:: max(1, image.shape[0] * image.shape[1] // 20000)]
 
 
+def _distance_from_grey(pixels: np.ndarray) -> float:
+    return float(np.abs(pixels - pixels.mean(axis=1, keepdims=True)).mean())
+
+
 def colourfulness(image: np.ndarray) -> float:
     """Mean distance of an RGB image's pixels from grey: 0 for a grey image; of the 600 shared DSB2018 images,
     7-43 for the 94 stained ones, at most 5.6 for the others."""
-    pixels = _sampled_pixels(image)
-    return float(np.abs(pixels - pixels.mean(axis=1, keepdims=True)).mean())
+    return _distance_from_grey(_sampled_pixels(image))
 
 
 def image_kind(image: np.ndarray) -> str:
     """fluorescence (light nuclei on dark), bright-field (dark on light grey) or stained (colour tissue)."""
-    if colourfulness(image) > STAINED_COLOURFULNESS:
+    pixels = _sampled_pixels(image)
+    if _distance_from_grey(pixels) > STAINED_COLOURFULNESS:
         return "stained"
-    return "bright-field" if float(np.median(_sampled_pixels(image))) > 127 else "fluorescence"
+    return "bright-field" if float(np.median(pixels)) > 127 else "fluorescence"
 
 
 def split_counts(total: int, fractions: dict[str, float] = FRACTIONS) -> dict[str, int]:
