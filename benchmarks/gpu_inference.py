@@ -184,7 +184,8 @@ def main() -> None:
         threshold, seed, min_size = settings_for_kind(post["threshold"], post["seed_threshold"], post["min_size"],
                                                       post["by_kind"], kind)
         labels = labels_at_original_size(probabilities, *original.shape[:2], threshold, min_size, seed,
-                                         post["instance_filter"], post["outline_refiner"], original)
+                                         post["instance_filter"], post["outline_refiner"], original,
+                                         post["clump_split"])
         objects += int(labels.max())
     post_seconds = time.perf_counter() - started
     largest = max(float(np.abs(a - b).max()) for a, b in zip(results["cpu"], results["gpu"]))

@@ -197,6 +197,9 @@ class SegmentConfig(DataConfig):
                                        "(default: the model's run.json, else off)")
     instance_filter: bool = option(None, "drop predicted objects the model's fitted false-positive filter rejects "
                                          "(default: on when the model's run.json has one)")
+    split_clumps: bool = option(None, "cut predicted objects that look like merged nuclei (large, non-convex) at "
+                                      "the peaks of their distance transform (default: on when the model's "
+                                      "run.json has clump splitting, which jobs/tune.py keeps where it gains)")
     refine_outlines: bool = option(None, "re-decide the pixels near each nucleus' edge with the model's fitted "
                                          "outline refiner, from the probabilities and the image (default: on "
                                          "when the model's run.json has one)")

@@ -132,7 +132,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     post = postprocess_settings(config, info)
     summary = {"model": model_path, "data": data, "split": split, **prediction_settings(config, info),
                "postprocess": {**post, "instance_filter": post["instance_filter"] is not None,
-                               "outline_refiner": post["outline_refiner"] is not None},
+                               "outline_refiner": post["outline_refiner"] is not None,
+                               "clump_split": post["clump_split"] is not None},
                "thresholds": [round(float(t), 2) for t in THRESHOLDS], "table": summarise(rows),
                "seconds": round(result.seconds, 1)}
     fileio.write_text_atomic(os.path.join(output, "summary.json"), json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ from pipeline import fileio
 from pipeline.config import SegmentConfig
 from pipeline.labelfiles import LABEL_SUFFIXES, decode_labels_file, encode_labels_file
 from pipeline.sources import SampleRef, list_images
-from submission.instances import DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
+from submission.instances import DEFAULT_CLUMP_SPLIT, DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
 
 DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "mean_area", "covered_fraction", "labels",
@@ -154,13 +154,14 @@ class Predictor:
 def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, threshold: float,
                             min_size: int, seed_threshold: float | None = None,
                             instance_filter: dict | None = None, outline_refiner: dict | None = None,
-                            image: np.ndarray | None = None) -> np.ndarray:
-    """Upsample model-size probabilities to the image's own size, split them into nuclei, drop rejected ones,
-    and re-decide their outlines from the probabilities and the original `image` (when a refiner is given)."""
+                            image: np.ndarray | None = None, clump_split: dict | None = None) -> np.ndarray:
+    """Upsample model-size probabilities to the image's own size, split them into nuclei (cutting merged clumps
+    when `clump_split` is given), drop rejected ones, and re-decide their outlines from the probabilities and the
+    original `image` (when a refiner is given)."""
     import cv2
 
     from submission.instance_filter import apply_filter
-    from submission.instances import instances_from_probabilities
+    from submission.instances import CLUMP_SPLIT_KEYS, instances_from_probabilities, split_clumps
     from submission.outlines import refine_outlines
 
     upsampled = probabilities.astype(np.float32)
@@ -170,6 +171,8 @@ def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, 
         upsampled = upsampled[..., None]
     labels = instances_from_probabilities(upsampled, threshold=threshold, min_size=min_size,
                                           seed_threshold=seed_threshold)
+    if clump_split and upsampled.shape[-1] == 3:
+        labels = split_clumps(labels, upsampled[..., 2], **{key: clump_split[key] for key in CLUMP_SPLIT_KEYS})
     labels = apply_filter(labels, upsampled, instance_filter)
     if outline_refiner and image is not None:
         labels = refine_outlines(labels, upsampled, image, outline_refiner)
@@ -217,7 +220,7 @@ def settings_for_kind(threshold: float, seed_threshold: float | None, min_size: 
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
                 max_pixels: int, encode: bool, seed_threshold: float | None = None, measure: bool = False,
                 instance_filter: dict | None = None, by_kind: dict | None = None,
-                outline_refiner: dict | None = None) -> dict:
+                outline_refiner: dict | None = None, clump_split: dict | None = None) -> dict:
     """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows).
 
     `by_kind` (from jobs/tune.py) gives stained or bright-field images their own thresholds and minimum size.
@@ -246,7 +249,7 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image if outline_refiner else None
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
                                                  batch["width"][row], own_threshold, own_min_size, own_seed,
-                                                 instance_filter, outline_refiner, image)
+                                                 instance_filter, outline_refiner, image, clump_split)
                 label_file = _relative_label_path(output, write_labels(output, path, labels))
                 if image_id in overlay_ids or (measure and labels.max()):
                     if image is None:
@@ -275,8 +278,8 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
 
 
 def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
-    """threshold, seed_threshold, min_size, instance filter, outline refiner: the flags when given, else run.json,
-    else defaults.
+    """threshold, seed_threshold, min_size, clump splitting, instance filter, outline refiner: the flags when given,
+    else run.json, else defaults.
 
     The per-kind values of run.json (`by_kind`) apply only when no threshold or size flag is given.
     """
@@ -288,11 +291,13 @@ def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
     use_refiner = saved.get("outline_refiner") is not None if config.refine_outlines is None else config.refine_outlines
     if use_refiner and not saved.get("outline_refiner"):
         raise ValueError("--refine-outlines: this model's run.json has no fitted outline refiner (jobs/tune.py fits one)")
+    use_split = saved.get("clump_split") is not None if config.split_clumps is None else config.split_clumps
     return {"threshold": config.threshold or float(saved.get("threshold", DEFAULT_THRESHOLD)),
             "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
             "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE)),
             "instance_filter": saved.get("instance_filter") if use_filter else None,
             "outline_refiner": saved.get("outline_refiner") if use_refiner else None,
+            "clump_split": (saved.get("clump_split") or dict(DEFAULT_CLUMP_SPLIT)) if use_split else None,
             "by_kind": {} if flagged else dict(saved.get("by_kind") or {})}
 
 

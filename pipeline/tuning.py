@@ -3,7 +3,8 @@
 Every choice is made on the tune split (never the test split), in steps whose scores are all kept in
 tuning.json: (0) size normalisation: the nucleus area each image is zoomed to (or none), with plain
 prediction; (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
-globally and, where it wins out of sample, per kind of image (stained, bright-field); (3) the false-positive
+globally and, where it wins out of sample, per kind of image (stained, bright-field); (2c) clump splitting
+(submission/instances.py: objects that look like merged nuclei cut apart), one of a few settings or none; (3) the false-positive
 filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so the score
 that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py), judged the
 same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
@@ -32,6 +33,8 @@ NUCLEUS_AREAS = (0, 150, 200, 250, 300)  # size normalisation targets in pixels 
 FILTER_CUTOFFS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 REFINER_CUTOFFS = (0.4, 0.45, 0.5, 0.55, 0.6)
 FOLDS = 5
+# Clump splitting's candidates: (min_area_ratio, max_solidity, spacing), see submission.instances.split_clumps.
+CLUMP_SPLITS = tuple(itertools.product((1.5, 2.0), (0.9, 0.95), (0.9, 1.2)))
 FITTED = ("instance_filter", "outline_refiner")  # long lists of numbers: shown as on / off
 # --time-limit keeps this many epochs' time free for the tune step after training: both are compute-bound on the
 # same cores, and on the 2-core CPU box a dsb2018 preset run's tune pass (4.0-5.2 min) takes 4.5-6 of its epochs.
@@ -101,6 +104,27 @@ def refiner_cross_validation(truths, labels, probabilities, images, folds: int =
                 refined[cutoff][i] = relabel(labels[i], bands[i][1], probability, cutoff)
     return {"by_cutoff": {cutoff: mean_score(truths, refined[cutoff]) for cutoff in REFINER_CUTOFFS},
             "all_features": np.concatenate([features for features, _ in bands]), "all_targets": np.concatenate(targets)}
+
+
+def choose_clump_split(truths, labels, probabilities, min_gain: float) -> tuple[list, dict, dict | None]:
+    """(labels to go on with, log entry, stored setting or None): the clump-splitting candidate that scores best on
+    these images, kept only if it beats leaving the objects as they are by `min_gain`."""
+    from submission.instances import CLUMP_SPLIT_KEYS, split_clumps
+
+    unsplit = mean_score(truths, labels)
+    scores, best, best_labels = {}, None, labels
+    for values in CLUMP_SPLITS:
+        setting = dict(zip(CLUMP_SPLIT_KEYS, values))
+        split = [split_clumps(label, probability[..., 2].astype(np.float32), **setting)
+                 for label, probability in zip(labels, probabilities)]
+        scores[" ".join(map(str, values))] = score = mean_score(truths, split)
+        if best is None or score > scores[" ".join(map(str, best.values()))]:
+            best, best_labels = setting, split
+    gain = scores[" ".join(map(str, best.values()))] - unsplit
+    kept = gain >= min_gain
+    entry = {"unsplit": unsplit, "scores": scores, "keys": list(CLUMP_SPLIT_KEYS), "best": best,
+             "chosen": best if kept else None, "gain": gain, "kept": kept}
+    return (best_labels if kept else labels), entry, (best if kept else None)
 
 
 def leave_one_out_score(per_image: np.ndarray) -> float:
@@ -351,6 +375,15 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
 
     # 3. The false-positive filter, judged out of fold, on the nuclei the chosen settings give each image.
     labels = [_instances(p, *settings_for_kind(*best, by_kind, kind)) for p, kind in zip(chosen_probabilities, kinds)]
+
+    # 2c. Clump splitting: objects that look like several merged nuclei cut apart (the tune split's stained tissue
+    # loses most of its score to merged neighbours); the filter and refiner below are fitted on what it leaves.
+    labels, log["steps"]["clump_split"], clump_split = choose_clump_split(truths, labels, chosen_probabilities,
+                                                                          min_gain)
+    entry = log["steps"]["clump_split"]
+    print(f"  clump splitting: {max(entry['scores'].values()):.4f} at {entry['best']} vs "
+          f"{entry['unsplit']:.4f} unsplit: {'kept' if entry['kept'] else 'dropped'}", flush=True)
+
     cv = filter_cross_validation(truths, labels, chosen_probabilities)
     cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
     gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]
@@ -378,6 +411,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     settings = {"threshold": best[0], "seed_threshold": best[1], "min_size": best[2], "tta": flips,
                 "scales": list(scales),
                 "size_normalisation": {**measured_with, "nucleus_area": nucleus_area} if nucleus_area else None,
+                "clump_split": clump_split,
                 "instance_filter": fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep_filter else None,
                 "outline_refiner": fit_refiner(outlines["all_features"], outlines["all_targets"], refiner_cutoff)
                 if keep_refiner else None,

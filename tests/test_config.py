@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from pipeline.config import TRAIN_PRESETS, SegmentConfig, TrainConfig, parse_args
+from submission.instances import DEFAULT_CLUMP_SPLIT
 from tests.conftest import ROOT
 
 
@@ -71,12 +72,23 @@ def test_postprocess_settings_come_from_flags_then_the_models_run_json():
 
     saved = {"postprocess": {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}}
     assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30,
-                                                            "instance_filter": None, "outline_refiner": None, "by_kind": {}}
+                                                            "instance_filter": None, "outline_refiner": None, "clump_split": None,
+                                                            "by_kind": {}}
     assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10,
-                                                         "instance_filter": None, "outline_refiner": None, "by_kind": {}}
+                                                         "instance_filter": None, "outline_refiner": None,
+                                                         "clump_split": None, "by_kind": {}}
     flags = parse_args(SegmentConfig, ["--threshold", "0.7", "--min-size", "5"])
     assert postprocess_settings(flags, saved) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5,
-                                                  "instance_filter": None, "outline_refiner": None, "by_kind": {}}
+                                                  "instance_filter": None, "outline_refiner": None,
+                                                  "clump_split": None, "by_kind": {}}
+    # Clump splitting: run.json's setting by default; --no-split-clumps turns it off, --split-clumps on (the
+    # defaults for a model that stores none).
+    stored = {"min_area_ratio": 2.0, "max_solidity": 0.9, "spacing": 0.9}
+    tuned = {"postprocess": {**saved["postprocess"], "clump_split": stored}}
+    assert postprocess_settings(SegmentConfig(), tuned)["clump_split"] == stored
+    assert postprocess_settings(parse_args(SegmentConfig, ["--no-split-clumps"]), tuned)["clump_split"] is None
+    assert postprocess_settings(parse_args(SegmentConfig, ["--split-clumps"]), saved)["clump_split"] == \
+        DEFAULT_CLUMP_SPLIT
 
 
 def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():

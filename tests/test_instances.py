@@ -2,7 +2,7 @@
 import cv2
 import numpy as np
 
-from submission.instances import border_targets, instances_from_foreground, instances_from_interior
+from submission.instances import border_targets, instances_from_foreground, instances_from_interior, split_clumps
 
 
 def touching_discs():
@@ -104,3 +104,45 @@ def test_core_targets_scale_the_border_with_each_nucleus_and_seed_even_tiny_ones
     assert (fixed[labels == 3] == 1).sum() <= (core[labels == 3] == 1).sum()
     rebuilt = instances_from_interior((core == 1).astype(float), (core > 0).astype(float))
     assert rebuilt.max() == 4
+
+
+def clump_scene():
+    """Five lone discs, a large convex ellipse, and two overlapping discs labelled as one object (a merge)."""
+    truth = np.zeros((120, 200), np.int32)
+    for index, (x, y) in enumerate([(20, 20), (60, 20), (100, 20), (140, 20), (180, 20)], start=1):
+        cv2.circle(truth, (x, y), 10, index, -1)
+    cv2.ellipse(truth, (40, 85), (22, 16), 0, 0, 360, 6, -1)
+    cv2.circle(truth, (120, 85), 11, 7, -1)
+    cv2.circle(truth, (139, 85), 11, 8, -1)  # overlaps disc 7: the merged object is a figure of eight
+    merged = np.where(truth == 8, 7, truth)
+    return truth, merged
+
+
+def best_iou(labels, mask):
+    return max(((labels == value) & mask).sum() / ((labels == value) | mask).sum() for value in np.unique(labels[mask]))
+
+
+def test_split_clumps_cuts_a_merged_pair_and_leaves_single_nuclei_whole():
+    truth, merged = clump_scene()
+    for border in (None, np.zeros(truth.shape, np.float32)):
+        split = split_clumps(merged, border)
+        assert split.max() == 8  # the pair became two objects; nothing else was cut
+        for value in range(1, 9):
+            assert best_iou(split, truth == value) > 0.85, value
+        assert (split > 0).sum() == (merged > 0).sum()  # the cut relabels pixels, adds and removes none
+
+
+def test_split_clumps_follows_the_models_border_and_spares_convex_or_ordinary_objects():
+    truth, merged = clump_scene()
+    border = np.zeros(truth.shape, np.float32)
+    border[:, 124:126] = 1.0  # the model sees the boundary 5 pixels left of the neck (x = 129.5)
+    split = split_clumps(merged, border)
+    left, right = split[85, 115], split[85, 140]
+    assert left != right
+    pair = merged == 7
+    columns = np.arange(merged.shape[1])[None, :]
+    assert (split[pair & (columns < 124)] == left).all() and (split[pair & (columns > 126)] == right).all()
+    assert (split_clumps(merged)[pair & (columns == 127)] == left).all()  # without the border map: at the neck
+    assert split_clumps(merged, border, max_solidity=0.8).max() == 7  # the pair is not that concave: left whole
+    assert split_clumps(merged, border, min_area_ratio=3.0).max() == 7  # nor three times the median
+    assert split_clumps(np.zeros((20, 20), np.int32)).max() == 0

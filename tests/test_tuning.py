@@ -219,6 +219,20 @@ def test_a_rare_kind_keeps_its_own_thresholds_only_where_they_win_out_of_sample(
     assert settings_for_kind(0.7, 0.4, 30, {"stained": {"threshold": 0.6}}, "fluorescence") == (0.7, 0.4, 30)
 
 
+def test_clump_splitting_is_kept_only_where_the_truth_has_the_merged_nuclei_apart():
+    from pipeline.tuning import choose_clump_split
+    from tests.test_instances import clump_scene
+
+    truth, merged = clump_scene()
+    probabilities = np.zeros((*truth.shape, 3), np.float32)
+    labels, entry, setting = choose_clump_split([truth], [merged], [probabilities], min_gain=0.002)
+    assert entry["kept"] and setting == entry["chosen"] and labels[0].max() == 8
+    assert entry["gain"] > 0.05 and entry["unsplit"] < max(entry["scores"].values())
+    # Where the truth draws the figure of eight as one nucleus, splitting it only loses: left as it was.
+    labels, entry, setting = choose_clump_split([merged], [merged], [probabilities], min_gain=0.002)
+    assert not entry["kept"] and setting is None and labels[0] is merged and entry["best"]
+
+
 def test_postprocess_gives_each_kind_of_image_its_own_thresholds(tmp_path):
     from pipeline.inference import postprocess, read_labels
 
