@@ -4,10 +4,10 @@ Every choice is made on the tune split (never the test split), in steps whose sc
 tuning.json: (0) size normalisation: the nucleus area each image is zoomed to (or none), with plain
 prediction; (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
 globally and, where it wins out of sample, per kind of image (stained, bright-field); (2c) clump splitting
-(submission/instances.py: objects that look like merged nuclei cut apart), one of a few settings or none; (3) the false-positive
-filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so the score
-that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py), judged the
-same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
+(submission/instances.py: objects shaped like merged nuclei cut apart), one of 8 settings or none; (3) the
+false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so
+the score that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py),
+judged the same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
 fine-tuned on one kind of image) is kept only if that kind's tune images score better with it. One process, no
 Ray: the tune split is small and every candidate reuses the same predicted probabilities. A pass that scores below
 the settings an earlier pass stored (same tune split, same specialists) leaves them in place.
@@ -112,15 +112,15 @@ def choose_clump_split(truths, labels, probabilities, min_gain: float) -> tuple[
     from submission.instances import CLUMP_SPLIT_KEYS, split_clumps
 
     unsplit = mean_score(truths, labels)
-    scores, best, best_labels = {}, None, labels
+    scores, best, best_score, best_labels = {}, None, -1.0, labels
     for values in CLUMP_SPLITS:
         setting = dict(zip(CLUMP_SPLIT_KEYS, values))
         split = [split_clumps(label, probability[..., 2].astype(np.float32), **setting)
                  for label, probability in zip(labels, probabilities)]
         scores[" ".join(map(str, values))] = score = mean_score(truths, split)
-        if best is None or score > scores[" ".join(map(str, best.values()))]:
-            best, best_labels = setting, split
-    gain = scores[" ".join(map(str, best.values()))] - unsplit
+        if score > best_score:
+            best, best_score, best_labels = setting, score, split
+    gain = best_score - unsplit
     kept = gain >= min_gain
     entry = {"unsplit": unsplit, "scores": scores, "keys": list(CLUMP_SPLIT_KEYS), "best": best,
              "chosen": best if kept else None, "gain": gain, "kept": kept}
@@ -373,17 +373,16 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         print(f"  {kind} ({entry['images']} images): global {entry['global']:.4f}, own {entry['chosen']} "
               f"leave-one-out {entry['leave_one_out']:.4f}: {'kept' if entry['kept'] else 'dropped'}", flush=True)
 
-    # 3. The false-positive filter, judged out of fold, on the nuclei the chosen settings give each image.
+    # 2c. Clump splitting of the nuclei the chosen settings give each image: objects shaped like several merged
+    # nuclei cut apart (the tune split's stained tissue loses most of its score to merged neighbours).
     labels = [_instances(p, *settings_for_kind(*best, by_kind, kind)) for p, kind in zip(chosen_probabilities, kinds)]
-
-    # 2c. Clump splitting: objects that look like several merged nuclei cut apart (the tune split's stained tissue
-    # loses most of its score to merged neighbours); the filter and refiner below are fitted on what it leaves.
     labels, log["steps"]["clump_split"], clump_split = choose_clump_split(truths, labels, chosen_probabilities,
                                                                           min_gain)
     entry = log["steps"]["clump_split"]
     print(f"  clump splitting: {max(entry['scores'].values()):.4f} at {entry['best']} vs "
           f"{entry['unsplit']:.4f} unsplit: {'kept' if entry['kept'] else 'dropped'}", flush=True)
 
+    # 3. The false-positive filter, judged out of fold, on the nuclei steps 2-2c leave.
     cv = filter_cross_validation(truths, labels, chosen_probabilities)
     cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
     gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]

@@ -156,8 +156,8 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
         if border is None:
             landscape = -depth
         else:
-            landscape = cv2.GaussianBlur(np.pad(np.asarray(border, np.float32)[top:bottom, left:right], 1), (0, 0), 0.7) \
-                - 0.5 * np.minimum(depth / radius, 1.0)
+            ridges = np.pad(np.asarray(border, np.float32)[top:bottom, left:right], 1)
+            landscape = cv2.GaussianBlur(ridges, (0, 0), 0.7) - 0.5 * np.minimum(depth / radius, 1.0)
         parts = watershed(landscape, markers, mask=mask)[1:-1, 1:-1]
         window = result[top:bottom, left:right]
         for part in range(2, len(peaks) + 1):

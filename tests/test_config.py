@@ -72,8 +72,8 @@ def test_postprocess_settings_come_from_flags_then_the_models_run_json():
 
     saved = {"postprocess": {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}}
     assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30,
-                                                            "instance_filter": None, "outline_refiner": None, "clump_split": None,
-                                                            "by_kind": {}}
+                                                            "instance_filter": None, "outline_refiner": None,
+                                                            "clump_split": None, "by_kind": {}}
     assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10,
                                                          "instance_filter": None, "outline_refiner": None,
                                                          "clump_split": None, "by_kind": {}}
