@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
+from skimage.measure import regionprops
 from skimage.segmentation import relabel_sequential, watershed
 
 DEFAULT_MIN_SIZE = 10  # pixels; smaller predicted objects are noise
@@ -139,8 +140,6 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
     radius = np.sqrt(median / np.pi)
     result = labels.astype(np.int32, copy=True)
     next_label = int(result.max()) + 1
-    from skimage.measure import regionprops
-
     for region in regionprops(result):
         if region.area < min_area_ratio * median or region.solidity >= max_solidity:
             continue
