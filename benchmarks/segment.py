@@ -8,7 +8,8 @@ Last line: `ratio=<a/c>`.
 `--compare runtimes`: TensorFlow and ONNX Runtime side by side (the model exported in the run): the
 forward pass at 128x128, batch 32, in interleaved turns, then segment.py end to end over the folder with
 each. `--compare measurements`: segment.py end to end with and without per-nucleus measurements.
-`--compare outlines`: segment.py end to end with and without the model's outline refiner (run.json).
+`--compare outlines` / `--compare clumps`: segment.py end to end with and without the model's outline refiner
+(run.json) / clump splitting (run.json's setting, else the default one).
 All compare with plain prediction (no flips, one scale), whatever the model's run.json chooses.
 """
 from __future__ import annotations
@@ -43,9 +44,14 @@ def make_folder(count: int, folder: str) -> None:
                 stream.write(encode_png(render_sample(0, index, with_masks=False).image))
 
 
+# --compare modes that switch one post-processing step on and off: the SegmentConfig field, and its name.
+SWITCHES = {"outlines": ("refine_outlines", "the outline refiner"), "clumps": ("split_clumps", "clump splitting")}
+
+
 def segment_seconds(model: str, folder: str, output: str, measurements: bool = True,
-                    refine_outlines: bool | None = None) -> tuple[float, int]:
-    """(seconds, images done) of one segment.py run (warm Ray) into a fresh output folder."""
+                    **switches: bool) -> tuple[float, int]:
+    """(seconds, images done) of one segment.py run (warm Ray) into a fresh output folder; `switches` are
+    SegmentConfig's step flags (refine_outlines, split_clumps)."""
     from pipeline.config import SegmentConfig
     from pipeline.inference import run_segmentation
 
@@ -55,12 +61,12 @@ def segment_seconds(model: str, folder: str, output: str, measurements: bool = T
     # pipeline, not of test-time augmentation.
     result = run_segmentation(SegmentConfig(model=model, input=folder, output=output, measurements=measurements,
                                             report=measurements, tta=False, scales="1", nucleus_area=0,
-                                            refine_outlines=refine_outlines), output)
+                                            **switches), output)
     return time.perf_counter() - began, result.done
 
 
 def compare(args, work: str, images: str, count: int) -> None:
-    """The --compare modes: runtimes (TensorFlow vs ONNX Runtime), measurements or outlines (on vs off)."""
+    """The --compare modes: runtimes (TensorFlow vs ONNX Runtime), measurements, outlines or clumps (on vs off)."""
     from common import interleaved_medians
     from pipeline.config import ExportConfig
     from pipeline.data import ensure_ray
@@ -83,15 +89,16 @@ def compare(args, work: str, images: str, count: int) -> None:
               f"{count / off:.1f} images/s ({off:.1f} s), with {count / on:.1f} images/s ({on:.1f} s); "
               f"ratio={off / on:.2f}")
         return
-    if args.compare == "outlines":
+    if args.compare in SWITCHES:
+        field, name = SWITCHES[args.compare]
         seconds = {}
         for turn in range(args.repeats):
-            for refine in (False, True):
-                seconds.setdefault(refine, []).append(
-                    segment_seconds(model, images, output, measurements=False, refine_outlines=refine)[0])
+            for switch in (False, True):
+                seconds.setdefault(switch, []).append(
+                    segment_seconds(model, images, output, measurements=False, **{field: switch})[0])
         off, on = (float(np.median(seconds[flag])) for flag in (False, True))
-        print(f"segment.py over {count} images, medians of {args.repeats} interleaved runs: without the outline "
-              f"refiner {count / off:.2f} images/s ({off:.1f} s), with {count / on:.2f} images/s ({on:.1f} s); "
+        print(f"segment.py over {count} images, medians of {args.repeats} interleaved runs: without {name} "
+              f"{count / off:.2f} images/s ({off:.1f} s), with {count / on:.2f} images/s ({on:.1f} s); "
               f"ratio={off / on:.2f}")
         return
     onnx_path = os.path.join(work, "model.onnx")
@@ -124,9 +131,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="images for the rates and the first memory reading")
     parser.add_argument("--large", type=int, default=10000, help="image count for the second memory reading")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--compare", choices=("", "runtimes", "measurements", "outlines"), default="",
-                        help="runtimes: TensorFlow vs ONNX Runtime; measurements / outlines: segment.py with and "
-                             "without them (outlines: the model's outline refiner)")
+    parser.add_argument("--compare", choices=("", "runtimes", "measurements", *SWITCHES), default="",
+                        help="runtimes: TensorFlow vs ONNX Runtime; measurements / outlines / clumps: segment.py "
+                             "with and without them (the model's outline refiner; clump splitting)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved turns of each side (--compare)")
     args = parser.parse_args()
     if args.compare:
