@@ -231,6 +231,15 @@ def test_clump_splitting_is_kept_only_where_the_truth_has_the_merged_nuclei_apar
     # Where the truth draws the figure of eight as one nucleus, splitting it only loses: left as it was.
     labels, entry, setting = choose_clump_split([merged], [merged], [probabilities], min_gain=0.002)
     assert not entry["kept"] and setting is None and labels[0] is merged and entry["best"]
+    # Inference applies the stored setting between the watershed and the filter.
+    from pipeline.inference import labels_at_original_size
+
+    probabilities[..., 0] = (merged == 0)
+    probabilities[..., 1] = (merged > 0)
+    whole = labels_at_original_size(probabilities, *merged.shape, threshold=0.5, min_size=10, seed_threshold=0.5)
+    cut = labels_at_original_size(probabilities, *merged.shape, threshold=0.5, min_size=10, seed_threshold=0.5,
+                                  clump_split={"min_area_ratio": 1.5, "max_solidity": 0.95, "spacing": 1.2})
+    assert whole.max() == 7 and cut.max() == 8
 
 
 def test_postprocess_gives_each_kind_of_image_its_own_thresholds(tmp_path):
