@@ -8,7 +8,8 @@ globally and, where it wins out of sample, per kind of image (stained, bright-fi
 false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so
 the score that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py),
 judged the same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
-fine-tuned on one kind of image) is kept only if that kind's tune images score better with it. One process, no
+fine-tuned on one kind of image) is kept only if that kind's tune images, predicted as the stored settings
+predict, score better with it. One process, no
 Ray: the tune split is small and every candidate reuses the same predicted probabilities. A pass that scores below
 the settings an earlier pass stored (same tune split, same specialists) leaves them in place.
 """
@@ -187,9 +188,11 @@ def _check_specialist(kind: str, path: str, info: dict) -> None:
 
 
 def choose_specialists(predictor, candidates: dict[str, str], inputs: list, truths: list, kinds: list[str],
-                       min_gain: float) -> tuple[dict, dict]:
-    """Keep each kind's specialist whose tune images score better with it than with the model, both with plain
-    prediction and their best post-processing values out of sample (leave-one-out over the threshold grid).
+                       min_gain: float, stored: dict | None = None) -> tuple[dict, dict]:
+    """Keep each kind's specialist whose tune images score better with it than with the model, both predicted
+    the way the run's `stored` settings predict (flips, scales, size normalisation: what inference will do;
+    plain prediction where none are stored) and at their best post-processing values out of sample
+    (leave-one-out over the threshold grid).
 
     `predictor` holds the model and the candidates (Predictor(..., specialists=candidates)); the losers are
     removed from it, so it goes on routing only the kinds kept.
@@ -197,7 +200,7 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
     from submission.metric import image_score
 
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
-    predictor.tta, predictor.scales, predictor.size_normalisation = False, (1.0,), None
+    predictor.tta, predictor.scales, predictor.size_normalisation, prediction = _stored_prediction(stored or {})
     kept, log = {}, {}
     for kind, path in candidates.items():
         rows = [i for i, own in enumerate(kinds) if own == kind]
@@ -207,12 +210,14 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
             continue
         scores = {}
         for name, routed_as in (("model", ""), ("specialist", kind)):  # "": the model's own forward pass
-            per_image = np.array([[image_score(truths[i], _instances(predictor.predict_whole(inputs[i], routed_as),
-                                                                     *combo)) for combo in combos] for i in rows])
+            predicted = {i: predictor.predict_whole(inputs[i], routed_as) for i in rows}  # once per image
+            per_image = np.array([[image_score(truths[i], _instances(predicted[i], *combo)) for combo in combos]
+                                  for i in rows])
             scores[name] = leave_one_out_score(per_image)
         keep = scores["specialist"] - scores["model"] >= min_gain
-        log[kind] = {"images": len(rows), "model": path, "leave_one_out": scores, "kept": keep}
-        print(f"  {kind} specialist ({len(rows)} images, plain, best thresholds out of sample): "
+        log[kind] = {"images": len(rows), "model": path, "prediction": prediction, "leave_one_out": scores,
+                     "kept": keep}
+        print(f"  {kind} specialist ({len(rows)} images, {prediction}, best thresholds out of sample): "
               f"{scores['specialist']:.4f} vs the model's {scores['model']:.4f}: {'kept' if keep else 'dropped'}",
               flush=True)
         if keep:
@@ -220,6 +225,17 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
         else:
             predictor.forwards.pop(kind, None)
     return kept, log
+
+
+def _stored_prediction(stored: dict) -> tuple[bool, tuple[float, ...], dict | None, str]:
+    """Flips, scales and size normalisation as `stored` (run.json's postprocess) predicts, and how to say it."""
+    tta, scales = bool(stored.get("tta", False)), tuple(float(scale) for scale in stored.get("scales") or (1.0,))
+    size_normalisation = stored.get("size_normalisation") or None
+    words = (["flips"] if tta else []) + ([f"scales {', '.join(f'{scale:g}' for scale in scales)}"]
+                                          if scales != (1.0,) else [])
+    if size_normalisation:
+        words.append(f"size normalisation {size_normalisation['nucleus_area']:g}")
+    return tta, scales, size_normalisation, "stored prediction: " + ", ".join(words) if words else "plain"
 
 
 def attach_specialists(model_path: str, info: dict, specialists: dict[str, str]) -> dict[str, str]:
@@ -299,7 +315,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
                           specialists=routed)  # loaded once
     if specialists:
         routed, log["steps"]["specialists"] = choose_specialists(predictor, specialists, inputs, truths, kinds,
-                                                                 min_gain)
+                                                                 min_gain, stored=saved)
 
     measured_with = dict(zip(("threshold", "seed_threshold", "min_size"), current))
     median_areas: list[float] = []  # each image's median nucleus in its plain prediction, measured once

@@ -369,6 +369,25 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
     kept, log = choose(blind, {"bright-field": finds})
     assert kept == {} and "fewer than 3" in log["bright-field"]["why"]
 
+    # Judged as inference will predict: with the run's stored flips and scales, not plain prediction.
+    import itertools
+
+    from pipeline.tuning import MIN_SIZES, SEED_THRESHOLDS, THRESHOLDS, _instances, leave_one_out_score
+    from submission.metric import image_score
+
+    stored = {"tta": True, "scales": [1.0, 1.25]}
+    predictor = Predictor(blind, batch_size=1, threads=1, specialists={"stained": finds})
+    kept, log = choose_specialists(predictor, {"stained": finds}, inputs, truths, kinds, 0.002, stored=stored)
+    assert log["stained"]["prediction"] == "stored prediction: flips, scales 1, 1.25"
+    assert predictor.tta is True and predictor.scales == (1.0, 1.25)
+    as_inference = Predictor(blind, batch_size=1, threads=1, tta=True, scales=(1.0, 1.25),
+                             specialists={"stained": finds})
+    combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
+    per_image = np.array([[image_score(truths[i], _instances(as_inference.predict_whole(inputs[i], "stained"), *combo))
+                           for combo in combos] for i in range(3)])
+    assert log["stained"]["leave_one_out"]["specialist"] == pytest.approx(leave_one_out_score(per_image), abs=1e-12)
+    assert choose(blind, {"stained": finds})[1]["stained"]["prediction"] == "plain"
+
     assert parse_specialists(" stained=a/model.keras ") == {"stained": "a/model.keras"}
     with pytest.raises(ValueError, match="KIND=MODEL"):
         parse_specialists("purple=a/model.keras")
