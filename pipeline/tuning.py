@@ -210,7 +210,8 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
             continue
         scores = {}
         for name, routed_as in (("model", ""), ("specialist", kind)):  # "": the model's own forward pass
-            predicted = {i: predictor.predict_whole(inputs[i], routed_as) for i in rows}  # once per image
+            predicted = {i: predictor.predict_whole(inputs[i], routed_as).astype(np.float16)  # once per image
+                         for i in rows}
             per_image = np.array([[image_score(truths[i], _instances(predicted[i], *combo)) for combo in combos]
                                   for i in rows])
             scores[name] = leave_one_out_score(per_image)
