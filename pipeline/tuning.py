@@ -9,8 +9,7 @@ false-positive filter (submission/instance_filter.py), judged by 5-fold cross-va
 the score that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py),
 judged the same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
 fine-tuned on one kind of image) is kept only if that kind's tune images, predicted as the stored settings
-predict, score better with it. One process, no
-Ray: the tune split is small and every candidate reuses the same predicted probabilities. A pass that scores below
+predict, score better with it. One process, no Ray: the tune split is small and every candidate reuses the same predicted probabilities. A pass that scores below
 the settings an earlier pass stored (same tune split, same specialists) leaves them in place.
 """
 from __future__ import annotations
@@ -188,19 +187,24 @@ def _check_specialist(kind: str, path: str, info: dict) -> None:
 
 
 def choose_specialists(predictor, candidates: dict[str, str], inputs: list, truths: list, kinds: list[str],
-                       min_gain: float, stored: dict | None = None) -> tuple[dict, dict]:
+                       min_gain: float, info: dict | None = None) -> tuple[dict, dict]:
     """Keep each kind's specialist whose tune images score better with it than with the model, both predicted
-    the way the run's `stored` settings predict (flips, scales, size normalisation: what inference will do;
-    plain prediction where none are stored) and at their best post-processing values out of sample
-    (leave-one-out over the threshold grid).
+    as inference predicts with the model's run.json `info` (flips, scales, size normalisation:
+    `prediction_settings`; plain prediction where none are stored) and at their best post-processing values out
+    of sample (leave-one-out over the threshold grid).
 
     `predictor` holds the model and the candidates (Predictor(..., specialists=candidates)); the losers are
     removed from it, so it goes on routing only the kinds kept.
     """
+    from pipeline.config import SegmentConfig
+    from pipeline.inference import prediction_settings
     from submission.metric import image_score
 
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
-    predictor.tta, predictor.scales, predictor.size_normalisation, prediction = _stored_prediction(stored or {})
+    settings = prediction_settings(SegmentConfig(), info or {})
+    predictor.tta, predictor.scales, predictor.size_normalisation = (settings[key] for key in
+                                                                     ("tta", "scales", "size_normalisation"))
+    prediction = _describe_prediction(settings)
     kept, log = {}, {}
     for kind, path in candidates.items():
         rows = [i for i, own in enumerate(kinds) if own == kind]
@@ -228,15 +232,13 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
     return kept, log
 
 
-def _stored_prediction(stored: dict) -> tuple[bool, tuple[float, ...], dict | None, str]:
-    """Flips, scales and size normalisation as `stored` (run.json's postprocess) predicts, and how to say it."""
-    tta, scales = bool(stored.get("tta", False)), tuple(float(scale) for scale in stored.get("scales") or (1.0,))
-    size_normalisation = stored.get("size_normalisation") or None
-    words = (["flips"] if tta else []) + ([f"scales {', '.join(f'{scale:g}' for scale in scales)}"]
-                                          if scales != (1.0,) else [])
-    if size_normalisation:
-        words.append(f"size normalisation {size_normalisation['nucleus_area']:g}")
-    return tta, scales, size_normalisation, "stored prediction: " + ", ".join(words) if words else "plain"
+def _describe_prediction(settings: dict) -> str:
+    """`prediction_settings`' flips, scales and size normalisation in words, for the log."""
+    words = (["flips"] if settings["tta"] else []) + \
+        ([f"scales {', '.join(f'{scale:g}' for scale in settings['scales'])}"] if settings["scales"] != (1.0,) else [])
+    if settings["size_normalisation"]:
+        words.append(f"size normalisation {settings['size_normalisation']['nucleus_area']:g}")
+    return "stored prediction: " + ", ".join(words) if words else "plain"
 
 
 def attach_specialists(model_path: str, info: dict, specialists: dict[str, str]) -> dict[str, str]:
@@ -316,7 +318,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
                           specialists=routed)  # loaded once
     if specialists:
         routed, log["steps"]["specialists"] = choose_specialists(predictor, specialists, inputs, truths, kinds,
-                                                                 min_gain, stored=saved)
+                                                                 min_gain, info=info)
 
     measured_with = dict(zip(("threshold", "seed_threshold", "min_size"), current))
     median_areas: list[float] = []  # each image's median nucleus in its plain prediction, measured once

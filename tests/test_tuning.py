@@ -377,7 +377,8 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
 
     stored = {"tta": True, "scales": [1.0, 1.25]}
     predictor = Predictor(blind, batch_size=1, threads=1, specialists={"stained": finds})
-    kept, log = choose_specialists(predictor, {"stained": finds}, inputs, truths, kinds, 0.002, stored=stored)
+    kept, log = choose_specialists(predictor, {"stained": finds}, inputs, truths, kinds, 0.002,
+                                   info={"postprocess": stored})
     assert log["stained"]["prediction"] == "stored prediction: flips, scales 1, 1.25"
     assert predictor.tta is True and predictor.scales == (1.0, 1.25)
     as_inference = Predictor(blind, batch_size=1, threads=1, tta=True, scales=(1.0, 1.25),
