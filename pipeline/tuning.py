@@ -9,8 +9,9 @@ false-positive filter (submission/instance_filter.py), judged by 5-fold cross-va
 the score that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py),
 judged the same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
 fine-tuned on one kind of image) is kept only if that kind's tune images, predicted as the stored settings
-predict, score better with it. One process, no Ray: the tune split is small and every candidate reuses the same predicted probabilities. A pass that scores below
-the settings an earlier pass stored (same tune split, same specialists) leaves them in place.
+predict, score better with it. One process, no Ray: the tune split is small and every candidate reuses the same
+predicted probabilities. A pass that scores below the settings an earlier pass stored (same tune split, same
+specialists) leaves them in place.
 """
 from __future__ import annotations
 
