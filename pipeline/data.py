@@ -30,8 +30,10 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
     if ray.is_initialized():
         return
-    # Object-store credentials and endpoints of the driver's environment reach the workers too.
-    forwarded = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS"))}
+    # Object-store credentials and endpoints, and the local ImageNet weights, of the driver's environment reach
+    # the workers too.
+    forwarded = {k: v for k, v in os.environ.items()
+                 if k.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "NUCLEI_BACKBONE_WEIGHTS"))}
     quiet = dict(logging_level=logging.ERROR, log_to_driver=log_to_driver or os.environ.get("NUCLEI_RAY_LOGS") == "1",
                  runtime_env={"env_vars": {**WORKER_ENV, **forwarded}})
     if os.environ.get("RAY_ADDRESS"):

@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 
 from pipeline.registry import (ModelFileError, info_path as _info_path, read_model_info, reading_differences,
-                               resolve_model, specialist_files)
+                               resolve_model, sha256_of, specialist_files)
 from pipeline.tfkeras import keras, tf
 
 __all__ = ["ModelFileError", "build_unet", "load_model", "save_model", "save_for_inference"]
@@ -44,35 +44,66 @@ def upsample(filters: int, size: int, dropout: bool = False, name: str | None = 
     return block
 
 
-def _encoder(image_size: int, weights: str, alpha: float) -> keras.Model:
-    """MobileNetV2 without top; `weights` is 'imagenet', 'none', 'auto' or a local weights file."""
+WEIGHTS_ENV = "NUCLEI_BACKBONE_WEIGHTS"
+
+
+def local_imagenet_weights(alpha: float) -> str | None:
+    """The ImageNet encoder file that $NUCLEI_BACKBONE_WEIGHTS names for this width: the variable holds a
+    weights file, or a folder of `*_<alpha>_*no_top*.h5` files, alpha as Keras writes it (1.0, 0.35)."""
+    named = os.environ.get(WEIGHTS_ENV, "")
+    if not named:
+        return None
+    if os.path.isfile(named):
+        return named
+    if os.path.isdir(named):
+        for name in sorted(os.listdir(named)):
+            if name.endswith(".h5") and "no_top" in name and f"_{float(alpha)}_" in name:  # Keras' naming too
+                return os.path.join(named, name)
+    return None
+
+
+def _from_file(shape, weights: str, alpha: float) -> tuple[keras.Model, str]:
+    if not os.path.isfile(weights):
+        raise BackboneWeightsError(f"backbone weights file not found: {weights}")
+    try:
+        model = keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=weights, alpha=alpha)
+    except (ValueError, OSError) as error:
+        raise BackboneWeightsError(f"cannot load backbone weights from {weights}: "
+                                   f"{str(error).splitlines()[0]}") from None
+    return model, f"{os.path.abspath(weights)} (sha256 {sha256_of(weights)})"
+
+
+def _encoder(image_size: int, weights: str, alpha: float) -> tuple[keras.Model, str]:
+    """MobileNetV2 without top; `weights` is 'imagenet', 'none', 'auto' or a local weights file.
+
+    imagenet / auto: Keras' own download (or its cache), else the local file $NUCLEI_BACKBONE_WEIGHTS names for
+    this width, else an error (imagenet) or one warning line and random initialisation (auto). Returns the encoder
+    and where its weights came from, for run.json."""
     shape = (None, None, 3)  # fully convolutional: any multiple of 32 at inference
     if weights == "none":
-        return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha)
+        return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha), "none"
     if weights not in ("imagenet", "auto"):
-        if not os.path.isfile(weights):
-            raise BackboneWeightsError(f"backbone weights file not found: {weights}")
-        try:
-            return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=weights, alpha=alpha)
-        except (ValueError, OSError) as error:
-            raise BackboneWeightsError(f"cannot load backbone weights from {weights}: "
-                                       f"{str(error).splitlines()[0]}") from None
+        return _from_file(shape, weights, alpha)
     try:
         # Without fixed rows/cols Keras would take the 224-pixel weights; the encoder's shapes suit any size.
         base = keras.applications.MobileNetV2(input_shape=(image_size, image_size, 3), include_top=False,
                                               weights="imagenet", alpha=alpha)
         encoder = keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha)
         encoder.set_weights(base.get_weights())
-        return encoder
+        return encoder, "imagenet (Keras' download)"
     except Exception as error:  # noqa: BLE001 - a download failure surfaces as many exception types
         reason = str(error).splitlines()[0][:200]
-        message = (f"ImageNet weights for MobileNetV2 could not be downloaded ({reason}); use "
-                   "--backbone-weights none (random initialisation) or --backbone-weights PATH "
-                   "(a local mobilenet_v2 *_no_top.h5 file)")
-        if weights == "imagenet":
-            raise BackboneWeightsError(message) from None
-        print(f"warning: {message}; falling back to random initialisation", flush=True)
-        return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha)
+    local = local_imagenet_weights(alpha)
+    if local:
+        print(f"ImageNet weights for MobileNetV2 could not be downloaded; using {local} (${WEIGHTS_ENV})", flush=True)
+        return _from_file(shape, local, alpha)
+    message = (f"ImageNet weights for MobileNetV2 (alpha {alpha:g}) could not be downloaded ({reason}) and "
+               f"${WEIGHTS_ENV} names no file for this width; set it to a mobilenet_v2 *_no_top.h5 file or "
+               "its folder, or use --backbone-weights PATH, or --backbone-weights none (random initialisation)")
+    if weights == "imagenet":
+        raise BackboneWeightsError(message)
+    print(f"warning: {message}; falling back to random initialisation", flush=True)
+    return keras.applications.MobileNetV2(input_shape=shape, include_top=False, weights=None, alpha=alpha), "none"
 
 
 def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: str = "none",
@@ -92,7 +123,7 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     """
     if image_size % 32:
         raise ValueError(f"image size must be a multiple of 32, got {image_size}")
-    base = _encoder(image_size, backbone_weights, encoder_width)
+    base, source = _encoder(image_size, backbone_weights, encoder_width)
     encoder = keras.Model(base.input, [base.get_layer(name).output for name in SKIP_LAYERS], name="encoder")
     encoder.trainable = not freeze_encoder
     widths = [max(8, int(round(filters * decoder_width))) for filters in DECODER_FILTERS]
@@ -113,6 +144,7 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     else:
         logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", name="logits")(x)
     model = keras.Model(inputs, logits, name="unet_mobilenetv2")
+    model.backbone_source = source  # where the encoder's weights came from (not saved with the model)
     if bn_momentum is not None:
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -395,7 +427,6 @@ def package_model(model_path: str, folder: str) -> dict:
     The run's tuning.json (how its inference settings were chosen) travels with it when there is one.
     """
     from pipeline.fileio import write_text_atomic
-    from pipeline.registry import sha256_of
 
     model, info = load_model(model_path)
     specialists = specialist_files(model_path, info)

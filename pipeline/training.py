@@ -25,6 +25,7 @@ from pipeline.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
 CHECKPOINT_PREFIX = "epoch_"
 FINAL_CHECKPOINT = "final"
+BACKBONE_FILE = "backbone.json"  # rank 0 writes where the encoder's weights came from
 
 
 # ---------------------------------------------------------------- worker side
@@ -323,6 +324,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                              config.encoder_width, config.freeze_encoder, config.bn_momentum,
                                              decoder_width=config.decoder_width, fine_head=config.fine_head),
                                   config.learning_rate, config.num_classes, config.loss)
+            if rank == 0:  # where the encoder's weights came from, for run.json (the driver cannot tell)
+                write_text_atomic(os.path.join(os.path.abspath(config.output), BACKBONE_FILE),
+                                  json.dumps({"backbone_init": model.backbone_source}))
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
@@ -552,7 +556,8 @@ def run_training(config: TrainConfig) -> dict:
         "resize": ("INTER_AREA down / INTER_LINEAR up to image_size x image_size" if config.mode == "resize" else
                    "none: trained on image_size crops at full resolution; predict whole images padded to a "
                    "multiple of 32, tiled when large"),
-        "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "encoder_width": config.encoder_width,
+        "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "backbone_init": _backbone_init(config),
+        "encoder_width": config.encoder_width,
         "decoder_width": config.decoder_width,
         "fine_head": config.fine_head,
         "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
@@ -567,6 +572,17 @@ def run_training(config: TrainConfig) -> dict:
     }
     write_text_atomic(os.path.join(output, "run.json"), json.dumps(info, indent=2))
     return info
+
+
+def _backbone_init(config: TrainConfig) -> str:
+    """Where the encoder's first weights came from: the file rank 0 wrote, or the model fine-tuned from."""
+    if config.init_from:
+        return f"--init-from {config.init_from}"
+    path = os.path.join(config.output, BACKBONE_FILE)
+    if not os.path.exists(path):
+        return "unknown"
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)["backbone_init"]
 
 
 def _read_history(output: str) -> list[dict]:

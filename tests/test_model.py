@@ -46,6 +46,51 @@ def test_local_weights_file_is_loaded(tmp_path):
         build_unet(128, 2, str(tmp_path / "missing.h5"))
 
 
+SHARED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "weights",
+                              "mobilenet_v2")
+
+
+def test_local_imagenet_weights_are_found_by_width(tmp_path, monkeypatch):
+    from pipeline.model import WEIGHTS_ENV, local_imagenet_weights
+
+    for name in ("mobilenet_v2_1.0_no_top_imagenet.h5", "mobilenet_v2_0.35_no_top_imagenet.h5",
+                 "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5", "mobilenet_v2_0.75_top.h5"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))
+    assert local_imagenet_weights(1.0) == str(tmp_path / "mobilenet_v2_1.0_no_top_imagenet.h5")
+    assert local_imagenet_weights(0.35) == str(tmp_path / "mobilenet_v2_0.35_no_top_imagenet.h5")
+    assert local_imagenet_weights(0.5).endswith("kernels_0.5_224_no_top.h5")
+    assert local_imagenet_weights(0.75) is None  # a classifier file (with top) is not an encoder
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "mobilenet_v2_1.0_no_top_imagenet.h5"))
+    assert local_imagenet_weights(0.35) == str(tmp_path / "mobilenet_v2_1.0_no_top_imagenet.h5")  # a file: as named
+    monkeypatch.delenv(WEIGHTS_ENV)
+    assert local_imagenet_weights(1.0) is None
+
+
+def test_auto_falls_back_to_the_local_imagenet_weights_then_to_random(tmp_path, monkeypatch, capsys):
+    from pipeline.model import WEIGHTS_ENV
+    from pipeline.tfkeras import keras
+
+    if not os.path.isdir(SHARED_WEIGHTS):
+        pytest.skip(f"ImageNet weights not found at {os.path.normpath(SHARED_WEIGHTS)} (a fresh checkout has no "
+                    "../shared)")
+    monkeypatch.setenv(WEIGHTS_ENV, SHARED_WEIGHTS)
+    model = build_unet(128, 2, "auto", encoder_width=0.35)
+    if "could not be downloaded" not in capsys.readouterr().out:
+        pytest.skip("this machine reached the internet and downloaded Keras' own ImageNet weights")
+    shared = keras.applications.MobileNetV2(input_shape=(None, None, 3), include_top=False, alpha=0.35,
+                                            weights=os.path.join(SHARED_WEIGHTS, "mobilenet_v2_0.35_no_top_imagenet.h5"))
+    for layer in ("Conv1", "block_16_project"):
+        assert np.array_equal(model.get_layer("encoder").get_layer(layer).get_weights()[0],
+                              shared.get_layer(layer).get_weights()[0])
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))  # no file for this width: one warning line, random weights
+    build_unet(128, 2, "auto", encoder_width=0.35)
+    warning = capsys.readouterr().out.splitlines()[-1]  # after Keras' own "Downloading data from ..." line
+    assert warning.startswith("warning:") and "random initialisation" in warning and WEIGHTS_ENV in warning
+    with pytest.raises(BackboneWeightsError, match=WEIGHTS_ENV):
+        build_unet(128, 2, "imagenet", encoder_width=0.35)
+
+
 def test_cross_entropy_dice_loss_is_cross_entropy_plus_one_minus_soft_dice():
     from pipeline.model import CrossEntropyDice
 

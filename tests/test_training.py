@@ -31,6 +31,7 @@ def test_two_workers_learn_and_recover_from_a_killed_worker(trained_run):
     assert max(row["val_nucleus_iou"] for row in history) > first["val_nucleus_iou"] + 0.05
     assert max(row["nucleus_iou"] for row in history) > 0.3  # the training set is learnt clearly
     assert info["workers"] == 2 and info["epochs_run"] == config.epochs
+    assert info["backbone_init"] == "none"  # rank 0 recorded where the encoder's weights came from
 
 
 def test_run_folder_holds_model_logs_and_snapshots(trained_run):
@@ -201,6 +202,7 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
                                 patience=1, keep="last", crash_at_epoch=-1, snapshots=0, synthetic_count=20)
     info = run_training(tuned)
     assert info["config"]["init_from"] == start and info["config"]["kinds"] == "fluorescence"
+    assert info["backbone_init"] == f"--init-from {start}"
     history = [json.loads(line) for line in (tmp_path / "tuned" / "history.jsonl").read_text().splitlines()]
     assert info["epochs_run"] == info["kept_epoch"] == 3 and 1 <= info["best_epoch"] <= 3
     assert info["final_metrics"]["val_loss"] == history[-1]["val_loss"]
