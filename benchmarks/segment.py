@@ -10,7 +10,9 @@ forward pass at 128x128, batch 32, in interleaved turns, then segment.py end to 
 each. `--compare measurements`: segment.py end to end with and without per-nucleus measurements.
 `--compare outlines` / `--compare clumps`: segment.py end to end with and without the model's outline refiner
 (run.json) / clump splitting (run.json's setting, else the default one).
-All compare with plain prediction (no flips, one scale), whatever the model's run.json chooses.
+These compare with plain prediction (no flips, one scale), whatever the model's run.json chooses.
+`--compare stored`: segment.py with the model's stored settings (what it does with no flag) against plain
+prediction (no flips, scales, size normalisation, clump splitting, filter or refiner); ratio = plain / stored time.
 """
 from __future__ import annotations
 
@@ -48,10 +50,15 @@ def make_folder(count: int, folder: str) -> None:
 SWITCHES = {"outlines": ("refine_outlines", "the outline refiner"), "clumps": ("split_clumps", "clump splitting")}
 
 
-def segment_seconds(model: str, folder: str, output: str, measurements: bool = True,
+PLAIN = dict(tta=False, scales="1", nucleus_area=0)  # one forward pass per image, whatever run.json says
+BARE = dict(PLAIN, split_clumps=False, instance_filter=False, refine_outlines=False)  # and no post-processing step
+
+
+def segment_seconds(model: str, folder: str, output: str, measurements: bool = True, stored: bool = False,
                     **switches: bool) -> tuple[float, int]:
     """(seconds, images done) of one segment.py run (warm Ray) into a fresh output folder; `switches` are
-    SegmentConfig's step flags (refine_outlines, split_clumps)."""
+    SegmentConfig's step flags (refine_outlines, split_clumps); `stored`: the model's stored settings instead of
+    plain prediction."""
     from pipeline.config import SegmentConfig
     from pipeline.inference import run_segmentation
 
@@ -59,9 +66,9 @@ def segment_seconds(model: str, folder: str, output: str, measurements: bool = T
     began = time.perf_counter()
     # Plain prediction (no flips, scales or size normalisation, whatever run.json says): the cost of the
     # pipeline, not of test-time augmentation.
+    settings = {} if stored else {**PLAIN, **switches}
     result = run_segmentation(SegmentConfig(model=model, input=folder, output=output, measurements=measurements,
-                                            report=measurements, tta=False, scales="1", nucleus_area=0,
-                                            **switches), output)
+                                            report=measurements, **settings), output)
     return time.perf_counter() - began, result.done
 
 
@@ -88,6 +95,18 @@ def compare(args, work: str, images: str, count: int) -> None:
         print(f"segment.py over {count} images, medians of {args.repeats} interleaved runs: without measurements "
               f"{count / off:.1f} images/s ({off:.1f} s), with {count / on:.1f} images/s ({on:.1f} s); "
               f"ratio={off / on:.2f}")
+        return
+    if args.compare == "stored":
+        seconds = {}
+        for turn in range(args.repeats):
+            for stored in (False, True):
+                switches = {} if stored else {key: value for key, value in BARE.items() if key not in PLAIN}
+                seconds.setdefault(stored, []).append(
+                    segment_seconds(model, images, output, measurements=False, stored=stored, **switches)[0])
+        plain, stored = (float(np.median(seconds[flag])) for flag in (False, True))
+        print(f"segment.py over {count} images, medians of {args.repeats} interleaved runs: plain prediction "
+              f"{count / plain:.2f} images/s ({plain:.1f} s), the model's stored settings {count / stored:.2f} "
+              f"images/s ({stored:.1f} s); ratio={plain / stored:.2f}")
         return
     if args.compare in SWITCHES:
         field, name = SWITCHES[args.compare]
@@ -131,9 +150,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="images for the rates and the first memory reading")
     parser.add_argument("--large", type=int, default=10000, help="image count for the second memory reading")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--compare", choices=("", "runtimes", "measurements", *SWITCHES), default="",
+    parser.add_argument("--compare", choices=("", "runtimes", "measurements", "stored", *SWITCHES), default="",
                         help="runtimes: TensorFlow vs ONNX Runtime; measurements / outlines / clumps: segment.py "
-                             "with and without them (the model's outline refiner; clump splitting)")
+                             "with and without them (the model's outline refiner; clump splitting); stored: the "
+                             "model's stored settings against plain prediction")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved turns of each side (--compare)")
     args = parser.parse_args()
     if args.compare:

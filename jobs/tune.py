@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log = tune(config.model, config.data, write=not config.dry_run,
                    predictions=tuple(part.strip() for part in config.predictions.split(",") if part.strip()),
-                   specialists=parse_specialists(config.specialists))
+                   specialists=parse_specialists(config.specialists), max_cost=config.max_cost)
         print(describe(log))
 
     return run_job(work)

@@ -117,7 +117,7 @@ class TrainConfig(DataConfig):
     snapshots: int = option(3, "validation images drawn each epoch as input | truth | prediction")
     time_limit: float = option(0.0, "minutes: stop after the last epoch that can finish within this much time from "
                                     "the start of the job (weights kept as --keep says), leaving time for the "
-                                    "--tune step when there is one (about 6 epochs' worth); 0 = no limit")
+                                    "--tune step when there is one (about 3 epochs' worth); 0 = no limit")
     tune: bool = option(False, "after training, choose the inference settings on the protocol's tune split "
                                "(what jobs/tune.py does) and store them in run.json, so segment, submit and "
                                "evaluate use them with no flag (--holdout protocol runs of all kinds of image "
@@ -285,6 +285,9 @@ class TuneConfig:
                                     "which has trained on the tune split")
     predictions: str = option("plain,flips,flips+scales", "ways of predicting to compare (comma-separated): plain, "
                                                           "flips, flips+scales (0.8, 1, 1.25)")
+    max_cost: float = option(1.5, "try only ways of predicting (size normalisation, flips, scales) that cost at most "
+                                  "this many forward passes per image, plain prediction being 1, so that inference "
+                                  "with the stored settings stays at least half as fast as plain (0: try all)")
     specialists: str = option("", "KIND=MODEL,...: route that kind of image (stained, bright-field, fluorescence) to "
                                   "a model fine-tuned for it (jobs/train.py --init-from --kinds), kept only if it "
                                   "beats this model on the kind's tune images; copied beside this model. With "

@@ -1,15 +1,16 @@
 """Choose a model's inference settings on the evaluation protocol's tune split, and store them in its run.json.
 
 Every choice is made on the tune split (never the test split), in steps whose scores are all kept in
-tuning.json: (0) size normalisation: the nucleus area each image is zoomed to (or none), with plain
-prediction; (1) prediction: plain, flips, flips + scales; (2) post-processing thresholds and minimum size,
-globally and, where it wins out of sample, per kind of image (stained, bright-field); (2c) clump splitting
-(submission/instances.py: objects shaped like merged nuclei cut apart), one of 8 settings or none; (3) the
-false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the tune images so
-the score that decides is of images the filter did not see; (4) the outline refiner (submission/outlines.py),
-judged the same way on the nuclei the filter leaves. Before all of these, a kind specialist given to it (a model
-fine-tuned on one kind of image) is kept only if that kind's tune images, predicted as the stored settings
-predict, score better with it. One process, no Ray: the tune split is small and every candidate reuses the same
+tuning.json, each kept only where it gains at least MIN_GAIN: (0) size normalisation: the nucleus area each image
+is zoomed to (or none), with plain prediction; (1) prediction: plain, flips, flips + scales; (0) and (1) only
+within --max-cost forward passes per image (by default neither: they cost 2-13 plain passes); (2) post-processing
+thresholds and minimum size, globally and, where it wins out of sample, per kind of image (stained, bright-field);
+(2c) clump splitting (submission/instances.py: objects shaped like merged nuclei cut apart), one of 8 settings or
+none; (3) the false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the
+tune images so the score that decides is of images the filter did not see; (4) the outline refiner
+(submission/outlines.py), judged the same way on the nuclei the filter leaves. Before all of these, a kind
+specialist given to it (a model fine-tuned on one kind of image) is kept only if that kind's tune images,
+predicted as the stored settings predict, score better with it. One process, no Ray: the tune split is small and every candidate reuses the same
 predicted probabilities. A pass that scores below the settings an earlier pass stored (same tune split, same
 specialists) leaves them in place.
 """
@@ -39,7 +40,13 @@ CLUMP_SPLITS = tuple(itertools.product((1.5, 2.0), (0.9, 0.95), (0.9, 1.2)))
 FITTED = ("instance_filter", "outline_refiner")  # long lists of numbers: shown as on / off
 # --time-limit keeps this many epochs' time free for the tune step after training: both are compute-bound on the
 # same cores, and on the 2-core CPU box a dsb2018 preset run's tune pass (4.0-5.2 min) takes 4.5-6 of its epochs.
-TUNE_COST_IN_EPOCHS = 6.0
+TUNE_COST_IN_EPOCHS = 3.0
+# A step is kept only where it gains at least this on the tune split: less is noise on 90 images.
+MIN_GAIN = 0.005
+# Ways of predicting that cost more than this many plain forward passes per image are not tried by default, so
+# inference with the stored settings stays at least half as fast as plain prediction (flips cost 4, three scales
+# 3.2, size normalisation 2).
+MAX_COST = 1.5
 
 
 def _instances(probabilities, threshold, seed_threshold, min_size):
@@ -273,9 +280,25 @@ def _comparable_stored_score(saved: dict, info: dict, routed: dict[str, str], tu
     return float(saved["tune_score"]) if stored == {kind: sha256_of(path) for kind, path in routed.items()} else None
 
 
-def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002,
-         predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None) -> dict:
-    """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json."""
+def prediction_passes(flips: bool, scales, size_normalised: bool = False) -> float:
+    """Forward passes per image (in units of one plain pass) that a way of predicting costs: flips 4, each scale its
+    area, size normalisation one plain pass more (it measures the nuclei before zooming)."""
+    return (4 if flips else 1) * sum(scale * scale for scale in scales) + (1 if size_normalised else 0)
+
+
+def stored_passes(saved: dict) -> float:
+    """prediction_passes of stored settings (run.json's postprocess)."""
+    return prediction_passes(bool(saved.get("tta")), saved.get("scales") or (1.0,),
+                             bool(saved.get("size_normalisation")))
+
+
+def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_GAIN,
+         predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None,
+         max_cost: float = MAX_COST) -> dict:
+    """Tune model's inference settings on its tune split; returns (and writes beside the model) tuning.json.
+
+    A way of predicting whose forward passes exceed `max_cost` times plain prediction's (prediction_passes) is
+    not tried (0: try all): inference with the stored settings stays within that factor of plain prediction."""
     from pipeline.augment import apply_appearance, median_nucleus_area, size_normalising_zoom
     from pipeline.evaluation import held_out_refs
     from pipeline.images import normalise
@@ -345,7 +368,10 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
     # 0. Size normalisation: each target nucleus area scored with plain prediction and the current post-processing;
     # the first (area 0: off) also measures each image's nuclei.
     plain, sizes = {}, {}
-    for area in sorted(set(NUCLEUS_AREAS) | {float(trained.get("nucleus_area") or 0)}):  # and the one it trained at
+    passes = lambda name, zoomed=False: prediction_passes(*PREDICTIONS[name], zoomed)  # noqa: E731
+    affordable = lambda name, zoomed=False: not max_cost or passes(name, zoomed) <= max_cost  # noqa: E731
+    areas = sorted(set(NUCLEUS_AREAS) | {float(trained.get("nucleus_area") or 0)})  # and the one it trained at
+    for area in areas if affordable("plain", True) else [0.0]:
         plain[area], sizes[area] = predict_all(False, (1.0,), area, measure=not area)  # 0 first: it measures
         print(f"  nucleus area {area or 'off':>4} (plain) score {sizes[area]['score']:.4f} "
               f"({sizes[area]['predict_seconds']:.0f} s)", flush=True)
@@ -354,12 +380,16 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         nucleus_area = 0
     log["steps"]["size_normalisation"] = {"with": measured_with,
                                           "scores": {str(area): entry for area, entry in sizes.items()},
-                                          "chosen": nucleus_area}
+                                          "chosen": nucleus_area, "tried": len(sizes) > 1}
     plain = plain[nucleus_area]
 
     # 1. How to predict: each option scored with the current post-processing (and the chosen size normalisation).
     probabilities, step = {}, {}
     for name in predictions:
+        if not affordable(name, bool(nucleus_area)):
+            print(f"  prediction {name:13s} not tried: {passes(name, bool(nucleus_area)):.1f} forward "
+                  f"passes per image, over --max-cost {max_cost:g}", flush=True)
+            continue
         if name == "plain":
             probabilities[name], step[name] = plain, sizes[nucleus_area]
         else:
@@ -367,6 +397,9 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         print(f"  prediction {name:13s} score {step[name]['score']:.4f} ({step[name]['predict_seconds']:.0f} s)",
               flush=True)
     del plain
+    if not step:
+        raise ValueError(f"--predictions {','.join(predictions)}: none costs at most --max-cost {max_cost:g} forward "
+                         "passes per image (plain costs 1)")
     best_prediction = max(step, key=lambda name: step[name]["score"])
     log["steps"]["prediction"] = {"with": measured_with, "nucleus_area": nucleus_area, "scores": step,
                                   "chosen": best_prediction}
@@ -440,6 +473,8 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = 0.002
         settings["specialists"] = {kind: f"specialist-{kind}.keras" for kind in routed}
     log["settings"] = settings
     stored_score = _comparable_stored_score(saved, info, routed, settings["tuned_on"])
+    if stored_score is not None and max_cost and stored_passes(saved) > max_cost:
+        stored_score = None  # stored settings over the cost limit are replaced, whatever they scored
     if stored_score is not None and stored_score > settings["tune_score"]:
         log["kept_stored"] = {"stored_tune_score": stored_score, "this_pass": settings["tune_score"]}
         print(f"  the stored settings score {stored_score:.4f} on the tune split, this pass's "

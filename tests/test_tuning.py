@@ -313,6 +313,29 @@ def test_tuning_stores_its_settings_and_a_later_pass_never_loses_ground(tmp_path
     assert "kept_stored" not in log and json.loads(run_json.read_text())["postprocess"]["threshold"] != 0.55
 
 
+def test_ways_of_predicting_over_the_cost_limit_are_neither_tried_nor_kept(tmp_path, synthetic_folder):
+    import json
+
+    from pipeline.tuning import prediction_passes, tune
+
+    assert prediction_passes(False, (1.0,)) == 1 and prediction_passes(False, (1.0,), True) == 2
+    assert prediction_passes(True, (0.8, 1.0, 1.25)) == pytest.approx(4 * (0.64 + 1 + 1.5625))
+    model = _pixel_model(tmp_path / "run", 20.0)
+    run_json = tmp_path / "run" / "run.json"
+    info = json.loads(run_json.read_text())
+    info["config"].update(data=synthetic_folder, seed=1, synthetic_count=12)
+    run_json.write_text(json.dumps(info))
+    log = tune(model)  # every way of predicting asked for, under the default cost limit (1.5 passes)
+    assert list(log["steps"]["prediction"]["scores"]) == ["plain"] and not log["steps"]["size_normalisation"]["tried"]
+    stored = json.loads(run_json.read_text())["postprocess"]
+    assert stored["tta"] is False and stored["scales"] == [1.0] and stored["size_normalisation"] is None
+    # Stored settings over the limit give way to this pass, even with a higher recorded tune score.
+    costly = {**stored, "tta": True, "tune_score": 1.0}
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "postprocess": costly}))
+    log = tune(model)
+    assert "kept_stored" not in log and json.loads(run_json.read_text())["postprocess"]["tta"] is False
+
+
 def test_each_nucleus_area_is_scored_on_what_inference_predicts_with_it(tmp_path, synthetic_folder):
     """The tune step measures each image's nuclei once for every size-normalisation target; its scores must be
     those of inference's own size normalisation (which measures them itself, image by image)."""
@@ -330,7 +353,7 @@ def test_each_nucleus_area_is_scored_on_what_inference_predicts_with_it(tmp_path
     info = json.loads(run_json.read_text())
     info["config"].update(data=synthetic_folder, seed=1, synthetic_count=12)
     run_json.write_text(json.dumps(info))
-    step = tune(model, predictions=("plain",), write=False)["steps"]["size_normalisation"]
+    step = tune(model, predictions=("plain",), write=False, max_cost=0)["steps"]["size_normalisation"]
     samples = [load_sample(ref) for ref in held_out_refs("tune", synthetic_folder, info["config"])]
     measured_with = step["with"]
     scores = {}
