@@ -1,76 +1,111 @@
-"""Decode + resize + normalise the 600 real images: Ray Data pipeline against a plain OpenCV loop.
+"""Inference preprocessing of the 600 real images: Ray Data against the same work in one process.
 
-Prints both rates (images/s, medians of 5 runs taken in turns), Ray's start-up time, peak memory for 600
-and 6,000 images (the same files repeated), and a last line `ratio=<ray/loop>`. For context it also measures,
-in the same turns, a process pool doing the loop's work on every CPU (what the cores allow without Ray: no
-results leave the workers), and Ray Data's fixed cost per run (the same pipeline over the refs, no decoding).
-Ray Data's progress bars are off while timing (they are for a person watching; ~10% of a 2-second run).
+Both sides run `pipeline.data.preprocess_inference`, the function segment.py's Ray Data pipeline maps over blocks
+of refs (decode, appearance, resize to 128, normalise, and with --kinds each image's kind): the loop calls it here
+on blocks of the same size, so the two do equal work and the ratio is what Ray Data's parallelism earns after its
+overhead. Prints each step's cost per image (one process), then both rates over the 600 images and over them
+repeated --repeat times (6,000 by default), medians of --turns interleaved turns, Ray Data's peak memory rise, and a
+last line `ratio=<ray/loop>` at the larger size. Ray Data's progress bars are off while timing.
 """
 from __future__ import annotations
 
-import multiprocessing
+import argparse
 import os
 import time
 
+import numpy as np
+
 from common import PeakMemory, interleaved_medians, require_real_zip
 
+BLOCK = 96  # refs per block: what pipeline.data.auto_blocks gives resize-mode inference (per_block=96)
 
-def decode_chunk(refs) -> int:
-    """The loop's work on a chunk of refs, in a pool process."""
+
+def as_batch(refs) -> dict:
+    """The numpy columns Ray Data hands preprocess_inference for a block of refs."""
+    from pipeline.refs_source import ref_rows
+
+    table = ref_rows(refs)[0]
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def step_costs(refs, appearance: str) -> dict[str, float]:
+    """Milliseconds per image of each step of preprocess_inference, one process, over `refs`."""
+    from pipeline.augment import apply_appearance
     from pipeline.images import normalise, resize_image
+    from pipeline.protocol import image_kind
     from pipeline.sources import load_sample
 
+    costs, images = {}, []
+    began = time.perf_counter()
     for ref in refs:
-        normalise(resize_image(load_sample(ref, with_masks=False).image, 128))
-    return len(refs)
+        images.append(load_sample(ref, with_masks=False).image)
+    costs["decode"] = time.perf_counter() - began
+    steps = {"appearance": lambda image: apply_appearance(image, appearance),
+             "resize": lambda image: resize_image(image, 128), "kind": image_kind}
+    for name, step in steps.items():
+        began = time.perf_counter()
+        for image in images:
+            step(image)
+        costs[name] = time.perf_counter() - began
+    resized = [resize_image(image, 128) for image in images]
+    out = np.zeros((128, 128, 3), np.float32)
+    began = time.perf_counter()
+    for image in resized:
+        normalise(image, out=out)
+    costs["normalise"] = time.perf_counter() - began
+    return {name: 1000 * seconds / len(refs) for name, seconds in costs.items()}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=10, help="the larger run: the 600 images this many times over")
+    parser.add_argument("--turns", type=int, default=3, help="interleaved turns of each side per size")
+    parser.add_argument("--kinds", action="store_true", help="classify each image's kind too (a model with per-kind "
+                                                             "settings or a specialist); default: as segment.py "
+                                                             "does for a model without them")
+    parser.add_argument("--appearance", default="rgb", choices=("rgb", "colour"),
+                        help="the model's appearance step (rgb: none; colour: the dsb2018 preset's)")
+    args = parser.parse_args()
     zip_path = require_real_zip()
+    os.environ["NUCLEI_PROGRESS"] = "0"
+    from pipeline.data import ensure_ray, inference_dataset, preprocess_inference
     from pipeline.sources import list_images
 
     refs = list_images(zip_path).refs
-    cpus = os.cpu_count() or 2
-    chunks = [refs[i:i + 75] for i in range(0, len(refs), 75)]
-    pool = multiprocessing.get_context("spawn").Pool(cpus)
-    pool.map(decode_chunk, [refs[:4]] * cpus)  # start the processes and their imports
+    costs = step_costs(refs, args.appearance)
+    print(f"images: {len(refs)} real DSB2018 PNGs from the zip -> 128x128 float32, appearance {args.appearance}, "
+          f"kinds {'on' if args.kinds else 'off'}")
+    print("per image, one process: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in costs.items()))
+    options = dict(image_size=128, max_pixels=10**8, appearance=args.appearance, kinds=args.kinds)
 
-    os.environ["NUCLEI_PROGRESS"] = "0"
-    started = time.perf_counter()
-    from pipeline.data import ensure_ray, inference_dataset, refs_dataset
+    def loop(items):
+        for start in range(0, len(items), BLOCK):
+            preprocess_inference(as_batch(items[start:start + BLOCK]), **options)
 
-    ensure_ray()
-    inference_dataset(refs[:8], 128, 10**8, blocks=4).materialize()  # start the worker processes
-    startup = time.perf_counter() - started
-
-    def ray_pipeline(items=refs):
+    def ray_pipeline(items):
         count = 0
-        for batch in inference_dataset(items, 128, 10**8).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in inference_dataset(items, 128, 10**8, appearance=args.appearance,
+                                       kinds=args.kinds).iter_batches(batch_size=None, batch_format="numpy"):
             count += len(batch["image"])
         assert count == len(items)
 
-    def ray_fixed_cost():
-        for _ in refs_dataset(refs).iter_batches(batch_size=None, batch_format="numpy"):
-            pass
-
-    medians = interleaved_medians({"loop": lambda: decode_chunk(refs), "ray": ray_pipeline,
-                                   "pool": lambda: pool.map(decode_chunk, chunks, chunksize=1),
-                                   "fixed": ray_fixed_cost})
-    pool.close()
-    pool.join()
-    with PeakMemory() as small:
-        ray_pipeline(refs)
-    with PeakMemory() as large:
-        ray_pipeline(refs * 10)
-    loop_rate, ray_rate, pool_rate = (len(refs) / medians[name] for name in ("loop", "ray", "pool"))
-    print(f"images: {len(refs)} real DSB2018 PNGs from the zip -> 128x128 float32")
-    print(f"plain OpenCV loop: {loop_rate:.0f} images/s")
-    print(f"process pool, {cpus} processes: {pool_rate:.0f} images/s (ratio {pool_rate / loop_rate:.2f}: what the "
-          f"cores allow without Ray)")
-    print(f"Ray Data pipeline: {ray_rate:.0f} images/s (start-up {startup:.1f}s, not included; fixed cost per run "
-          f"{medians['fixed'] * 1000:.0f} ms: the same pipeline over the refs, no decoding)")
-    print(f"peak memory rise: {small.mib:.0f} MiB for {len(refs)} images, {large.mib:.0f} MiB for {len(refs) * 10}")
-    print(f"ratio={ray_rate / loop_rate:.2f}")
+    started = time.perf_counter()
+    ensure_ray()
+    ray_pipeline(refs[:8])  # start the worker processes
+    print(f"Ray start-up {time.perf_counter() - started:.1f} s (not included)")
+    ratio = 0.0
+    for repeat in sorted({1, args.repeat}):
+        items = refs * repeat
+        medians = interleaved_medians({"loop": lambda: loop(items), "ray": lambda: ray_pipeline(items)},
+                                      repeats=args.turns)
+        loop_rate, ray_rate = (len(items) / medians[name] for name in ("loop", "ray"))
+        ratio = ray_rate / loop_rate
+        print(f"{len(items)} images, medians of {args.turns} interleaved turns: one process {loop_rate:.0f} images/s, "
+              f"Ray Data {ray_rate:.0f} images/s, ratio {ratio:.2f}")
+    with PeakMemory() as memory:
+        ray_pipeline(refs * args.repeat)
+    print(f"peak memory rise of Ray Data over {len(refs) * args.repeat} images: {memory.mib:.0f} MiB")
+    print(f"ratio={ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -176,10 +176,12 @@ def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_class
 
 
 def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: str = "resize",
-                         appearance: str = "rgb") -> dict:
+                         appearance: str = "rgb", kinds: bool = True) -> dict:
     """Ray Data UDF: decode images for prediction; lenient (a bad file becomes ok=False + error).
 
-    mode 'resize': image_size x image_size arrays; mode 'native': each image at its own size (ragged).
+    mode 'resize': image_size x image_size arrays, written in place into one batch array; mode 'native': each
+    image at its own size (ragged). `kinds`: classify each image (pipeline.protocol.image_kind), which only a
+    model with per-kind settings or a specialist needs; otherwise the column is left empty.
     """
     from pipeline.augment import apply_appearance
     from pipeline.protocol import image_kind
@@ -189,7 +191,7 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
     images = [np.zeros((1, 1, 3), np.float32)] * count if native else np.zeros((count, image_size, image_size, 3),
                                                                                 np.float32)
     heights, widths = np.zeros(count, np.int64), np.zeros(count, np.int64)
-    ok, errors, kinds = np.zeros(count, bool), [""] * count, [""] * count
+    ok, errors, kind_of = np.zeros(count, bool), [""] * count, [""] * count
     for row, ref in enumerate(_refs(batch)):
         try:
             sample = load_sample(ref, with_masks=False, max_pixels=max_pixels)
@@ -197,16 +199,20 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
             errors[row] = str(error).splitlines()[0] or type(error).__name__
             continue
         image = apply_appearance(sample.image, appearance)
-        images[row] = normalise(image if native else resize_image(image, image_size))
+        if native:
+            images[row] = normalise(image)
+        else:
+            normalise(resize_image(image, image_size), out=images[row])
         heights[row], widths[row], ok[row] = sample.height, sample.width, True
-        kinds[row] = image_kind(sample.image)  # stained / bright-field images may have their own thresholds
+        if kinds:
+            kind_of[row] = image_kind(sample.image)  # stained / bright-field images may have their own settings
     if native:
         ragged = np.empty(count, dtype=object)
         ragged[:] = images
         images = ragged
     return {"image": images, "image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["image_path"]),
             "source": np.asarray(batch["source"]), "kind": np.asarray(batch["kind"]),
-            "image_kind": np.asarray(kinds), "height": heights, "width": widths, "ok": ok,
+            "image_kind": np.asarray(kind_of), "height": heights, "width": widths, "ok": ok,
             "error": np.asarray(errors, dtype=object)}
 
 
@@ -240,8 +246,10 @@ def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, nu
 
 
 def inference_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, blocks: int = 0, *,
-                      mode: str = "resize", appearance: str = "rgb"):
-    """Streaming (lazy) dataset of decoded images for prediction (resized, or at native size)."""
+                      mode: str = "resize", appearance: str = "rgb", kinds: bool = True):
+    """Streaming (lazy) dataset of decoded images for prediction (resized, or at native size); `kinds`: fill the
+    image_kind column (preprocess_inference)."""
     return refs_dataset(refs, blocks, per_block=24 if mode == "native" else 96).map_batches(
         preprocess_inference, batch_size=None, batch_format="numpy",
-        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "mode": mode, "appearance": appearance})
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "mode": mode, "appearance": appearance,
+                   "kinds": kinds})

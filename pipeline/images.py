@@ -117,9 +117,9 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
-def normalise(image: np.ndarray) -> np.ndarray:
-    """uint8 image to float32 in [0, 1]."""
-    return image.astype(np.float32) * (1.0 / 255.0)
+def normalise(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 image to float32 in [0, 1], in one pass (into `out` when given: no temporary array)."""
+    return np.multiply(image, np.float32(1.0 / 255.0), out=out, dtype=np.float32)
 
 
 def encode_png(array: np.ndarray) -> bytes:

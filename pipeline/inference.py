@@ -407,7 +407,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
     import ray
 
     from pipeline.data import ensure_ray, inference_dataset
-    from pipeline.registry import resolve_model
+    from pipeline.registry import resolve_model, specialist_files
 
     started = time.time()
     model_path = os.path.abspath(resolve_model(config.model))
@@ -441,8 +441,12 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         use_gpu = config.gpu == "yes" or (config.gpu == "auto" and gpus >= config.concurrency)
         wanted = len(todo) if config.overlays < 0 else config.overlays
         overlay_ids = frozenset(ref.image_id for ref in sorted(todo, key=lambda r: r.image_id)[:wanted])
+        post = postprocess_settings(config, info)
+        # An image's kind matters only to per-kind settings and specialists: otherwise it is not computed.
+        needs_kinds = bool(post["by_kind"]) or bool(specialist_files(model_path, info))
         dataset = inference_dataset(todo, image_size, config.max_pixels, config.blocks,
-                                    mode=info.get("mode", "resize"), appearance=info.get("appearance", "rgb"))
+                                    mode=info.get("mode", "resize"), appearance=info.get("appearance", "rgb"),
+                                    kinds=needs_kinds)
         dataset = dataset.map_batches(
             Predictor, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
@@ -455,7 +459,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         dataset = dataset.map_batches(
             postprocess, batch_size=8, batch_format="numpy",
             fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output),
-                       **postprocess_settings(config, info), "overlay_ids": overlay_ids,
+                       **post, "overlay_ids": overlay_ids,
                        "max_pixels": config.max_pixels, "encode": encode, "measure": config.measurements})
         for row in dataset.iter_rows():
             rles = str(row.pop("rles") or "")

@@ -72,6 +72,31 @@ def test_native_mode_inference_rows_keep_each_image_size(ray_session, synthetic_
         assert row["ok"] and row["image"].shape == (row["height"], row["width"], 3)
 
 
+def test_inference_rows_classify_kinds_only_when_asked(synthetic_folder):
+    from pipeline.data import preprocess_inference
+    from pipeline.images import normalise, resize_image
+    from pipeline.protocol import image_kind
+    from pipeline.sources import load_sample
+
+    refs = list_images(synthetic_folder).refs[:6]
+    batch = refs_dataset_batch(refs)
+    with_kinds = preprocess_inference(batch, 64, 10**8, kinds=True)
+    without = preprocess_inference(batch, 64, 10**8, kinds=False)
+    images = [load_sample(ref, with_masks=False).image for ref in refs]
+    assert list(with_kinds["image_kind"]) == [image_kind(image) for image in images]
+    assert "" not in set(with_kinds["image_kind"]) and set(without["image_kind"]) == {""}
+    np.testing.assert_array_equal(without["image"], with_kinds["image"])
+    np.testing.assert_array_equal(without["image"][0], normalise(resize_image(images[0], 64)))
+
+
+def refs_dataset_batch(refs) -> dict:
+    """The numpy columns a block of the refs dataset hands to preprocess_inference."""
+    from pipeline.refs_source import ref_rows
+
+    return {name: column.to_numpy(zero_copy_only=False) for name, column in
+            zip(ref_rows(refs)[0].column_names, ref_rows(refs)[0].columns)}
+
+
 def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
     from pipeline.data import refs_dataset
     from pipeline.refs_source import RefsDatasource
