@@ -17,7 +17,7 @@ from pipeline.config import EnsembleConfig, parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(EnsembleConfig, argv, description=__doc__, prog="jobs/ensemble.py", required=("models", "output"))
+    args = parse_args(EnsembleConfig, argv, description=__doc__, required=("models", "output"))
 
     def work() -> None:
         from pipeline.model import ensemble_model

@@ -17,7 +17,7 @@ from pipeline.config import EvaluateConfig, parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(EvaluateConfig, argv, description=__doc__, prog="jobs/evaluate.py")
+    config = parse_args(EvaluateConfig, argv, description=__doc__)
 
     def work() -> None:
         from pipeline.evaluation import evaluate, format_table

@@ -17,7 +17,7 @@ from pipeline.config import ExportConfig, parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(ExportConfig, argv, description=__doc__, prog="jobs/export.py")
+    config = parse_args(ExportConfig, argv, description=__doc__)
 
     def work() -> None:
         from pipeline.onnx_model import run_export

@@ -16,7 +16,7 @@ from pipeline.config import PackageConfig, parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(PackageConfig, argv, description=__doc__, prog="jobs/package.py", required=("model", "name"))
+    args = parse_args(PackageConfig, argv, description=__doc__, required=("model", "name"))
 
     def work() -> None:
         from pipeline.fileio import check_relative

@@ -16,7 +16,7 @@ from pipeline.config import SegmentConfig, parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(SegmentConfig, argv, description=__doc__, prog="jobs/submit.py", required=("input",))
+    config = parse_args(SegmentConfig, argv, description=__doc__, required=("input",))
     config.output = config.output or "submission.csv"
 
     def work() -> None:

@@ -17,7 +17,7 @@ from pipeline.config import TrainConfig, parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(TrainConfig, argv, description=__doc__, prog="jobs/train.py")
+    config = parse_args(TrainConfig, argv, description=__doc__)
 
     def work() -> None:
         import dataclasses

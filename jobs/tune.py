@@ -23,7 +23,7 @@ from pipeline.config import TuneConfig, parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(TuneConfig, argv, description=__doc__, prog="jobs/tune.py", required=("model",))
+    config = parse_args(TuneConfig, argv, description=__doc__, required=("model",))
 
     def work() -> None:
         from pipeline.tuning import FITTED, copy_settings, describe, parse_specialists, tune

@@ -1,4 +1,5 @@
 """The one configuration object per job: flags generated from it, presets, help."""
+import os
 import subprocess
 import sys
 
@@ -35,6 +36,25 @@ def test_every_job_explains_itself(job):
     done = subprocess.run([sys.executable, f"{ROOT}/jobs/{job}.py", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "usage:" in done.stdout and ("--output" in done.stdout or "--model" in done.stdout)
+
+
+def test_installed_commands_are_the_jobs():
+    """`pip install -e .` puts each job on the PATH as nuclei-NAME (pyproject.toml's [project.scripts])."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as stream:
+        scripts = tomllib.load(stream)["project"]["scripts"]
+    assert {name: target for name, target in scripts.items()} == {f"nuclei-{job}": f"jobs.{job}:main" for job in (
+        "train", "tune", "segment", "submit", "evaluate", "export", "package", "quickstart")}
+    command = os.path.join(os.path.dirname(sys.executable), "nuclei-segment")
+    if not os.path.exists(command):
+        pytest.skip(f"{command} not installed (pip install -e . installs it)")
+    done = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: nuclei-segment") and "--input" in done.stdout
+    done = subprocess.run([command, "--input", "no/such/folder", "--output", "out"], capture_output=True, text=True,
+                          timeout=120)
+    last = done.stderr.strip().splitlines()[-1]  # after TensorFlow's start-up lines
+    assert done.returncode == 1 and last.startswith("error:") and "no/such/folder" in last
 
 
 def test_learning_rate_decays_to_the_last_epoch_the_time_limit_allows():
