@@ -57,6 +57,16 @@ def test_installed_commands_are_the_jobs():
     assert done.returncode == 1 and last.startswith("error:") and "no/such/folder" in last
 
 
+def test_tensorflow_starts_quietly_unless_asked():
+    code = "import pipeline.tfkeras as t; t.keras.layers.Dense(2)(t.tf.zeros((1, 3))); print('ok')"
+    env = {**os.environ, "NUCLEI_VERBOSE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok" and done.stderr == ""
+    verbose = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**env, "NUCLEI_VERBOSE": "1"})
+    assert verbose.returncode == 0 and len(verbose.stderr) > len(done.stderr)  # TensorFlow's own start-up lines
+
+
 def test_learning_rate_decays_to_the_last_epoch_the_time_limit_allows():
     from pipeline.training import learning_rate_at
 
