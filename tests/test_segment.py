@@ -315,3 +315,30 @@ def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tm
                               synthetic_folder, "--output", str(tmp_path / "n")], capture_output=True, text=True,
                              timeout=300)
     assert unknown.returncode == 1 and "shipped models are dsb2018" in unknown.stderr.strip().splitlines()[-1]
+    # The Python API, in this process and without Ray, gives each image the labels the job wrote.
+    from pipeline.api import Segmenter
+    from pipeline.inference import read_labels
+    from pipeline.sources import list_images, load_sample
+
+    segmenter = Segmenter.load()
+    for ref in list_images(synthetic_folder).refs[:3]:
+        image = load_sample(ref, with_masks=False).image
+        written = read_labels(os.path.join(str(tmp_path / "o"), manifest[ref.image_path]["labels"]))
+        np.testing.assert_array_equal(segmenter.segment(image), written)
+        np.testing.assert_array_equal(segmenter.segment(image[..., 0]), segmenter.segment(np.dstack([image[..., 0]] * 3)))
+
+
+def test_the_readme_python_snippet_runs(tmp_path, monkeypatch):
+    import re
+
+    from pipeline.images import encode_png
+    from pipeline.synthetic import render_sample
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    snippet = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_images").mkdir()
+    (tmp_path / "my_images" / "cells.png").write_bytes(encode_png(render_sample(3, 1, with_masks=False).image))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["labels"].shape == namespace["image"].shape[:2] and namespace["labels"].max() > 5

@@ -1,0 +1,82 @@
+"""The library's entry points: segment one image in this process, or a whole folder with Ray.
+
+    import numpy as np
+    from pipeline.api import Segmenter, segment_folder
+
+    segmenter = Segmenter.load("dsb2018")          # a shipped model's name, or a model.keras / .onnx path
+    labels = segmenter.segment(image)              # RGB or grey array -> int32 labels, 0 background, 1..N nuclei
+    result = segment_folder("my_images/", "my_results/")   # what jobs/segment.py does: Ray Data, every output
+
+`Segmenter` applies the model's stored inference settings (run.json, as jobs/tune.py chose them) exactly as
+`jobs/segment.py` does; keyword arguments override them like the command's flags (threshold=0.6, tta=True, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from pipeline.config import SegmentConfig
+
+__all__ = ["Segmenter", "segment_folder"]
+
+
+class Segmenter:
+    """One model with its stored settings, in this process (no Ray): an image in, its nuclei's labels out."""
+
+    def __init__(self, model_path: str, config: SegmentConfig, threads: int = 2):
+        from pipeline.inference import (DEFAULT_TILE, Predictor, inspect_model, postprocess_settings,
+                                        prediction_settings)
+        from pipeline.registry import specialist_files
+
+        self.model_path = model_path
+        self.info = inspect_model(model_path)
+        self.post = postprocess_settings(config, self.info)
+        self.predictor = Predictor(model_path, batch_size=1, threads=threads, **prediction_settings(config, self.info),
+                                   tile=config.tile or int(self.info.get("tile") or DEFAULT_TILE), overlap=config.overlap)
+        self.needs_kind = bool(self.post["by_kind"]) or bool(specialist_files(model_path, self.info))
+
+    @classmethod
+    def load(cls, model: str = "dsb2018", threads: int = 2, **settings) -> "Segmenter":
+        """A shipped model by name, or a model.keras / model.onnx path; `settings` are SegmentConfig fields that
+        override the stored ones (threshold, seed_threshold, min_size, tta, scales, nucleus_area, instance_filter,
+        split_clumps, refine_outlines, tile, overlap)."""
+        from pipeline.registry import resolve_model
+
+        config = dataclasses.replace(SegmentConfig(model=model), **settings)
+        return cls(os.path.abspath(resolve_model(model)), config, threads)
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """Nucleus labels (int32, the image's own height and width; 0 background, 1..N nuclei) of an RGB, RGBA or
+        grey image of any integer or float type."""
+        from pipeline.augment import apply_appearance
+        from pipeline.images import normalise, resize_image, to_rgb_uint8
+        from pipeline.inference import labels_at_original_size, settings_for_kind
+        from pipeline.protocol import image_kind
+
+        array = np.asarray(image)
+        # to_rgb_uint8 takes OpenCV's BGR(A) order; this API takes RGB(A), as scikit-image and PIL give it.
+        rgb = to_rgb_uint8(np.ascontiguousarray(array[..., 2::-1]) if array.ndim == 3 and array.shape[2] >= 3 else array)
+        kind = image_kind(rgb) if self.needs_kind else ""
+        prepared = apply_appearance(rgb, self.info.get("appearance", "rgb"))
+        if self.info.get("mode") == "native":
+            probabilities = self.predictor.predict_whole(normalise(prepared), kind)
+        else:
+            size = int(self.info.get("image_size", 128))
+            probabilities = self.predictor.predict(normalise(resize_image(prepared, size))[None])[0]
+        threshold, seed_threshold, min_size = settings_for_kind(
+            self.post["threshold"], self.post["seed_threshold"], self.post["min_size"], self.post["by_kind"], kind)
+        return labels_at_original_size(probabilities, rgb.shape[0], rgb.shape[1], threshold, min_size, seed_threshold,
+                                       self.post["instance_filter"], self.post["outline_refiner"], rgb,
+                                       self.post["clump_split"]).astype(np.int32)
+
+
+def segment_folder(input: str, output: str, model: str = "dsb2018", **settings):
+    """Segment every image under `input` (folder, .zip or URI) into `output` with Ray Data and an actor pool, as
+    jobs/segment.py does (labels, measurements, manifest.csv, report.png); `settings` are SegmentConfig fields.
+    Returns the run's SegmentationResult (rows of the manifest, seconds)."""
+    from pipeline.inference import run_segmentation
+
+    config = dataclasses.replace(SegmentConfig(model=model, input=input, output=output), **settings)
+    return run_segmentation(config, output)
