@@ -166,7 +166,7 @@ def kept_weights_config(info: dict) -> dict:
 # Named configurations for `--preset`: values replace the defaults; flags given on the command line still win.
 TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="colour", loss="ce+dice", image_size=128,
-                    crops_per_image=8, augment=True, border_weight=2.0, encoder_width=0.5, decoder_width=0.5,
+                    crops_per_image=8, augment=True, border_weight=2.0, encoder_width=1.0, decoder_width=0.5,
                     batch_size=16, learning_rate=2e-3, epochs=40, warmup_epochs=2, patience=10, keep="last",
                     holdout="protocol", time_limit=45.0, threshold=0.6, seed_threshold=0.5, min_size=30, tune=True),
 }
@@ -212,6 +212,8 @@ class SegmentConfig(DataConfig):
     measurements: bool = option(True, "measure every nucleus (area, shape, intensity on the original image) into "
                                       "OUTPUT/measurements/, a Parquet dataset")
     report: bool = option(True, "draw OUTPUT/report.png at the end of the run (counts, areas, failures, overlays)")
+    export: str = option("", "also write, beside each label image, comma-separated: geojson (QuPath detections with "
+                             "the measurements), imagej-rois (a Fiji ROI set .zip), ome-tiff (the labels as OME-TIFF)")
 
 
 def _add_arguments(parser: argparse.ArgumentParser, cls) -> None:

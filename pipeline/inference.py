@@ -44,6 +44,16 @@ def _label_candidates(output: str, image_path: str) -> dict[str, str]:
     return {suffix: stem + suffix for suffix in LABEL_SUFFIXES}
 
 
+def write_exports(output: str, image_path: str, labels: np.ndarray, exports: tuple[str, ...],
+                  measurements: dict | None = None) -> None:
+    """The --export files of one input beside its label image (labels/<input path>.geojson, .rois.zip, .ome.tif)."""
+    from pipeline.exports import SUFFIXES, export_bytes
+
+    stem = output_paths(output, image_path)[0][:-len(".png")]
+    for name in exports:
+        fileio.write_bytes_atomic(stem + SUFFIXES[name], export_bytes(name, labels, measurements))
+
+
 def find_labels(output: str, image_path: str) -> str | None:
     """The label file an earlier run wrote for an input (16-bit PNG, or 32-bit TIFF past 65,535 nuclei), or None."""
     return next((location for location in _label_candidates(output, image_path).values() if fileio.exists(location)),
@@ -220,13 +230,15 @@ def settings_for_kind(threshold: float, seed_threshold: float | None, min_size: 
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
                 max_pixels: int, encode: bool, seed_threshold: float | None = None, measure: bool = False,
                 instance_filter: dict | None = None, by_kind: dict | None = None,
-                outline_refiner: dict | None = None, clump_split: dict | None = None) -> dict:
+                outline_refiner: dict | None = None, clump_split: dict | None = None,
+                exports: tuple[str, ...] = ()) -> dict:
     """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows).
 
     `by_kind` (from jobs/tune.py) gives stained or bright-field images their own thresholds and minimum size.
 
     With `measure`, the block's nuclei are measured on the original images and written as one Parquet part
     (after the label files: an image whose labels exist but whose rows do not is redone by the next run).
+    `exports` (pipeline.exports.EXPORTS) are written beside each label image, before it.
     """
     from pipeline.measure import image_summary, measure_nuclei
     from pipeline.images import encode_png
@@ -250,14 +262,19 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
                                                  batch["width"][row], own_threshold, own_min_size, own_seed,
                                                  instance_filter, outline_refiner, image, clump_split)
-                label_file = _relative_label_path(output, write_labels(output, path, labels))
-                if image_id in overlay_ids or (measure and labels.max()):
+                rows, measuring = None, (measure or "geojson" in exports) and labels.max()
+                if image_id in overlay_ids or measuring:
                     if image is None:
                         image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image
                     if image_id in overlay_ids:
                         fileio.write_bytes_atomic(output_paths(output, path)[1], encode_png(overlay(image, labels)))
-                    if measure and labels.max():
-                        measured.append(measure_nuclei(labels, image, image_id))
+                    if measuring:
+                        rows = measure_nuclei(labels, image, image_id)
+                # exports first: a finished image (its label file) always has them, so a rerun may skip it
+                write_exports(output, path, labels, exports, rows)
+                label_file = _relative_label_path(output, write_labels(output, path, labels))
+                if measure and rows is not None:
+                    measured.append(rows)
                 summary = image_summary(labels)
                 encoded = "\n".join(encode_labels(labels)) if encode else ""
             except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
@@ -407,9 +424,11 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
     import ray
 
     from pipeline.data import ensure_ray, inference_dataset
+    from pipeline.exports import parse_exports
     from pipeline.registry import resolve_model, specialist_files
 
     started = time.time()
+    parse_exports(config.export)  # a bad --export stops here, before any work
     model_path = os.path.abspath(resolve_model(config.model))
     info = inspect_model(model_path)  # fail fast, on the driver, with a clear message for a bad model file
     fileio.remove_partials(output, older_than=started)  # half-written files of an earlier run that was killed
@@ -459,7 +478,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         dataset = dataset.map_batches(
             postprocess, batch_size=8, batch_format="numpy",
             fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output),
-                       **post, "overlay_ids": overlay_ids,
+                       **post, "overlay_ids": overlay_ids, "exports": parse_exports(config.export),
                        "max_pixels": config.max_pixels, "encode": encode, "measure": config.measurements})
         for row in dataset.iter_rows():
             rles = str(row.pop("rles") or "")

@@ -1,15 +1,18 @@
 """segment.py and submit.py end to end: original sizes, manifests, bad files, reruns, kills, submissions."""
 import csv
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import cv2
 import numpy as np
 import pytest
+import tifffile
 
 from tests.conftest import ROOT
 
@@ -248,7 +251,8 @@ def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(model_path,
     from pipeline.inference import read_labels, run_segmentation
 
     output = str(tmp_path / "out")
-    config = SegmentConfig(model=model_path, input=synthetic_folder, output=output, cpus_per_actor=0.5, blocks=4)
+    config = SegmentConfig(model=model_path, input=synthetic_folder, output=output, cpus_per_actor=0.5, blocks=4,
+                           export="geojson,imagej-rois,ome-tiff")
     run_segmentation(config, output)
     table = pd.read_parquet(os.path.join(output, "measurements"))
     manifest = read_manifest(output)
@@ -260,6 +264,13 @@ def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(model_path,
         assert list(mine.area) == list(np.bincount(labels.ravel())[1:])
         if len(mine):
             assert float(row["mean_area"]) == pytest.approx(mine.area.mean(), abs=0.01)
+        # the exports beside the label image hold the same nuclei, the GeoJSON with their measurements
+        stem = os.path.join(output, os.path.splitext(row["labels"])[0])
+        features = json.load(open(stem + ".geojson"))["features"]
+        assert [feature["properties"]["name"] for feature in features] == [str(label) for label in mine.label]
+        assert [feature["properties"]["measurements"]["area"] for feature in features] == list(mine.area)
+        assert zipfile.ZipFile(stem + ".rois.zip").namelist() == [f"{label:06d}.roi" for label in mine.label]
+        np.testing.assert_array_equal(tifffile.imread(stem + ".ome.tif"), labels)
     assert os.path.getsize(os.path.join(output, "report.png")) > 10_000
 
     parts = sorted(os.listdir(os.path.join(output, "measurements")))
