@@ -212,6 +212,8 @@ class SegmentConfig(DataConfig):
     measurements: bool = option(True, "measure every nucleus (area, shape, intensity on the original image) into "
                                       "OUTPUT/measurements/, a Parquet dataset")
     report: bool = option(True, "draw OUTPUT/report.png at the end of the run (counts, areas, failures, overlays)")
+    pixel_size: float = option(0.0, "micrometres per pixel, for the measurements' _um columns and the OME-TIFF "
+                                    "export (0: each TIFF / OME-TIFF's own metadata, else unknown)")
     export: str = option("", "also write, beside each label image, comma-separated: geojson (QuPath detections with "
                              "the measurements), imagej-rois (a Fiji ROI set .zip), ome-tiff (the labels as OME-TIFF)")
 

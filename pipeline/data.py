@@ -44,6 +44,8 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     from ray.data import DataContext
 
     context = DataContext.get_current()
+    if os.environ.get("NUCLEI_VERBOSE") != "1":  # the progress bars show each stage; its INFO lines repeat them
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     context.enable_progress_bars = os.environ.get("NUCLEI_PROGRESS", "1") == "1"
     context.print_on_execution_start = False
     # Ray Data reserves half the CPUs per operator by default; on a small machine that leaves a

@@ -25,7 +25,7 @@ from submission.instances import DEFAULT_CLUMP_SPLIT, DEFAULT_MIN_SIZE, DEFAULT_
 
 DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "mean_area", "covered_fraction", "labels",
-                    "status", "error")
+                    "pixel_size_um", "pixel_size_source", "status", "error")
 MEASUREMENTS = "measurements"  # OUTPUT/measurements/: the per-nucleus Parquet dataset, one part per block
 
 
@@ -45,13 +45,25 @@ def _label_candidates(output: str, image_path: str) -> dict[str, str]:
 
 
 def write_exports(output: str, image_path: str, labels: np.ndarray, exports: tuple[str, ...],
-                  measurements: dict | None = None) -> None:
+                  measurements: dict | None = None, pixel_size_um: float | None = None) -> None:
     """The --export files of one input beside its label image (labels/<input path>.geojson, .rois.zip, .ome.tif)."""
     from pipeline.exports import SUFFIXES, export_bytes
 
     stem = output_paths(output, image_path)[0][:-len(".png")]
     for name in exports:
-        fileio.write_bytes_atomic(stem + SUFFIXES[name], export_bytes(name, labels, measurements))
+        fileio.write_bytes_atomic(stem + SUFFIXES[name], export_bytes(name, labels, measurements, pixel_size_um))
+
+
+def pixel_size_of(ref: SampleRef, given: float = 0.0) -> tuple[float | None, str]:
+    """(micrometres per pixel, its source) for an input: --pixel-size when given, else a TIFF's own metadata."""
+    from pipeline.sources import read_file
+    from pipeline.units import TIFF_SUFFIXES, pixel_size_from_tiff
+
+    if given > 0:
+        return float(given), "--pixel-size"
+    if ref.image_path.lower().endswith(TIFF_SUFFIXES):
+        return pixel_size_from_tiff(read_file(ref, ref.image_path))
+    return None, ""
 
 
 def find_labels(output: str, image_path: str) -> str | None:
@@ -231,14 +243,15 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 max_pixels: int, encode: bool, seed_threshold: float | None = None, measure: bool = False,
                 instance_filter: dict | None = None, by_kind: dict | None = None,
                 outline_refiner: dict | None = None, clump_split: dict | None = None,
-                exports: tuple[str, ...] = ()) -> dict:
+                exports: tuple[str, ...] = (), pixel_size: float = 0.0) -> dict:
     """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows).
 
     `by_kind` (from jobs/tune.py) gives stained or bright-field images their own thresholds and minimum size.
 
     With `measure`, the block's nuclei are measured on the original images and written as one Parquet part
     (after the label files: an image whose labels exist but whose rows do not is redone by the next run).
-    `exports` (pipeline.exports.EXPORTS) are written beside each label image, before it.
+    `exports` (pipeline.exports.EXPORTS) are written beside each label image, before it. `pixel_size` (micrometres,
+    0: each TIFF's own) gives the measurements' micron columns and the OME-TIFF its physical size.
     """
     from pipeline.measure import image_summary, measure_nuclei
     from pipeline.images import encode_png
@@ -246,10 +259,10 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
     from submission.rle import encode_labels
 
     count = len(batch["image_id"])
-    summaries, status, errors, rles, label_files, measured = [], [], [], [], [], []
+    summaries, status, errors, rles, label_files, measured, sizes = [], [], [], [], [], [], []
     for row in range(count):
         error = str(batch["error"][row] or "")
-        encoded, summary, label_file = "", image_summary(np.zeros((1, 1), np.int32)), ""
+        encoded, summary, label_file, size = "", image_summary(np.zeros((1, 1), np.int32)), "", (None, "")
         if batch["ok"][row]:
             try:
                 kind = str(batch["image_kind"][row]) if "image_kind" in batch else ""
@@ -259,6 +272,7 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]), source=str(batch["source"][row]),
                                 image_path=path)
                 image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image if outline_refiner else None
+                size = pixel_size_of(ref, pixel_size)
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
                                                  batch["width"][row], own_threshold, own_min_size, own_seed,
                                                  instance_filter, outline_refiner, image, clump_split)
@@ -269,9 +283,9 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                     if image_id in overlay_ids:
                         fileio.write_bytes_atomic(output_paths(output, path)[1], encode_png(overlay(image, labels)))
                     if measuring:
-                        rows = measure_nuclei(labels, image, image_id)
+                        rows = measure_nuclei(labels, image, image_id, size[0])
                 # exports first: a finished image (its label file) always has them, so a rerun may skip it
-                write_exports(output, path, labels, exports, rows)
+                write_exports(output, path, labels, exports, rows, size[0])
                 label_file = _relative_label_path(output, write_labels(output, path, labels))
                 if measure and rows is not None:
                     measured.append(rows)
@@ -284,12 +298,15 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
         rles.append(encoded)
         summaries.append(summary)
         label_files.append(label_file)
+        sizes.append(size)
     if measured:
         write_measurement_part(output, measured)
     return {"image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["path"]),
             "height": np.asarray(batch["height"]), "width": np.asarray(batch["width"]),
             **{name: np.asarray([summary[name] for summary in summaries]) for name in summaries[0]},
             "labels": np.asarray(label_files, dtype=object),
+            "pixel_size_um": np.asarray([np.nan if um is None else um for um, _ in sizes], np.float64),
+            "pixel_size_source": np.asarray([source for _, source in sizes], dtype=object),
             "status": np.asarray(status), "error": np.asarray(errors, dtype=object),
             "rles": np.asarray(rles, dtype=object)}
 
@@ -479,6 +496,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
             postprocess, batch_size=8, batch_format="numpy",
             fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output),
                        **post, "overlay_ids": overlay_ids, "exports": parse_exports(config.export),
+                       "pixel_size": config.pixel_size,
                        "max_pixels": config.max_pixels, "encode": encode, "measure": config.measurements})
         for row in dataset.iter_rows():
             rles = str(row.pop("rles") or "")

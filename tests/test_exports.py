@@ -1,4 +1,5 @@
-"""Exports for lab tools: QuPath GeoJSON, Fiji ROI sets and OME-TIFF read back as the same nuclei."""
+"""Exports for lab tools (QuPath GeoJSON, Fiji ROI sets and OME-TIFF read back as the same nuclei) and physical
+pixel sizes read from the images' own metadata."""
 import io
 import json
 
@@ -78,3 +79,39 @@ def test_unknown_export_is_refused_by_name():
     assert parse_exports(" geojson, ome-tiff ") == ("geojson", "ome-tiff")
     with pytest.raises(ValueError, match="unknown format shp; choose among geojson"):
         parse_exports("geojson,shp")
+
+
+def tiff_bytes(**options) -> bytes:
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((32, 32), np.uint8), **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(ome=True, metadata={"PhysicalSizeX": 0.325, "PhysicalSizeXUnit": "µm"}), (0.325, "OME-TIFF PhysicalSizeX")),
+    (dict(ome=True, metadata={"PhysicalSizeX": 650, "PhysicalSizeXUnit": "nm"}), (0.65, "OME-TIFF PhysicalSizeX")),
+    (dict(imagej=True, resolution=(2.0, 2.0), metadata={"unit": "micron"}), (0.5, "ImageJ TIFF (micron)")),
+    (dict(resolution=(20_000, 20_000), resolutionunit=3), (0.5, "TIFF resolution (cm)")),
+    (dict(resolution=(72, 72), resolutionunit=2), (None, "")),  # a default 72 dpi is no microscope's pixel size
+    (dict(), (None, "")),
+])
+def test_pixel_size_is_read_from_the_tiff_itself(options, expected):
+    from pipeline.units import pixel_size_from_tiff
+
+    size, source = pixel_size_from_tiff(tiff_bytes(**options))
+    assert (size if size is None else pytest.approx(size), source) == (
+        expected[0] if expected[0] is None else pytest.approx(expected[0]), expected[1])
+    assert pixel_size_from_tiff(b"not a tiff") == (None, "")
+
+
+def test_micron_columns_scale_with_the_pixel_size(labels):
+    from pipeline.measure import COLUMNS, measure_nuclei
+
+    image = np.zeros((*labels.shape, 3), np.uint8)
+    pixels, microns = measure_nuclei(labels, image, "a"), measure_nuclei(labels, image, "a", pixel_size_um=0.5)
+    assert tuple(microns) == COLUMNS and np.isnan(pixels["area_um2"]).all()
+    np.testing.assert_allclose(microns["area_um2"], pixels["area"] * 0.25)
+    np.testing.assert_allclose(microns["perimeter_um"], pixels["perimeter"] * 0.5)
+    np.testing.assert_allclose(microns["centroid_x_um"], pixels["centroid_x"] * 0.5)

@@ -283,6 +283,42 @@ def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(model_path,
     assert os.path.isfile(os.path.join(output, "report.png"))
 
 
+def test_physical_pixel_size_reaches_the_measurements_the_manifest_and_the_ome_tiff(model_path, synthetic_folder,
+                                                                                    tmp_path, ray_session):
+    import pandas as pd
+
+    from pipeline.config import SegmentConfig
+    from pipeline.inference import run_segmentation
+    from pipeline.sources import list_images, load_sample
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    refs = list_images(synthetic_folder).refs[:2]
+    tifffile.imwrite(folder / "a.ome.tif", load_sample(refs[0], with_masks=False).image, ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm"})
+    shutil.copy(os.path.join(synthetic_folder, refs[1].image_path), folder / "b.png")
+    for given, expected in ((0.0, {"a": (0.5, "OME-TIFF PhysicalSizeX"), "b": (None, "")}),
+                            (0.25, {"a": (0.25, "--pixel-size"), "b": (0.25, "--pixel-size")})):
+        output = str(tmp_path / f"out{given}")
+        result = run_segmentation(SegmentConfig(model=model_path, input=str(folder), output=output, cpus_per_actor=0.5,
+                                                pixel_size=given, export="ome-tiff", report=False), output)
+        rows = {row["path"][0]: row for row in result.rows}
+        table = pd.read_parquet(os.path.join(output, "measurements"))
+        for name, (size, source) in expected.items():
+            assert rows[name]["pixel_size_source"] == source and rows[name]["nuclei"] > 0
+            mine = table[table.image_id == rows[name]["image_id"]]
+            ome = tifffile.TiffFile(os.path.join(output, os.path.splitext(rows[name]["labels"])[0] + ".ome.tif"))
+            if size is None:
+                assert np.isnan(rows[name]["pixel_size_um"]) and mine.area_um2.isna().all()
+                assert "PhysicalSizeX" not in ome.ome_metadata
+            else:
+                assert rows[name]["pixel_size_um"] == size
+                np.testing.assert_allclose(mine.area_um2, mine.area * size * size)
+                assert f'PhysicalSizeX="{size}"' in ome.ome_metadata
+            ome.close()
+        assert "pixel_size_source" in open(os.path.join(output, "manifest.csv")).readline()
+
+
 def test_onnx_export_agrees_with_tensorflow_and_segments_the_same_nuclei(model_path, synthetic_folder, tmp_path,
                                                                          ray_session):
     from pipeline.config import ExportConfig, SegmentConfig

@@ -1,0 +1,59 @@
+"""Physical pixel size of an image file, read from its own metadata (OME-TIFF, ImageJ TIFF, TIFF resolution tags).
+
+Pure: tifffile only. Sizes are micrometres per pixel along x; images with different x and y sizes are measured
+with x's (the measurements' micron columns say which size they used in the manifest).
+"""
+from __future__ import annotations
+
+import io
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+MAX_MICROSCOPE_PIXEL_UM = 25.0  # larger "pixel sizes" from resolution tags are a default DPI, not a measurement
+# micrometres per unit
+_UNITS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3,
+          "\\u00B5m": 1.0, "μm": 1.0}
+
+
+def pixel_size_from_tiff(data: bytes) -> tuple[float | None, str]:
+    """(micrometres per pixel, where it came from) of a TIFF's bytes: its OME metadata's PhysicalSizeX, else ImageJ's
+    unit with the resolution tags, else the resolution tags in inches or centimetres; (None, "") when it says none."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            if tiff.is_ome and tiff.ome_metadata:
+                size = _ome_pixel_size(tiff.ome_metadata)
+                if size:
+                    return size, "OME-TIFF PhysicalSizeX"
+            page = tiff.pages.first
+            tag = page.tags.get("XResolution")
+            if tag is None:
+                return None, ""
+            numerator, denominator = tag.value
+            per_unit = numerator / denominator if denominator else 0.0  # pixels per unit
+            if per_unit <= 0:
+                return None, ""
+            unit = str((tiff.imagej_metadata or {}).get("unit", "")).strip()
+            if unit in _UNITS:
+                return _UNITS[unit] / per_unit, f"ImageJ TIFF ({unit})"
+            resolution_unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 2
+            units = {2: (25_400.0, "inch"), 3: (10_000.0, "cm")}
+            if resolution_unit in units:
+                size = units[resolution_unit][0] / per_unit
+                # A screen's or scanner's 72-300 dots per inch (85-350 µm) describe no microscope.
+                if size <= MAX_MICROSCOPE_PIXEL_UM:
+                    return size, f"TIFF resolution ({units[resolution_unit][1]})"
+    except (tifffile.TiffFileError, ValueError, KeyError, ZeroDivisionError):
+        return None, ""
+    return None, ""
+
+
+def _ome_pixel_size(xml: str) -> float | None:
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.fromstring(xml)
+    for element in root.iter():
+        if element.tag.endswith("Pixels") and element.get("PhysicalSizeX"):
+            unit = element.get("PhysicalSizeXUnit", "µm")
+            return float(element.get("PhysicalSizeX")) * _UNITS.get(unit, 1.0)
+    return None
