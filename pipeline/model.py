@@ -70,7 +70,7 @@ def _from_file(shape, weights: str, alpha: float) -> tuple[keras.Model, str]:
     except (ValueError, OSError) as error:
         raise BackboneWeightsError(f"cannot load backbone weights from {weights}: "
                                    f"{str(error).splitlines()[0]}") from None
-    return model, f"{os.path.abspath(weights)} (sha256 {sha256_of(weights)})"
+    return model, f"{os.path.basename(weights)} (sha256 {sha256_of(weights)})"  # no machine path in run.json
 
 
 def _encoder(image_size: int, weights: str, alpha: float) -> tuple[keras.Model, str]:

@@ -292,6 +292,16 @@ def stored_passes(saved: dict) -> float:
                              bool(saved.get("size_normalisation")))
 
 
+def worth_its_cost(scores: dict[str, float], costs: dict[str, float], min_gain: float) -> str:
+    """The option to keep: from the cheapest up, a costlier one replaces the kept one only where it scores at least
+    `min_gain` more."""
+    kept = None
+    for name in sorted(scores, key=lambda name: costs[name]):
+        if kept is None or scores[name] >= scores[kept] + min_gain:
+            kept = name
+    return kept
+
+
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_GAIN,
          predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None,
          max_cost: float = MAX_COST) -> dict:
@@ -400,7 +410,8 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_G
     if not step:
         raise ValueError(f"--predictions {','.join(predictions)}: none costs at most --max-cost {max_cost:g} forward "
                          "passes per image (plain costs 1)")
-    best_prediction = max(step, key=lambda name: step[name]["score"])
+    best_prediction = worth_its_cost({name: entry["score"] for name, entry in step.items()},
+                                     {name: passes(name, bool(nucleus_area)) for name in step}, min_gain)
     log["steps"]["prediction"] = {"with": measured_with, "nucleus_area": nucleus_area, "scores": step,
                                   "chosen": best_prediction}
     chosen_probabilities = probabilities[best_prediction]

@@ -313,6 +313,16 @@ def test_tuning_stores_its_settings_and_a_later_pass_never_loses_ground(tmp_path
     assert "kept_stored" not in log and json.loads(run_json.read_text())["postprocess"]["threshold"] != 0.55
 
 
+def test_a_costlier_way_of_predicting_must_gain_min_gain_over_the_cheaper_kept_one():
+    from pipeline.tuning import worth_its_cost
+
+    costs = {"plain": 1, "flips": 4, "flips+scales": 12.8}
+    assert worth_its_cost({"plain": 0.6216, "flips": 0.6288, "flips+scales": 0.6323}, costs, 0.005) == "flips"
+    assert worth_its_cost({"plain": 0.6216, "flips": 0.6250, "flips+scales": 0.6270}, costs, 0.005) == "flips+scales"
+    assert worth_its_cost({"plain": 0.6216, "flips": 0.6250, "flips+scales": 0.6260}, costs, 0.005) == "plain"
+    assert worth_its_cost({"flips": 0.5, "plain": 0.6}, costs, 0.005) == "plain"
+
+
 def test_ways_of_predicting_over_the_cost_limit_are_neither_tried_nor_kept(tmp_path, synthetic_folder):
     import json
 
