@@ -20,9 +20,12 @@ def test_fully_convolutional_on_other_multiples_of_32():
     assert model.predict(np.zeros((1, 96, 160, 3), np.float32), verbose=0).shape == (1, 96, 160, 2)
 
 
-def test_imagenet_without_internet_fails_fast_naming_the_alternatives():
+def test_imagenet_without_internet_fails_fast_naming_the_alternatives(monkeypatch):
     import time
 
+    from pipeline.model import WEIGHTS_ENV
+
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)  # no local file to fall back to
     started = time.time()
     try:
         build_unet(128, 2, "imagenet")
