@@ -176,7 +176,7 @@ TRAIN_PRESETS = {
 class SegmentConfig(DataConfig):
     """Everything jobs/segment.py and jobs/submit.py need."""
 
-    model: str = option("dsb2018", "a shipped model's name (models/<name>/, see models/README.md) or the path of a "
+    model: str = option("dsb2018", "a shipped model's name (models/<name>/, its card in models/<name>/README.md) or the path of a "
                                    "model.keras (run.json beside it) or model.onnx (jobs/export.py)")
     input: str = option("", "folder or .zip of images (Kaggle test layout or any tree), local or URI")
     output: str = option("", "output folder (segment.py) or submission CSV (submit.py)")
