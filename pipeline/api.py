@@ -26,16 +26,15 @@ class Segmenter:
     """One model with its stored settings, in this process (no Ray): an image in, its nuclei's labels out."""
 
     def __init__(self, model_path: str, config: SegmentConfig, threads: int = 2):
-        from pipeline.inference import (DEFAULT_TILE, Predictor, inspect_model, postprocess_settings,
+        from pipeline.inference import (DEFAULT_TILE, Predictor, inspect_model, needs_image_kind, postprocess_settings,
                                         prediction_settings)
-        from pipeline.registry import specialist_files
 
         self.model_path = model_path
         self.info = inspect_model(model_path)
         self.post = postprocess_settings(config, self.info)
         self.predictor = Predictor(model_path, batch_size=1, threads=threads, **prediction_settings(config, self.info),
                                    tile=config.tile or int(self.info.get("tile") or DEFAULT_TILE), overlap=config.overlap)
-        self.needs_kind = bool(self.post["by_kind"]) or bool(specialist_files(model_path, self.info))
+        self.needs_kind = needs_image_kind(self.post, model_path, self.info)
 
     @classmethod
     def load(cls, model: str = "dsb2018", threads: int = 2, **settings) -> "Segmenter":

@@ -311,6 +311,14 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
             "rles": np.asarray(rles, dtype=object)}
 
 
+def needs_image_kind(post: dict, model_path: str, info: dict) -> bool:
+    """Whether inference must classify each image's kind: only for per-kind settings (postprocess_settings'
+    by_kind) or a kind specialist; otherwise it is not computed."""
+    from pipeline.registry import specialist_files
+
+    return bool(post["by_kind"]) or bool(specialist_files(model_path, info))
+
+
 def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
     """threshold, seed_threshold, min_size, clump splitting, instance filter, outline refiner: the flags when given,
     else run.json, else defaults.
@@ -442,7 +450,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
 
     from pipeline.data import ensure_ray, inference_dataset
     from pipeline.exports import parse_exports
-    from pipeline.registry import resolve_model, specialist_files
+    from pipeline.registry import resolve_model
 
     started = time.time()
     parse_exports(config.export)  # a bad --export stops here, before any work
@@ -478,11 +486,9 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         wanted = len(todo) if config.overlays < 0 else config.overlays
         overlay_ids = frozenset(ref.image_id for ref in sorted(todo, key=lambda r: r.image_id)[:wanted])
         post = postprocess_settings(config, info)
-        # An image's kind matters only to per-kind settings and specialists: otherwise it is not computed.
-        needs_kinds = bool(post["by_kind"]) or bool(specialist_files(model_path, info))
         dataset = inference_dataset(todo, image_size, config.max_pixels, config.blocks,
                                     mode=info.get("mode", "resize"), appearance=info.get("appearance", "rgb"),
-                                    kinds=needs_kinds)
+                                    kinds=needs_image_kind(post, model_path, info))
         dataset = dataset.map_batches(
             Predictor, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
