@@ -1,9 +1,10 @@
 """Choose a trained model's inference settings on the evaluation protocol's tune split; store them in run.json.
 
-`python jobs/tune.py --model RUN/model.keras` predicts the run's tune-split images (never its test split)
-zoomed to several nucleus sizes (or not), then plain, with flips and with flips + scales, grid-searches the
-post-processing thresholds, and fits the false-positive filter and the outline refiner, keeping each only if it
-helps out of fold.
+`python jobs/tune.py --model RUN/model.keras` predicts the run's tune-split images (never its test split),
+grid-searches the post-processing thresholds, tries clump splitting, and fits the false-positive filter and the
+outline refiner, keeping each only where it gains 0.005 (out of fold for the fitted ones). Size normalisation,
+flips and scales cost 2-13 forward passes per image: they are tried only within --max-cost (0: all of them), and a
+costlier way of predicting is kept only where it gains 0.005 over the cheaper one.
 Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
 evaluate.py use them with no flag.
 A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
