@@ -272,7 +272,8 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]), source=str(batch["source"][row]),
                                 image_path=path)
                 image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image if outline_refiner else None
-                size = pixel_size_of(ref, pixel_size)
+                # the TIFF is read again for its metadata only where the size is used
+                size = pixel_size_of(ref, pixel_size) if measure or "ome-tiff" in exports else (None, "")
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
                                                  batch["width"][row], own_threshold, own_min_size, own_seed,
                                                  instance_filter, outline_refiner, image, clump_split)
