@@ -32,6 +32,9 @@ class TrainConfig(DataConfig):
 
     data: str = option("synthetic", "training data: a Kaggle-layout folder or .zip (local path or URI such as "
                                     "s3://bucket/stage1_train.zip), or 'synthetic' for generated nuclei")
+    extra_data: str = option("", "training-only images with masks, Kaggle-layout folders or zips (comma-separated): "
+                                 "added to the training images, never to validation, tune or test (e.g. "
+                                 "../shared/data/tnbc/tnbc.zip, H&E tissue)")
     synthetic_count: int = option(96, "number of synthetic images when --data synthetic")
     output: str = option("runs/latest", "run folder: model.keras, run.json, TensorBoard logs, snapshots")
     storage: str = option("", "where Ray keeps checkpoints (local path or URI); default: <output>/ray")

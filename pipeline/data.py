@@ -125,6 +125,21 @@ def training_refs(data: str, synthetic_count: int, seed: int) -> list[SampleRef]
     return listing.refs
 
 
+def extra_training_refs(sources: str, taken: set[str]) -> list[SampleRef]:
+    """Refs of training-only sources (comma-separated Kaggle-layout folders/zips with masks); an image id that is
+    already among `taken` (the main data's) or repeats is refused, so no image is trained on twice or held out
+    under two names."""
+    refs: list[SampleRef] = []
+    seen = set(taken)
+    for source in (part.strip() for part in sources.split(",") if part.strip()):
+        for ref in training_refs(source, 0, 0):
+            if ref.image_id in seen:
+                raise BadImageError(f"--extra-data {source}: image id {ref.image_id} is already in the training data")
+            seen.add(ref.image_id)
+            refs.append(ref)
+    return refs
+
+
 def _training_target(labels: np.ndarray, num_classes: int, border: str = "all") -> np.ndarray:
     """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, border: of every nucleus, only
     where nuclei touch, or all but each nucleus' core)."""

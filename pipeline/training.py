@@ -449,8 +449,8 @@ def _check_init_from(config: TrainConfig) -> None:
 
 def run_training(config: TrainConfig) -> dict:
     """Train as configured; returns run.json's content. The run folder ends with model.keras beside it."""
-    from pipeline.data import (ensure_ray, image_kinds, protocol_refs, refs_of_kinds, split_refs, training_dataset,
-                               training_refs)
+    from pipeline.data import (ensure_ray, extra_training_refs, image_kinds, protocol_refs, refs_of_kinds, split_refs,
+                               training_dataset, training_refs)
 
     started = time.time()
     output = os.path.abspath(config.output)
@@ -491,6 +491,12 @@ def run_training(config: TrainConfig) -> dict:
         if not train_refs or not val_refs:
             raise ValueError(f"--kinds {config.kinds}: {config.data} has {len(train_refs)} training and "
                              f"{len(val_refs)} validation images of that kind; a specialist needs both")
+    if config.extra_data:
+        extra = extra_training_refs(config.extra_data, {ref.image_id for ref in refs})
+        if config.kinds:
+            extra = refs_of_kinds(extra, config.kinds)
+        train_refs = train_refs + extra
+        print(f"--extra-data: {len(extra)} more training images", flush=True)
     if config.init_from:
         _check_init_from(config)
     if len(val_refs) < config.workers or len(train_refs) < config.workers:

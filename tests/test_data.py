@@ -3,7 +3,10 @@ import os
 
 import numpy as np
 
-from pipeline.data import inference_dataset, split_refs, training_dataset, training_refs
+import pytest
+
+from pipeline.data import extra_training_refs, inference_dataset, split_refs, training_dataset, training_refs
+from pipeline.images import BadImageError
 from pipeline.sources import list_images
 
 
@@ -14,6 +17,16 @@ def test_split_is_seeded_and_disjoint():
     assert [r.image_id for r in val_a] == [r.image_id for r in val_b] and len(val_a) == 10
     assert not {r.image_id for r in train_a} & {r.image_id for r in val_a}
     assert [r.image_id for r in split_refs(refs, 0.2, 8)[1]] != [r.image_id for r in val_a]
+
+
+def test_extra_training_data_is_listed_once_and_never_under_a_taken_id(synthetic_folder):
+    """--extra-data: each source's images with masks; an id the main data has, or a second copy, is refused."""
+    refs = extra_training_refs(synthetic_folder, {"synthetic-0-00000"})
+    assert len(refs) == 12 and all(ref.has_masks for ref in refs)
+    with pytest.raises(BadImageError, match="already in the training data"):
+        extra_training_refs(f"{synthetic_folder},{synthetic_folder}", set())
+    with pytest.raises(BadImageError, match="already in the training data"):
+        extra_training_refs(synthetic_folder, {refs[3].image_id})
 
 
 def test_training_rows_have_model_shapes(ray_session, synthetic_folder):

@@ -184,13 +184,14 @@ def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
     assert glob.glob(str(output / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
 
 
-def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(trained_run, tmp_path):
+def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(trained_run, synthetic_folder, tmp_path):
     """--init-from starts from a trained model's weights (steps too small to move them leave them as they were);
-    --kinds keeps only that kind of image; --keep last runs every epoch and keeps the last one's weights and metrics;
-    a model of another architecture or a kind with no images is refused."""
+    --kinds keeps only that kind of image, --extra-data's images too, which join training only; --keep last runs
+    every epoch and keeps the last one's weights and metrics; a model of another architecture or a kind with no
+    images is refused."""
     import dataclasses
 
-    from pipeline.data import image_kinds
+    from pipeline.data import image_kinds, training_refs
     from pipeline.model import load_model
     from pipeline.synthetic import synthetic_refs
     from pipeline.training import run_training
@@ -199,7 +200,8 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
     start = os.path.join(config.output, "model.keras")
     tuned = dataclasses.replace(config, output=str(tmp_path / "tuned"), init_from=start, kinds="fluorescence",
                                 epochs=3, workers=1, cpus_per_worker=1.0, learning_rate=1e-12, warmup_epochs=0,
-                                patience=1, keep="last", crash_at_epoch=-1, snapshots=0, synthetic_count=20)
+                                patience=1, keep="last", crash_at_epoch=-1, snapshots=0, synthetic_count=20,
+                                extra_data=synthetic_folder)
     info = run_training(tuned)
     assert info["config"]["init_from"] == start and info["config"]["kinds"] == "fluorescence"
     assert info["backbone_init"] == f"--init-from {start}"
@@ -207,7 +209,10 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
     assert info["epochs_run"] == info["kept_epoch"] == 3 and 1 <= info["best_epoch"] <= 3
     assert info["final_metrics"]["val_loss"] == history[-1]["val_loss"]
     kinds = list(image_kinds(synthetic_refs(20, config.seed)).values())  # synthetic data has all three looks
-    assert info["train_images"] + info["val_images"] == kinds.count("fluorescence") < 20
+    extra = list(image_kinds(training_refs(synthetic_folder, 0, 0)).values())
+    assert 0 < extra.count("fluorescence") < len(extra)
+    assert info["train_images"] + info["val_images"] == kinds.count("fluorescence") + extra.count("fluorescence")
+    assert info["val_images"] < kinds.count("fluorescence")
     before, after = load_model(start)[0], load_model(os.path.join(tuned.output, "model.keras"))[0]
     assert len(before.trainable_weights) == len(after.trainable_weights)
     for mine, theirs in zip(before.trainable_weights, after.trainable_weights):
