@@ -37,32 +37,46 @@ def _stretch_lookup(grey: np.ndarray, stained: bool = False) -> tuple[np.ndarray
     return np.clip((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8), invert
 
 
-def standardise_appearance(image: np.ndarray, keep_colour: bool = False) -> np.ndarray:
+def fit_appearance(image: np.ndarray, appearance: str) -> dict | None:
+    """The per-image part of `appearance` (whether to invert, the contrast stretch) measured on `image`, so that
+    every block of a large image gets the same look (pipeline.blocks); None for 'rgb', which has none."""
+    if appearance == "rgb":
+        return None
+    if appearance not in APPEARANCES:
+        raise ValueError(f"unknown appearance {appearance!r}; choose one of {APPEARANCES}")
+    image = np.ascontiguousarray(image)
+    lookup, invert = _stretch_lookup(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY),
+                                     stained=colourfulness(image) > STAINED_COLOURFULNESS)
+    return {"lookup": lookup, "invert": invert}
+
+
+def standardise_appearance(image: np.ndarray, keep_colour: bool = False, fitted: dict | None = None) -> np.ndarray:
     """RGB uint8 -> RGB uint8 with nuclei bright on dark: grey (or colour kept), inverted if light or stained,
     stretched.
 
     Grey makes fluorescence, bright-field and stained images look alike; `keep_colour` applies the same
     inversion and stretch to each channel instead, so a model can still tell purple (haematoxylin) nuclei
     from red (eosin) tissue, which grey levels cannot: both come out equally bright once inverted.
-    Grey images give the same result either way.
+    Grey images give the same result either way. `fitted` (fit_appearance) gives the inversion and stretch
+    measured on the whole image instead of on this one.
     """
     image = np.ascontiguousarray(image)
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    lookup, invert = _stretch_lookup(grey, stained=colourfulness(image) > STAINED_COLOURFULNESS)
-    values = image if keep_colour else grey
-    if invert:
+    fitted = fitted or fit_appearance(image, "colour")
+    values = image if keep_colour else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if fitted["invert"]:
         values = 255 - values
-    if lookup is not None:
-        values = lookup[values]
+    if fitted["lookup"] is not None:
+        values = fitted["lookup"][values]
     return np.ascontiguousarray(values) if keep_colour else cv2.cvtColor(values, cv2.COLOR_GRAY2RGB)
 
 
-def apply_appearance(image: np.ndarray, appearance: str) -> np.ndarray:
-    """The model-side look of an RGB uint8 image: 'rgb' (as is), 'standardised' (grey) or 'colour'."""
+def apply_appearance(image: np.ndarray, appearance: str, fitted: dict | None = None) -> np.ndarray:
+    """The model-side look of an RGB uint8 image: 'rgb' (as is), 'standardised' (grey) or 'colour'; `fitted`: the
+    whole image's inversion and stretch (fit_appearance) for a block of it."""
     if appearance == "rgb":
         return image
     if appearance in ("standardised", "colour"):
-        return standardise_appearance(image, keep_colour=appearance == "colour")
+        return standardise_appearance(image, keep_colour=appearance == "colour", fitted=fitted)
     raise ValueError(f"unknown appearance {appearance!r}; choose one of {APPEARANCES}")
 
 

@@ -209,6 +209,10 @@ class SegmentConfig(DataConfig):
     tile: int = option(0, "native-mode models: images larger than this are predicted in overlapping tiles "
                           "(0: the tile size in the model's run.json, else 1024)")
     overlap: int = option(64, "pixels shared by neighbouring tiles (blended)")
+    block_size: int = option(2048, "native-mode models: images with more pixels than four blocks of this side are "
+                                   "segmented block by block (Ray tasks, TIFF windows read tile by tile, each "
+                                   "nucleus kept whole by the block holding its centre), so memory follows the "
+                                   "block, not the image; 0: every image whole")
     overlays: int = option(0, "write an overlay PNG for this many images (-1: all) for a person to look at")
     labels: str = option("", "Kaggle-layout folder or zip with masks: score the result locally")
     redo: bool = option(False, "recompute images whose outputs already exist (default: skip them)")

@@ -40,7 +40,8 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
         ray.init(**quiet)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
+        # A given CPU count means a Ray of this process's own (tests), never a cluster found on the machine.
+        ray.init(address="local" if num_cpus else None, num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
     from ray.data import DataContext
 
     context = DataContext.get_current()

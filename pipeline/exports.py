@@ -60,13 +60,18 @@ def fill_outline(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def geojson_bytes(labels: np.ndarray, measurements: dict | None = None) -> bytes:
     """A QuPath-style GeoJSON FeatureCollection: one detection per nucleus, its polygon and its measurements
     (pipeline.measure's columns for that label, when given) as properties."""
+    return geojson_from_outlines(nucleus_outlines(labels), measurements)
+
+
+def geojson_from_outlines(outlines: dict[int, np.ndarray], measurements: dict | None = None) -> bytes:
+    """geojson_bytes from outlines already traced (label -> polygon), e.g. block by block for a large image."""
     rows = {}
     if measurements is not None and len(measurements.get("label", [])):
         names = [name for name in measurements if name not in ("image_id", "label")]
         for row, label in enumerate(measurements["label"]):
             rows[int(label)] = {name: _plain(measurements[name][row]) for name in names}
     features = []
-    for label, points in nucleus_outlines(labels).items():
+    for label, points in outlines.items():
         ring = [[round(float(x), 2), round(float(y), 2)] for x, y in points]
         features.append({"type": "Feature", "id": f"nucleus-{label}",
                          "geometry": {"type": "Polygon", "coordinates": [ring]},
@@ -83,11 +88,16 @@ def _plain(value):
 
 def imagej_rois_bytes(labels: np.ndarray) -> bytes:
     """A Fiji/ImageJ ROI set (.zip of .roi files): one polygon ROI per nucleus, named by its label."""
+    return imagej_rois_from_outlines(nucleus_outlines(labels))
+
+
+def imagej_rois_from_outlines(outlines: dict[int, np.ndarray]) -> bytes:
+    """imagej_rois_bytes from outlines already traced (label -> polygon)."""
     from roifile import ImagejRoi
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for label, points in nucleus_outlines(labels).items():
+        for label, points in outlines.items():
             roi = ImagejRoi.frompoints(points[:-1], name=str(label))
             archive.writestr(f"{label:06d}.roi", roi.tobytes())
     return buffer.getvalue()

@@ -62,7 +62,9 @@ def pixel_size_of(ref: SampleRef, given: float = 0.0) -> tuple[float | None, str
     if given > 0:
         return float(given), "--pixel-size"
     if ref.image_path.lower().endswith(TIFF_SUFFIXES):
-        return pixel_size_from_tiff(read_file(ref, ref.image_path))
+        from pipeline.blocks import local_tiff_path
+
+        return pixel_size_from_tiff(local_tiff_path(ref) or read_file(ref, ref.image_path))  # a path: metadata only
     return None, ""
 
 
@@ -480,6 +482,10 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
         todo.append(ref)
     print(f"{len(listing.refs)} images in {config.input}: {len(todo)} to segment, "
           f"{len(listing.refs) - len(todo)} already done, {len(listing.problems)} other files left out", flush=True)
+    large = _large_images(todo, config.block_size) if info.get("mode") == "native" else {}  # resize-mode: whole
+    todo = [ref for ref in todo if ref.image_id not in large]
+    if large:
+        _segment_large_images(large.values(), config, model_path, info, output, encode, result)
     if todo:
         ensure_ray()
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -510,10 +516,45 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
             result.rows.append({key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()})
             result.rles[str(row["image_id"])] = rles.split("\n") if rles else []
     write_manifest(_output_file(output, "manifest.csv"), result.rows)
-    if config.report:
-        write_report(output, result.rows, listing.refs, config.max_pixels, title=f"{config.input} -> {output}")
+    if config.report:  # pictures of images that fit in memory only
+        pictured = [ref for ref in listing.refs if ref.image_id not in large]
+        write_report(output, result.rows, pictured, config.max_pixels, title=f"{config.input} -> {output}")
     result.seconds = time.time() - started
     return result
+
+
+def _large_images(refs: list[SampleRef], block_size: int) -> dict[str, SampleRef]:
+    """The refs segmented block by block (pipeline.blocks.is_large, from their headers), by image id."""
+    from pipeline.blocks import image_shape, is_large
+
+    if block_size <= 0:
+        return {}
+    shapes = {ref.image_id: image_shape(ref) for ref in refs}
+    return {ref.image_id: ref for ref in refs if shapes[ref.image_id] and is_large(*shapes[ref.image_id], block_size)}
+
+
+def _segment_large_images(refs, config: SegmentConfig, model_path: str, info: dict, output: str, encode: bool,
+                          result: SegmentationResult) -> None:
+    """Each large image in turn, its blocks spread over the cluster (pipeline.blockwise); a failure is its row."""
+    from pipeline.blockwise import segment_large_image
+    from pipeline.data import ensure_ray
+    from pipeline.exports import parse_exports
+
+    ensure_ray()
+    target = output if fileio.is_uri(output) else os.path.abspath(output)
+    for ref in refs:
+        try:
+            row, measured, rles = segment_large_image(ref, config, model_path, info, target, config.measurements,
+                                                      parse_exports(config.export), encode)
+        except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
+            message = str(failure).splitlines()[0] if str(failure) else ""
+            row, measured, rles = ({"image_id": ref.image_id, "path": ref.image_path, "height": 0, "width": 0,
+                                    "nuclei": 0, "status": "error", "error": f"{type(failure).__name__}: {message}"},
+                                   None, [])
+        if measured is not None and len(measured["label"]):
+            write_measurement_part(target, [measured])
+        result.rows.append(row)
+        result.rles[ref.image_id] = rles
 
 
 def _output_file(output: str, name: str) -> str:

@@ -14,13 +14,14 @@ _UNITS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, 
           "\\u00B5m": 1.0, "μm": 1.0}
 
 
-def pixel_size_from_tiff(data: bytes) -> tuple[float | None, str]:
-    """(micrometres per pixel, where it came from) of a TIFF's bytes: its OME metadata's PhysicalSizeX, else ImageJ's
-    unit with the resolution tags, else the resolution tags in inches or centimetres; (None, "") when it says none."""
+def pixel_size_from_tiff(data: bytes | str) -> tuple[float | None, str]:
+    """(micrometres per pixel, where it came from) of a TIFF's bytes or local path: its OME metadata's
+    PhysicalSizeX, else ImageJ's unit with the resolution tags, else the resolution tags in inches or centimetres;
+    (None, "") when it says none. A path reads the metadata only, not the pixels."""
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        with tifffile.TiffFile(io.BytesIO(data) if isinstance(data, bytes) else data) as tiff:
             if tiff.is_ome and tiff.ome_metadata:
                 size = _ome_pixel_size(tiff.ome_metadata)
                 if size:

@@ -1,0 +1,238 @@
+"""Images too large to segment whole: cut into blocks, each segmented on its own, every nucleus kept once.
+
+The blocks' cores tile the image exactly; each block is read with a margin around its core (its window) and
+keeps only the nuclei whose centre lies in its core and that no cut edge of the window truncates. With a margin
+wider than a nucleus, each nucleus is then kept whole by exactly one block: none is cut at a seam or counted
+twice. The image's label image is filled block by block in block order (`LabelCanvas`, memory-mapped on disk),
+so memory is bounded by the block size, not the image size. Windows of TIFF / OME-TIFF files are read tile by
+tile (tifffile's Zarr view) without decoding the whole image; other formats are decoded whole once.
+Pure numpy, SciPy, tifffile and zarr: no Ray or TensorFlow (pipeline.blockwise runs the blocks on Ray).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK_MARGIN = 128  # pixels read around each block's core: wider than the largest nucleus the model outlines
+ALIGN = 32  # the encoder's total stride
+SAMPLE_GRID, SAMPLE_SIDE = 4, 256  # the whole-image sample: 4 x 4 windows of 256 pixels spread over the image
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block: `window` (top, bottom, left, right) is read and segmented; `core` is the part it answers for."""
+
+    index: int
+    window: tuple[int, int, int, int]
+    core: tuple[int, int, int, int]
+
+
+def is_large(height: int, width: int, block_size: int) -> bool:
+    """Whether an image is segmented block by block: more pixels than four blocks (block_size 0: never)."""
+    return block_size > 0 and height * width > 4 * block_size * block_size
+
+
+def plan_blocks(height: int, width: int, block_size: int, margin: int = BLOCK_MARGIN) -> list[Block]:
+    """Blocks whose cores (at most block_size square, as equal as possible) tile the image, in row-major order."""
+    rows, cols = max(1, math.ceil(height / block_size)), max(1, math.ceil(width / block_size))
+    ys = np.linspace(0, height, rows + 1).round().astype(int)
+    xs = np.linspace(0, width, cols + 1).round().astype(int)
+    blocks = []
+    for row in range(rows):
+        for col in range(cols):
+            core = (int(ys[row]), int(ys[row + 1]), int(xs[col]), int(xs[col + 1]))
+            # Windows start on the model's stride grid (multiples of ALIGN), as whole-image tiles do: the encoder
+            # samples every window on the same grid, so a nucleus comes out as it would in the whole image.
+            top, left = max(0, core[0] - margin) // ALIGN * ALIGN, max(0, core[2] - margin) // ALIGN * ALIGN
+            window = (top, min(height, core[1] + margin), left, min(width, core[3] + margin))
+            blocks.append(Block(len(blocks), window, core))
+    return blocks
+
+
+def keep_core_nuclei(labels: np.ndarray, block: Block, height: int, width: int) -> np.ndarray:
+    """The nuclei of a block's labels that the block answers for, numbered 1..n (uint32, window-sized).
+
+    Kept: centre (centroid, in pixel-centre coordinates) inside the core, and not touching a window edge that is
+    a cut through the image (an edge of the image itself is no cut)."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    top, bottom, left, right = block.window
+    core_top, core_bottom, core_left, core_right = block.core
+    boxes = ndimage.find_objects(labels)
+    kept = np.zeros(len(boxes) + 1, np.uint32)
+    present = [index for index, box in enumerate(boxes, start=1) if box is not None]
+    if not present:
+        return np.zeros(labels.shape, np.uint32)
+    centres = np.asarray(ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, present), np.float64)
+    count = 0
+    for index, (y, x) in zip(present, centres):
+        rows, cols = boxes[index - 1]
+        cut = ((rows.start == 0 and top > 0) or (rows.stop == labels.shape[0] and bottom < height)
+               or (cols.start == 0 and left > 0) or (cols.stop == labels.shape[1] and right < width))
+        inside = (core_top - 0.5 <= top + y < core_bottom - 0.5) and (core_left - 0.5 <= left + x < core_right - 0.5)
+        if inside and not cut:
+            count += 1
+            kept[index] = count
+    return kept[labels]
+
+
+def shift_measurements(rows: dict, offset: int, top: int, left: int, pixel_size_um: float | None) -> dict:
+    """A block's measurement rows (pipeline.measure) in the whole image: labels after `offset`, positions moved
+    by the window's corner."""
+    rows = {name: np.asarray(values).copy() for name, values in rows.items()}
+    rows["label"] += offset
+    for name in ("centroid_x", "bbox_x0", "bbox_x1"):
+        rows[name] += left
+    for name in ("centroid_y", "bbox_y0", "bbox_y1"):
+        rows[name] += top
+    size = float(pixel_size_um) if pixel_size_um else np.nan
+    rows["centroid_x_um"] = rows["centroid_x"] * size
+    rows["centroid_y_um"] = rows["centroid_y"] * size
+    return rows
+
+
+class LabelCanvas:
+    """The whole image's labels in a memory-mapped file, filled block by block; a pixel two blocks' nuclei both
+    claim stays with the first."""
+
+    def __init__(self, path: str, height: int, width: int):
+        self.path = path
+        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(height, width))
+        self.nuclei = 0
+        self.covered = 0
+
+    def paste(self, kept: np.ndarray, block: Block) -> int:
+        """Add a block's kept nuclei (keep_core_nuclei) after those pasted so far; returns their label offset."""
+        top, bottom, left, right = block.window
+        region = self.array[top:bottom, left:right]
+        mask = (kept > 0) & (region == 0)
+        offset = self.nuclei
+        region[mask] = kept[mask].astype(np.uint32) + offset
+        self.nuclei += int(kept.max(initial=0))
+        self.covered += int(np.count_nonzero(mask))
+        return offset
+
+    def summary(self) -> dict:
+        """The manifest's per-image summary (as pipeline.measure.image_summary), without reading the labels back."""
+        return {"nuclei": self.nuclei, "mean_area": round(self.covered / self.nuclei, 2) if self.nuclei else 0.0,
+                "covered_fraction": round(self.covered / max(1, self.array.size), 6)}
+
+    def write_tiff(self, path: str, pixel_size_um: float | None = None, ome: bool = False) -> None:
+        """The labels as a tiled, compressed 32-bit (OME-)TIFF, written tile by tile from the mapped file."""
+        import tifffile
+
+        metadata = {"axes": "YX"} if ome else None
+        if ome and pixel_size_um:
+            metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeXUnit="µm", PhysicalSizeY=pixel_size_um,
+                            PhysicalSizeYUnit="µm")
+        self.array.flush()
+        tifffile.imwrite(path, self.array, tile=(512, 512), compression="zlib", bigtiff=self.array.nbytes > 2 ** 31,
+                         ome=ome, metadata=metadata)
+
+    def close(self) -> None:
+        """Drop the mapped file."""
+        del self.array
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+# ---------------------------------------------------------------- reading windows
+
+class ArrayWindows:
+    """Windows of an image already decoded whole (formats that cannot be read in parts)."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = image
+        self.height, self.width = image.shape[:2]
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        top, bottom, left, right = window
+        return np.ascontiguousarray(self.image[top:bottom, left:right])
+
+
+class TiffWindows:
+    """Windows of a TIFF / OME-TIFF file (its first series, full resolution), decoding only the tiles or strips a
+    window covers. Channels: grey, RGB(A) or the first three; other axes (time, z): their first plane."""
+
+    def __init__(self, path: str):
+        import tifffile
+        import zarr
+
+        self.path = path
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            self.axes = series.axes
+            shape = series.levels[0].shape if series.levels else series.shape
+        self.height, self.width = int(shape[self.axes.index("Y")]), int(shape[self.axes.index("X")])
+        self._array = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        from pipeline.images import to_rgb_uint8
+
+        top, bottom, left, right = window
+        index = tuple(slice(top, bottom) if axis == "Y" else slice(left, right) if axis == "X"
+                      else slice(None) if axis in "SC" else 0 for axis in self.axes)
+        kept_axes = [axis for axis in self.axes if axis in "YXSC"]
+        data = np.asarray(self._array[index])
+        order = [kept_axes.index("Y"), kept_axes.index("X")] + [i for i, axis in enumerate(kept_axes) if axis in "SC"]
+        data = np.transpose(data, order)
+        if data.ndim == 4:  # both samples and channels: the first channel's samples
+            data = data[:, :, 0]
+        if data.ndim == 3 and data.shape[2] >= 3:
+            data = data[:, :, 2::-1]  # to_rgb_uint8 takes OpenCV's BGR order; TIFF's is RGB
+        return to_rgb_uint8(np.ascontiguousarray(data))
+
+
+def local_tiff_path(ref) -> str | None:
+    """The local file of a ref when it is a TIFF on this machine's file system (windows can be read), else None."""
+    from pipeline import fileio
+
+    if ref.kind != "file" or fileio.is_uri(ref.source) or not ref.image_path.lower().endswith(TIFF_SUFFIXES):
+        return None
+    return fileio.safe_join(ref.source, ref.image_path)
+
+
+def image_shape(ref) -> tuple[int, int] | None:
+    """(height, width) of a listed image from its header only (TIFF, or what Pillow reads lazily: PNG, JPEG, ...);
+    None for object-store files or an unreadable header (they are segmented whole, as any image)."""
+    import zipfile
+
+    from pipeline import fileio
+
+    tiff = local_tiff_path(ref)
+    try:
+        if tiff:
+            reader = TiffWindows(tiff)
+            return reader.height, reader.width
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # our own limit applies, with our own message
+        if ref.kind == "zip":
+            from pipeline.sources import _open_zip
+
+            with _open_zip(ref.source).open(fileio.check_relative(ref.image_path)) as stream, Image.open(stream) as image:
+                return int(image.size[1]), int(image.size[0])
+        if ref.kind == "file" and not fileio.is_uri(ref.source):
+            with Image.open(fileio.safe_join(ref.source, ref.image_path)) as image:
+                return int(image.size[1]), int(image.size[0])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, IndexError):
+        return None
+    return None
+
+
+def sample_mosaic(reader, grid: int = SAMPLE_GRID, side: int = SAMPLE_SIDE) -> np.ndarray:
+    """A grid of small windows spread over the whole image, side by side: what the image's kind and look
+    (contrast stretch, inversion) are measured on, read in a fraction of the image's time."""
+    rows = []
+    for y in np.linspace(0, max(0, reader.height - side), grid).round().astype(int):
+        row = [reader.read((int(y), int(y) + side, int(x), int(x) + side))
+               for x in np.linspace(0, max(0, reader.width - side), grid).round().astype(int)]
+        height = min(part.shape[0] for part in row)
+        rows.append(np.concatenate([part[:height] for part in row], axis=1))
+    width = min(row.shape[1] for row in rows)
+    return np.ascontiguousarray(np.concatenate([row[:, :width] for row in rows], axis=0))

@@ -1,0 +1,165 @@
+"""Large images segmented block by block as Ray tasks (the blocks, seams and stitching: pipeline.blocks).
+
+Each block is a Ray task that reads its own window (a TIFF's tiles, or its part of an image decoded once and put
+in the object store), segments it with the model's stored settings (pipeline.api.Segmenter, loaded once per
+worker process) and returns the nuclei it answers for; the driver numbers them in block order on a memory-mapped
+label image. A task lost with its node is retried elsewhere (Ray's task retries), and since a block's result
+depends only on the block, the image comes out the same.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from pipeline.blocks import (ArrayWindows, Block, LabelCanvas, TiffWindows, keep_core_nuclei, local_tiff_path,
+                             plan_blocks, sample_mosaic, shift_measurements)
+
+# The SegmentConfig fields a block's Segmenter takes (the stored settings they override).
+SEGMENTER_SETTINGS = ("threshold", "seed_threshold", "min_size", "tta", "scales", "nucleus_area", "instance_filter",
+                      "split_clumps", "refine_outlines", "tile", "overlap")
+_SEGMENTERS: dict = {}  # one model per worker process, reused by every block it runs
+
+
+def _segmenter(model_path: str, settings: dict, threads: int):
+    from pipeline.api import Segmenter
+
+    key = (model_path, repr(sorted(settings.items())), threads)
+    if key not in _SEGMENTERS:
+        _SEGMENTERS.clear()
+        _SEGMENTERS[key] = Segmenter.load(model_path, threads=threads, **settings)
+    return _SEGMENTERS[key]
+
+
+def _windows(image):
+    return TiffWindows(image) if isinstance(image, str) else ArrayWindows(image)
+
+
+def segment_block(image, block: Block, model_path: str, settings: dict, threads: int, kind: str,
+                  appearance: dict | None, image_id: str, measure: bool, outlines: bool) -> dict:
+    """One block: its window read and segmented, the nuclei it answers for (labels 1..n, window-sized), their
+    measurements and outlines in window coordinates. `image`: a TIFF's local path, or the decoded image."""
+    from pipeline.exports import nucleus_outlines
+    from pipeline.measure import measure_nuclei
+
+    reader = _windows(image)
+    window = reader.read(block.window)
+    labels = _segmenter(model_path, settings, threads).segment(window, kind=kind, appearance=appearance)
+    kept = keep_core_nuclei(labels, block, reader.height, reader.width)
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    return {"labels": kept.astype(np.uint16) if kept.max(initial=0) <= np.iinfo(np.uint16).max else kept, "node": node,
+            "rows": measure_nuclei(kept, window, image_id) if measure else None,
+            "outlines": nucleus_outlines(kept) if outlines else None}
+
+
+def segment_large_image(ref, config, model_path: str, info: dict, output: str, measure: bool,
+                        exports: tuple[str, ...], encode: bool = False) -> tuple[dict, dict | None, list[str]]:
+    """Segment one large image block by block on the Ray cluster; writes its label TIFF (and exports).
+
+    Returns (manifest row, the measurement rows or None, RLEs when `encode`)."""
+    import ray
+
+    from pipeline import fileio
+    from pipeline.augment import fit_appearance
+    from pipeline.inference import (_label_candidates, _relative_label_path, needs_image_kind, pixel_size_of,
+                                    postprocess_settings)
+    from pipeline.protocol import image_kind
+    from pipeline.sources import load_sample
+
+    started = time.time()
+    tiff = local_tiff_path(ref)
+    # A TIFF is read in windows by every task; any other format is decoded once and shared through the object store.
+    image = tiff or ray.put(load_sample(ref, with_masks=False, max_pixels=config.max_pixels).image)
+    reader = TiffWindows(tiff) if tiff else ArrayWindows(ray.get(image))
+    sample = sample_mosaic(reader)
+    kind = image_kind(sample) if needs_image_kind(postprocess_settings(config, info), model_path, info) else ""
+    appearance = fit_appearance(sample, info.get("appearance", "rgb"))
+    pixel_size = pixel_size_of(ref, config.pixel_size) if measure or exports else (None, "")
+    blocks = plan_blocks(reader.height, reader.width, config.block_size)
+    settings = {name: getattr(config, name) for name in SEGMENTER_SETTINGS}
+    threads = max(1, math.ceil(config.cpus_per_actor * 2))
+    task = ray.remote(segment_block).options(num_cpus=config.cpus_per_actor, max_retries=3)
+    pending = [task.remote(image, block, model_path, settings, threads, kind, appearance, ref.image_id, measure,
+                           bool(set(exports) & {"geojson", "imagej-rois"})) for block in blocks]
+    label_file = _label_candidates(output, ref.image_path)[".tif"]
+    local = not fileio.is_uri(output)
+    folder = os.path.dirname(label_file) if local else tempfile.mkdtemp()
+    os.makedirs(folder, exist_ok=True)
+    handle, canvas_path = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".tmp")
+    os.close(handle)
+    canvas = LabelCanvas(canvas_path, reader.height, reader.width)
+    rows, outlines, nodes = [], {}, set()
+    try:
+        for done, (block, result) in enumerate(zip(blocks, pending), start=1):  # block order: the same numbering
+            part = ray.get(result)
+            offset = canvas.paste(part["labels"], block)
+            nodes.add(part["node"])
+            top, left = block.window[0], block.window[2]
+            if part["rows"] is not None:
+                rows.append(shift_measurements(part["rows"], offset, top, left, pixel_size[0]))
+            for label, points in (part["outlines"] or {}).items():
+                outlines[label + offset] = points + np.asarray([left, top], np.float64)
+            pending[done - 1] = None  # the block's result may leave the object store
+            print(f"{ref.image_id}: block {done}/{len(blocks)}, {canvas.nuclei} nuclei", file=sys.stderr, flush=True)
+        measured = _concatenate(rows) if measure and rows else None
+        _write_outputs(canvas, label_file, exports, outlines, measured, pixel_size[0])
+        rles = []
+        if encode:
+            from submission.rle import encode_labels
+
+            rles = encode_labels(np.asarray(canvas.array))
+        row = {"image_id": ref.image_id, "path": ref.image_path, "height": reader.height, "width": reader.width,
+               **canvas.summary(), "labels": _relative_label_path(output, label_file),
+               "pixel_size_um": np.nan if pixel_size[0] is None else pixel_size[0],
+               "pixel_size_source": pixel_size[1], "status": "done", "error": ""}
+    finally:
+        canvas.close()
+    print(f"{ref.image_id}: {reader.height}x{reader.width} in {len(blocks)} blocks on {len(nodes)} node(s), "
+          f"{row['nuclei']} nuclei, {time.time() - started:.1f} s", flush=True)
+    return row, measured, rles
+
+
+def _concatenate(parts: list[dict]) -> dict:
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _write_outputs(canvas: LabelCanvas, label_file: str, exports: tuple[str, ...], outlines: dict,
+                   measured: dict | None, pixel_size_um: float | None) -> None:
+    """Exports first, then the label TIFF (a finished image always has its exports), each written atomically."""
+    from pipeline import fileio
+    from pipeline.exports import SUFFIXES, geojson_from_outlines, imagej_rois_from_outlines
+
+    stem = label_file[:-len(".tif")]
+    for name in exports:
+        if name == "geojson":
+            fileio.write_bytes_atomic(stem + SUFFIXES[name], geojson_from_outlines(outlines, measured))
+        elif name == "imagej-rois":
+            fileio.write_bytes_atomic(stem + SUFFIXES[name], imagej_rois_from_outlines(outlines))
+        else:
+            _write_tiff_atomic(canvas, stem + SUFFIXES[name], pixel_size_um, ome=True)
+    _write_tiff_atomic(canvas, label_file, pixel_size_um, ome=False)
+
+
+def _write_tiff_atomic(canvas: LabelCanvas, location: str, pixel_size_um: float | None, ome: bool) -> None:
+    from pipeline import fileio
+
+    folder = os.path.dirname(location) if not fileio.is_uri(location) else tempfile.gettempdir()
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".tmp")
+    os.close(handle)
+    try:
+        canvas.write_tiff(partial, pixel_size_um, ome=ome)
+        os.chmod(partial, 0o666 & ~fileio._current_umask())  # as write_bytes_atomic leaves files
+        if fileio.is_uri(location):
+            with open(partial, "rb") as stream:
+                fileio.write_bytes_atomic(location, stream.read())
+        else:
+            os.replace(partial, location)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
