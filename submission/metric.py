@@ -61,3 +61,17 @@ def scores_from_iou(iou: np.ndarray) -> np.ndarray:
 def image_score(true_labels: np.ndarray, pred_labels: np.ndarray) -> float:
     """The competition's score of one image: the mean over the ten thresholds."""
     return float(image_scores(true_labels, pred_labels).mean())
+
+
+def matched_ious(true_labels: np.ndarray, pred_labels: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """IoU of each pair of nuclei (one of each image) that overlap by more than `threshold` IoU, a one-to-one
+    matching above 0.5; from the overlapping pixels only, so it scales to images with 100,000s of nuclei."""
+    true_labels, pred_labels = np.asarray(true_labels).ravel(), np.asarray(pred_labels).ravel()
+    true_areas = np.bincount(true_labels)
+    pred_areas = np.bincount(pred_labels)
+    both = (true_labels > 0) & (pred_labels > 0)
+    pairs, overlap = np.unique(true_labels[both].astype(np.int64) * (pred_areas.size) + pred_labels[both],
+                               return_counts=True)
+    true_ids, pred_ids = pairs // pred_areas.size, pairs % pred_areas.size
+    iou = overlap / (true_areas[true_ids] + pred_areas[pred_ids] - overlap)
+    return iou[iou > max(threshold, 0.5)]
