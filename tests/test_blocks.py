@@ -164,7 +164,11 @@ def test_a_large_image_block_by_block_agrees_with_the_whole_image_and_has_every_
     assert abs(ys.mean() - some["centroid_y"]) < 1 and abs(xs.mean() - some["centroid_x"]) < 1
     assert some["centroid_x_um"] == pytest.approx(some["centroid_x"] * 0.5)
 
-    features = json.loads((output / "labels" / "slide.ome.geojson").read_text())["features"]
+    collection = json.loads((output / "labels" / "slide.ome.geojson").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    with open(os.path.join(ROOT, "tests", "data", "geojson", "FeatureCollection.json")) as stream:
+        jsonschema.validate(collection, json.load(stream))
+    features = collection["features"]
     assert len(features) == labels.max()
     feature = next(item for item in features if item["properties"]["name"] == str(some["label"]))
     assert shape(feature["geometry"]).centroid.x == pytest.approx(some["centroid_x"] + 0.5, abs=1.5)

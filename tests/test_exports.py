@@ -2,6 +2,7 @@
 pixel sizes read from the images' own metadata."""
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -37,11 +38,14 @@ def test_outlines_fill_back_to_their_nuclei(labels):
     assert all(np.array_equal(points[0], points[-1]) for points in outlines.values())  # closed rings
 
 
-def test_geojson_is_qupath_detections_that_shapely_reads(labels):
+def test_geojson_is_valid_qupath_detections_that_shapely_reads(labels):
     shapely = pytest.importorskip("shapely.geometry")
     measurements = {"image_id": np.array(["a"] * 2), "label": np.array([1, 2]), "area": np.array([10, 20]),
                     "solidity": np.array([0.9, np.nan])}
     collection = json.loads(geojson_bytes(labels, measurements))
+    jsonschema = pytest.importorskip("jsonschema")
+    with open(os.path.join(os.path.dirname(__file__), "data", "geojson", "FeatureCollection.json")) as stream:
+        jsonschema.validate(collection, json.load(stream))  # geojson.org's schema
     assert collection["type"] == "FeatureCollection" and len(collection["features"]) == labels.max()
     polygons = {}
     for feature in collection["features"]:
