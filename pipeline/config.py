@@ -309,11 +309,3 @@ class PackageConfig:
     model: str = option("", "the run's model.keras")
     name: str = option("", "the shipped model's name (a folder under models/)")
     output: str = option("", "folder to write (default: models/<name>)")
-
-
-@dataclass
-class EnsembleConfig:
-    """jobs/ensemble.py: one model averaging several runs of one recipe."""
-
-    models: str = option("", "the runs' model.keras files, comma-separated (same recipe, different seeds)")
-    output: str = option("", "run folder to write: model.keras and run.json (tune it next: jobs/tune.py)")

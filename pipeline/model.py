@@ -14,8 +14,8 @@ import zipfile
 
 import numpy as np
 
-from pipeline.registry import (ModelFileError, info_path as _info_path, read_model_info, reading_differences,
-                               resolve_model, sha256_of, specialist_files)
+from pipeline.registry import (ModelFileError, info_path as _info_path, read_model_info, resolve_model, sha256_of,
+                               specialist_files)
 from pipeline.tfkeras import keras, tf
 
 __all__ = ["ModelFileError", "build_unet", "load_model", "save_model", "save_for_inference"]
@@ -268,20 +268,8 @@ class CrossEntropyDiceLovasz(CrossEntropyDice):
         return {**super().get_config(), "lovasz_weight": self.lovasz_weight}
 
 
-class MeanProbabilityLogits(keras.layers.Layer):
-    """Logits of an ensemble: log of its members' mean softmax, so softmax of the output is that mean.
-
-    Averaging the probabilities of models trained with different seeds is what DSB2018's top teams did
-    (selimsef/dsb2018_topcoders averaged several networks); as logits, an ensemble is a model like any other.
-    """
-
-    def call(self, inputs):
-        mean = tf.add_n([tf.nn.softmax(logits, axis=-1) for logits in inputs]) / float(len(inputs))
-        return tf.math.log(tf.maximum(mean, 1e-7))
-
-
 CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice,
-                  "CrossEntropyDiceLovasz": CrossEntropyDiceLovasz, "MeanProbabilityLogits": MeanProbabilityLogits}
+                  "CrossEntropyDiceLovasz": CrossEntropyDiceLovasz}
 _LOSS_MAKERS = {"ce": lambda classes: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 "ce+dice": CrossEntropyDice, "ce+dice+lovasz": CrossEntropyDiceLovasz}
 LOSSES = tuple(_LOSS_MAKERS)
@@ -375,50 +363,6 @@ def _holds_weights(path: str, model) -> bool:
         return False
     mine, theirs = model.get_weights(), existing.get_weights()
     return len(mine) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
-
-
-def ensemble_model(model_paths: list[str], output: str) -> dict:
-    """Write one model averaging the softmax of several trained with the same recipe (different seeds).
-
-    The members must share mode, classes, appearance, training data and recipe, apart from seeds and run
-    lengths, so their outputs mean the same thing; the ensemble keeps their held-out splits (a member
-    trained with --holdout refit makes it a refit). Its run.json starts from the first member's; its
-    inference settings are tuned again (jobs/tune.py), as the averaged probabilities are sharper or softer.
-    """
-    from pipeline.config import recipe_differences
-    from pipeline.fileio import write_text_atomic
-
-    if len(model_paths) < 2:
-        raise ValueError("an ensemble needs two or more models")
-    members, infos = [], []
-    for index, path in enumerate(model_paths):
-        model, info = load_model(path)
-        model._name = f"member_{index}"  # unique names: each member's weights are saved under its own
-        members.append(model)
-        infos.append(info)
-    first = infos[0]
-    for path, info in zip(model_paths[1:], infos[1:]):
-        differ = reading_differences(info, first)
-        differ += recipe_differences(first.get("config", {}), info.get("config", {}))
-        if differ:
-            raise ValueError(f"{path} differs from {model_paths[0]} in {', '.join(differ)}: "
-                             f"not members of one ensemble")
-    inputs = keras.layers.Input(shape=(None, None, 3), name="image")
-    outputs = MeanProbabilityLogits(name="ensemble_mean")([member(inputs) for member in members])
-    ensemble = keras.Model(inputs, outputs, name="ensemble")
-    os.makedirs(output, exist_ok=True)
-    target = os.path.join(output, "model.keras")
-    _replace_with_inference_model(ensemble, target)
-    holdouts = {info.get("config", {}).get("holdout") for info in infos}
-    config = {**first.get("config", {}), "output": os.path.abspath(output),
-              "holdout": "refit" if "refit" in holdouts else first.get("config", {}).get("holdout")}
-    info = {key: value for key, value in first.items() if key not in ("sha256", "packaged_from", "metrics")}
-    info["postprocess"] = {key: value for key, value in (first.get("postprocess") or {}).items()
-                           if key != "specialists"}  # a member's specialists are not the ensemble's
-    info.update(model="model.keras", config=config, ensemble_of=[os.path.relpath(path) for path in model_paths],
-                ensemble_seeds=[member.get("config", {}).get("seed") for member in infos])
-    write_text_atomic(os.path.join(output, "run.json"), json.dumps(info, indent=2))
-    return info
 
 
 def package_model(model_path: str, folder: str) -> dict:

@@ -31,7 +31,7 @@ def test_bad_values_are_refused_by_the_parser(capsys):
         parse_args(SegmentConfig, [], required=("input",))
 
 
-@pytest.mark.parametrize("job", ["train", "segment", "submit", "evaluate", "export", "tune", "package", "ensemble", "quickstart"])
+@pytest.mark.parametrize("job", ["train", "segment", "submit", "evaluate", "export", "tune", "package", "quickstart"])
 def test_every_job_explains_itself(job):
     done = subprocess.run([sys.executable, f"{ROOT}/jobs/{job}.py", "--help"], capture_output=True, text=True,
                           timeout=60)

@@ -252,37 +252,6 @@ def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
                                                                                 for out in jittered)
 
 
-def test_an_ensemble_predicts_its_members_mean_probability_and_refuses_other_recipes(tmp_path):
-    from jobs.ensemble import main as ensemble_job
-    from pipeline.model import save_for_inference
-    from pipeline.tfkeras import tf
-
-    recipe = {"mode": "native", "num_classes": 3, "appearance": "colour", "image_size": 64}
-    paths = []
-    for seed, holdout in ((1, "protocol"), (2, "refit")):
-        run = tmp_path / f"run{seed}"
-        run.mkdir()
-        tf.random.set_seed(seed)
-        save_for_inference(build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.25), str(run / "model.keras"))
-        config = {"seed": seed, "holdout": holdout, "loss": "ce+dice", "epochs": 10 * seed}
-        (run / "run.json").write_text(json.dumps({**recipe, "config": config, "postprocess": {"threshold": 0.6}}))
-        paths.append(str(run / "model.keras"))
-    assert ensemble_job(["--models", ",".join(paths), "--output", str(tmp_path / "ensemble")]) == 0
-    ensemble, info = load_model(str(tmp_path / "ensemble" / "model.keras"))
-    assert info["ensemble_seeds"] == [1, 2] and info["config"]["holdout"] == "refit"  # a member saw the tune split
-    assert info["postprocess"] == {"threshold": 0.6} and info["num_classes"] == 3
-    image = np.random.default_rng(0).random((1, 96, 64, 3)).astype(np.float32)
-    members = [tf.nn.softmax(load_model(path)[0](image), axis=-1).numpy() for path in paths]
-    assert not np.allclose(members[0], members[1], atol=1e-3)
-    np.testing.assert_allclose(tf.nn.softmax(ensemble(image), axis=-1).numpy(), np.mean(members, axis=0), atol=1e-5)
-
-    other = tmp_path / "run2" / "run.json"
-    other.write_text(json.dumps({**recipe, "config": {"seed": 2, "holdout": "protocol", "loss": "ce"}}))
-    with pytest.raises(ValueError, match="differs .* in loss: not members of one ensemble"):
-        from pipeline.model import ensemble_model
-        ensemble_model(paths, str(tmp_path / "mixed"))
-
-
 def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model(tmp_path):
     """run.json routes stained images to a specialist beside the model: Predictor, package and ONNX export agree."""
     from pipeline.inference import Predictor
