@@ -83,9 +83,8 @@ class TrainConfig(DataConfig):
     stain_augment: float = option(0.0, "with --augment: each epoch, scale each stain's amount (haematoxylin, eosin, "
                                        "DAB) in coloured crops by 1 +- this and shift it by a quarter of it, as "
                                        "staining varies between labs (0: off; e.g. 0.25)")
-    loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place); "
-                             "ce+dice+lovasz: plus each crop's Lovasz-softmax (an IoU surrogate)",
-                       choices=("ce", "ce+dice", "ce+dice+lovasz"))
+    loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
+                       choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
     border: str = option("all", "3 classes: the border class around every nucleus (all), only where nuclei touch "
                                 "(touching; DSB2018 1st place), or the outer half of each nucleus' depth, so the "

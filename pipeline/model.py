@@ -211,72 +211,25 @@ class CrossEntropyDice(keras.losses.Loss):
     def call(self, y_true, y_pred):
         labels = _class_labels(y_true)
         cross_entropy = tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
-        softmax = tf.nn.softmax(y_pred, axis=-1)
-        probabilities = softmax[..., 1:]
+        probabilities = tf.nn.softmax(y_pred, axis=-1)[..., 1:]
         truth = tf.one_hot(labels, self.num_classes, dtype=probabilities.dtype)[..., 1:]
         overlap = tf.reduce_sum(probabilities * truth, axis=(0, 1, 2))
         total = tf.reduce_sum(probabilities + truth, axis=(0, 1, 2))
         dice = (2.0 * overlap + 1.0) / (total + 1.0)
-        return cross_entropy + self.dice_weight * (1.0 - tf.reduce_mean(dice)) + self.crop_terms(labels, softmax)
-
-    def crop_terms(self, labels, softmax):
-        """Terms a subclass adds per crop ([B, 1, 1]), from the batch's labels and softmax; none here."""
-        return 0.0
+        return cross_entropy + self.dice_weight * (1.0 - tf.reduce_mean(dice))
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "dice_weight": self.dice_weight}
 
 
-def lovasz_softmax(labels, probabilities, num_classes: int):
-    """Lovasz-softmax loss of each image's nucleus classes (1..C-1) present in it: a convex surrogate of
-    1 - IoU (Berman et al., CVPR 2018, bermanmaxim/LovaszSoftmax; used by several DSB2018 and TGS teams).
-
-    labels: [B, H, W] int; probabilities: [B, H, W, C] softmax. Returns [B]: each image's mean over its
-    present nucleus classes (0 for an image without nuclei). Each class's pixel errors are sorted and
-    weighted by the gradient of the Lovasz extension of the Jaccard loss, computed batch-wide with top_k.
-    """
-    batch = tf.shape(probabilities)[0]
-    truth = tf.one_hot(labels, num_classes, dtype=probabilities.dtype)[..., 1:]
-    truth = tf.transpose(tf.reshape(truth, [batch, -1, num_classes - 1]), [0, 2, 1])  # [B, C-1, P]
-    predicted = tf.transpose(tf.reshape(probabilities[..., 1:], [batch, -1, num_classes - 1]), [0, 2, 1])
-    errors = tf.abs(truth - predicted)
-    errors_sorted, order = tf.math.top_k(errors, k=tf.shape(errors)[-1], sorted=True)
-    truth_sorted = tf.gather(truth, order, batch_dims=2)
-    total = tf.reduce_sum(truth_sorted, axis=-1, keepdims=True)
-    intersection = total - tf.cumsum(truth_sorted, axis=-1)
-    union = total + tf.cumsum(1.0 - truth_sorted, axis=-1)
-    jaccard = 1.0 - intersection / tf.maximum(union, 1.0)
-    gradient = tf.concat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], axis=-1)
-    per_class = tf.reduce_sum(errors_sorted * tf.stop_gradient(gradient), axis=-1)  # [B, C-1]
-    present = tf.cast(total[..., 0] > 0, per_class.dtype)
-    return tf.reduce_sum(per_class * present, axis=-1) / tf.maximum(tf.reduce_sum(present, axis=-1), 1.0)
-
-
-class CrossEntropyDiceLovasz(CrossEntropyDice):
-    """CrossEntropyDice plus the Lovasz-softmax loss of each crop (`lovasz_softmax`): Dice weighs a batch's
-    nucleus pixels as one set; Lovasz optimises each crop's IoU, which the competition's metric rewards."""
-
-    def __init__(self, num_classes: int = 3, dice_weight: float = 1.0, lovasz_weight: float = 1.0,
-                 name: str = "ce_dice_lovasz", **kwargs):
-        super().__init__(num_classes=num_classes, dice_weight=dice_weight, name=name, **kwargs)
-        self.lovasz_weight = lovasz_weight
-
-    def crop_terms(self, labels, softmax):
-        return self.lovasz_weight * lovasz_softmax(labels, softmax, self.num_classes)[:, None, None]
-
-    def get_config(self):
-        return {**super().get_config(), "lovasz_weight": self.lovasz_weight}
-
-
-CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice,
-                  "CrossEntropyDiceLovasz": CrossEntropyDiceLovasz}
+CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice}
 _LOSS_MAKERS = {"ce": lambda classes: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                "ce+dice": CrossEntropyDice, "ce+dice+lovasz": CrossEntropyDiceLovasz}
+                "ce+dice": CrossEntropyDice}
 LOSSES = tuple(_LOSS_MAKERS)
 
 
 def compile_model(model: keras.Model, learning_rate: float, num_classes: int, loss: str = "ce") -> keras.Model:
-    """Adam and the chosen loss on logits: 'ce' (sparse categorical cross-entropy), 'ce+dice' or 'ce+dice+lovasz'."""
+    """Adam and the chosen loss on logits: 'ce' (sparse categorical cross-entropy) or 'ce+dice'."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),

@@ -111,45 +111,17 @@ def test_cross_entropy_dice_loss_is_cross_entropy_plus_one_minus_soft_dice():
     assert float(CrossEntropyDice(3)(labels, perfect)) < 1e-3 < loss
 
 
-def test_lovasz_softmax_of_hard_predictions_is_one_minus_each_crops_iou():
-    """The Lovasz extension equals the Jaccard loss on 0/1 predictions: per crop, the mean over the nucleus classes
-    present in its truth of 1 - IoU; a crop without nuclei costs nothing; probabilities in between cost less."""
-    from pipeline.model import CrossEntropyDice, CrossEntropyDiceLovasz, lovasz_softmax
-    from pipeline.tfkeras import tf
-
-    truth = np.zeros((3, 12, 12), np.int64)
-    truth[0, 2:8, 2:8], truth[0, 2:8, 2] = 1, 2  # interior and a border column
-    truth[1, 4:10, 3:9] = 1
-    predicted = np.roll(truth, 1, axis=2)  # every shape one pixel to the right
-    predicted[1, 0, 0] = 2  # a border pixel where crop 1 has no border: that class is not in its truth
-    expected = []
-    for crop in range(3):
-        ious = [np.sum((truth[crop] == c) & (predicted[crop] == c)) / np.sum((truth[crop] == c) | (predicted[crop] == c))
-                for c in (1, 2) if (truth[crop] == c).any()]
-        expected.append(1 - np.mean(ious) if ious else 0.0)
-    hard = np.eye(3, dtype=np.float32)[predicted]
-    assert np.allclose(lovasz_softmax(tf.constant(truth), tf.constant(hard), 3).numpy(), expected, atol=1e-6)
-    assert expected[0] > 0.2 and expected[1] > 0.2 and expected[2] == 0.0
-    soft = 0.5 * hard + 0.5 * np.eye(3, dtype=np.float32)[truth]
-    assert np.all(lovasz_softmax(tf.constant(truth), tf.constant(soft), 3).numpy()[:2] < np.array(expected[:2]))
-    logits = np.log(np.clip(soft, 1e-4, 1)).astype(np.float32)
-    lovasz = lovasz_softmax(tf.constant(truth), tf.nn.softmax(logits), 3).numpy().mean()
-    assert float(CrossEntropyDiceLovasz(3)(truth[..., None], logits)) == pytest.approx(
-        float(CrossEntropyDice(3)(truth[..., None], logits)) + lovasz, rel=1e-5)
-
-
-@pytest.mark.parametrize("loss", ["ce+dice", "ce+dice+lovasz"])
-def test_a_model_compiled_with_a_set_loss_saves_and_loads(tmp_path, loss):
+def test_a_model_compiled_with_the_dice_loss_saves_and_loads(tmp_path):
     from pipeline.model import CUSTOM_OBJECTS, compile_model
     from pipeline.tfkeras import keras
 
-    model = compile_model(build_unet(64, 3, "none", encoder_width=0.35), 1e-3, 3, loss)
+    model = compile_model(build_unet(64, 3, "none", encoder_width=0.35), 1e-3, 3, "ce+dice")
     x, y = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32), np.ones((2, 64, 64, 1), np.int32)
     model.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
     save_model(model, path)
     restored = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, safe_mode=True)  # resume's load
-    assert type(restored.loss).__name__ == {"ce+dice": "CrossEntropyDice", "ce+dice+lovasz": "CrossEntropyDiceLovasz"}[loss]
+    assert type(restored.loss).__name__ == "CrossEntropyDice"
     assert np.allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         compile_model(model, 1e-3, 3, "dice")
