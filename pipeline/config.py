@@ -51,8 +51,6 @@ class TrainConfig(DataConfig):
     encoder_width: float = option(1.0, "MobileNetV2 width multiplier alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
     decoder_width: float = option(1.0, "decoder filters as a fraction of the notebook's (512, 256, 128, 64); 0.5 "
                                        "trains ~1.4x faster on a CPU")
-    fine_head: int = option(0, "filters of a full-resolution output head (0: the notebook's transposed convolution "
-                               "from the half-resolution decoder); outlines placed to the pixel")
     freeze_encoder: bool = option(False, "keep the encoder's weights fixed (useful with imagenet weights)")
     init_from: str = option("", "start from this trained model.keras's weights (fine-tuning) instead of a new model; "
                                 "its architecture flags must match (give the same --preset)")

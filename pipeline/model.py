@@ -108,7 +108,7 @@ def _encoder(image_size: int, weights: str, alpha: float) -> tuple[keras.Model, 
 
 def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: str = "none",
                encoder_width: float = 1.0, freeze_encoder: bool = False, bn_momentum: float | None = 0.9,
-               input_size: int | None = None, decoder_width: float = 1.0, fine_head: int = 0) -> keras.Model:
+               input_size: int | None = None, decoder_width: float = 1.0) -> keras.Model:
     """The segmentation model: per-pixel logits of shape (H, W, num_classes).
 
     `image_size` (a multiple of 32) shapes the encoder; `input_size=None` makes the built model accept any
@@ -117,9 +117,6 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     computation at encoder width 0.5, so 0.5 trains about 1.4x as fast on a CPU (measured).
     `bn_momentum` replaces MobileNetV2's 0.999: from random init its moving statistics otherwise lag by
     ~1000 steps and validation predicts only background for the first epochs.
-    `fine_head` (> 0 filters): instead of one transposed convolution from the half-resolution decoder, the
-    logits come from full-resolution features (the upsampled decoder beside the image itself, then a 3x3
-    convolution), so an outline can move by one pixel, which decides a small nucleus' IoU at DSB2018's stricter thresholds.
     """
     if image_size % 32:
         raise ValueError(f"image size must be a multiple of 32, got {image_size}")
@@ -130,19 +127,13 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     decoder = [upsample(filters, 3, name=f"up_{index}_{filters}") for index, filters in enumerate(widths)]
 
     inputs = keras.layers.Input(shape=(input_size, input_size, 3) if input_size else (None, None, 3), name="image")
-    scaled = keras.layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
-    skips = encoder(scaled)
+    x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
+    skips = encoder(x)
     x = skips[-1]
     for block, skip in zip(decoder, reversed(skips[:-1])):
         x = block(x)
         x = keras.layers.Concatenate()([x, skip])
-    if fine_head:
-        up = keras.layers.Conv2DTranspose(fine_head, 3, strides=2, padding="same", activation="relu",
-                                          name="up_full")(x)
-        x = keras.layers.Concatenate(name="with_image")([up, scaled])
-        logits = keras.layers.Conv2D(num_classes, 3, padding="same", name="logits")(x)
-    else:
-        logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", name="logits")(x)
+    logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", name="logits")(x)
     model = keras.Model(inputs, logits, name="unet_mobilenetv2")
     model.backbone_source = source  # where the encoder's weights came from (not saved with the model)
     if bn_momentum is not None:

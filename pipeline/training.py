@@ -322,7 +322,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
                                              config.encoder_width, config.freeze_encoder, config.bn_momentum,
-                                             decoder_width=config.decoder_width, fine_head=config.fine_head),
+                                             decoder_width=config.decoder_width),
                                   config.learning_rate, config.num_classes, config.loss)
             if rank == 0:  # where the encoder's weights came from, for run.json (the driver cannot tell)
                 write_text_atomic(os.path.join(os.path.abspath(config.output), BACKBONE_FILE),
@@ -432,7 +432,7 @@ def _snapshot_arrays(val_dataset, count: int) -> dict | None:
 
 
 # What a model given to --init-from must share with the run's flags: its weights are the run's starting point.
-ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width", "fine_head")
+ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width")
 
 
 def _check_init_from(config: TrainConfig) -> None:
@@ -565,7 +565,6 @@ def run_training(config: TrainConfig) -> dict:
         "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "backbone_init": _backbone_init(config),
         "encoder_width": config.encoder_width,
         "decoder_width": config.decoder_width,
-        "fine_head": config.fine_head,
         "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
                         "min_size": config.min_size},
         "data": config.data, "holdout": config.holdout, "train_images": len(train_refs), "val_images": len(val_refs),

@@ -153,19 +153,6 @@ def test_decoder_width_shrinks_the_decoder_not_the_output():
     assert half.predict(x, verbose=0).shape == full.predict(x, verbose=0).shape == (2, 96, 64, 3)
 
 
-def test_fine_head_predicts_from_full_resolution_features_and_round_trips(tmp_path):
-    from pipeline.model import save_for_inference
-
-    model = build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.25, fine_head=8)
-    assert type(model.get_layer("logits")).__name__ == "Conv2D"  # not the half-resolution transposed convolution
-    assert model.get_layer("with_image").output.shape[-1] == 8 + 3  # the upsampled decoder beside the image
-    x = np.random.default_rng(0).random((1, 96, 64, 3)).astype(np.float32)
-    save_for_inference(model, str(tmp_path / "model.keras"))
-    loaded, _ = load_model(str(tmp_path / "model.keras"))
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
-    assert loaded.predict(x, verbose=0).shape == (1, 96, 64, 3)
-
-
 def test_a_model_with_code_in_it_is_refused(tmp_path):
     """Safe mode: a Lambda layer's Python code is never deserialised (it could run anything)."""
     from pipeline.tfkeras import keras
