@@ -84,10 +84,6 @@ class TrainConfig(DataConfig):
     loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
                        choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
-    border: str = option("all", "3 classes: the border class around every nucleus (all), only where nuclei touch "
-                                "(touching; DSB2018 1st place), or the outer half of each nucleus' depth, so the "
-                                "interior class is its core (core; centre seeds, DSB2018 4th place)",
-                         choices=("all", "touching", "core"))
     num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
                               choices=(2, 3))
     holdout: str = option("random", "random: hold out --val-fraction of the images (seeded by --seed) for validation; "

@@ -504,7 +504,7 @@ def run_training(config: TrainConfig) -> dict:
                          f"{config.val_fraction}: every worker needs training and validation images")
     print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
-                   seed=config.seed, border=config.border, nucleus_area=config.nucleus_area)
+                   seed=config.seed, nucleus_area=config.nucleus_area)
     pool = config.crop_pool  # training crops only: validation keeps the same crops every epoch
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
                                   augment=config.augment, nucleus_crops=config.nucleus_crops,
