@@ -69,12 +69,6 @@ class TrainConfig(DataConfig):
                                           "the rare kinds (0: --crops-per-image); validation keeps --crops-per-image")
     nucleus_area: float = option(0.0, "native mode: zoom each training image (within 0.5x-2x) so its median nucleus "
                                       "has about this many pixels, as --nucleus-area does at inference (0: off)")
-    crop_pool: int = option(1, "native mode: cut this many times the training crops once, and let each epoch draw "
-                               "its share of them in turn, so the epochs see different crops for the same "
-                               "epoch time (1: the same crops every epoch)")
-    nucleus_crops: float = option(0.0, "native mode: fraction of training crops placed around a nucleus picked "
-                                       "uniformly, so crowded regions are sampled by their count of nuclei, not "
-                                       "their area (0: every crop uniform over the image)")
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
     colour_augment: bool = option(False, "with --augment: each epoch, a random channel order for half the crops and "
                                          "grey for one in five (stained tissue; DSB2018 1st place)")

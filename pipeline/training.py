@@ -337,8 +337,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Reading the shard once avoids a Ray Data epoch barrier inside every Keras epoch (prefetching
         across it can deadlock the workers); going through distribute_datasets_from_function stops
         Keras from re-batching each worker's batches as global ones (an empty split batch: NaN loss).
-        The rows are `normalise`d uint8 images, so they are held as uint8 (a quarter of the memory, which a
-        --crop-pool needs) and turned back into exactly the same floats as they are batched.
+        The rows are `normalise`d uint8 images, so they are held as uint8 (a quarter of the memory) and turned
+        back into exactly the same floats as they are batched.
         """
         columns = {"image": [], "mask": []}
         for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
@@ -375,16 +375,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sizes: dict[str, int] = {}
     train_data, val_data = shard("train", True), shard("val", False)
 
-    # A training epoch takes its 1/crop_pool share of the crops: the shuffled stream repeats across epochs.
-    epoch_rows = {"train": math.ceil(sizes["train"] / config.crop_pool), "val": sizes["val"]}
-
     def steps(name: str) -> int:
-        return max(1, math.ceil(epoch_rows[name] / config.batch_size))  # Ray splits equally: same on every worker
+        return max(1, math.ceil(sizes[name] / config.batch_size))  # Ray splits equally: same on every worker
 
     snapshots = loop_config.get("snapshots") or {}
     callbacks, early_stopping, report = _make_callbacks(
         config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None,
-        train_rows=epoch_rows["train"], deadline=float(loop_config.get("deadline") or 0.0),
+        train_rows=sizes["train"], deadline=float(loop_config.get("deadline") or 0.0),
         reserved_epochs=float(loop_config.get("reserved_epochs") or 0.0))
     initial_epoch = int(state.get("epoch", 0))
     if initial_epoch < config.epochs:
@@ -461,10 +458,6 @@ def run_training(config: TrainConfig) -> dict:
     # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
     config = dataclasses.replace(config, output=output,
                                  init_from=os.path.abspath(config.init_from) if config.init_from else "")
-    crop_options_used = config.crop_pool != 1 or config.nucleus_crops != 0
-    if (crop_options_used and config.mode != "native") or config.crop_pool < 1 or not 0 <= config.nucleus_crops <= 1:
-        raise ValueError(f"--crop-pool {config.crop_pool} --nucleus-crops {config.nucleus_crops}: crop options need "
-                         "--mode native, a pool of at least 1 and a fraction from 0 to 1")
     if not 0 <= config.weight_average < 1:
         raise ValueError(f"--weight-average {config.weight_average}: a decay from 0 (off) to below 1, e.g. 0.999")
     ensure_ray(log_to_driver=True)
@@ -505,11 +498,8 @@ def run_training(config: TrainConfig) -> dict:
     print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
                    seed=config.seed, nucleus_area=config.nucleus_area)
-    pool = config.crop_pool  # training crops only: validation keeps the same crops every epoch
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
-                                  augment=config.augment, nucleus_crops=config.nucleus_crops,
-                                  **dict(options, crops_per_image=config.crops_per_image * pool,
-                                         crops_per_rare_image=config.crops_per_rare_image * pool))
+                                  augment=config.augment, crops_per_rare_image=config.crops_per_rare_image, **options)
     val_data = training_dataset(val_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
                                 augment=False, **options)
 

@@ -224,26 +224,6 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
         run_training(dataclasses.replace(tuned, output=str(tmp_path / "other"), encoder_width=0.5))
 
 
-def test_a_crop_pool_gives_the_epochs_different_crops_in_the_same_number_of_steps(ray_session, tmp_path):
-    """--crop-pool 3 cuts three times the crops once and each epoch draws a third of them: the pool is 3x the
-    crops, the steps per epoch stay those of one set; crop options outside native mode are refused."""
-    import dataclasses
-    import math
-
-    from pipeline.config import TrainConfig
-    from pipeline.training import run_training
-
-    config = TrainConfig(data="synthetic", synthetic_count=12, output=str(tmp_path / "pool"), epochs=2, workers=1,
-                         cpus_per_worker=1.0, mode="native", num_classes=3, crops_per_image=2, crop_pool=3,
-                         nucleus_crops=0.5, augment=True, warmup_epochs=0, snapshots=0, seed=5, **TINY)
-    info = run_training(config)
-    history = [json.loads(line) for line in (tmp_path / "pool" / "history.jsonl").read_text().splitlines()]
-    assert info["train_crops"] == info["train_images"] * 2 * 3
-    assert [row["steps"] for row in history] == [math.ceil(info["train_images"] * 2 / TINY["batch_size"])] * 2
-    with pytest.raises(ValueError, match="crop options need --mode native"):
-        run_training(dataclasses.replace(config, output=str(tmp_path / "resize"), mode="resize"))
-
-
 def test_a_weight_average_is_what_validation_sees_and_the_run_keeps(ray_session, tmp_path):
     """--weight-average: an epoch's checkpoint holds the averaged weights (validated, kept) and the raw ones
     training goes on from, which differ; --keep last keeps the last average; a decay of 1 or more is refused."""
