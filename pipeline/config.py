@@ -95,9 +95,6 @@ class TrainConfig(DataConfig):
                                "preset's: the tune split scored them higher; and for a fine-tune whose validation "
                                "images are too few to pick an epoch by)",
                        choices=("best", "last"))
-    weight_average: float = option(0.0, "decay per training step of an exponential moving average of the weights: "
-                                        "validation, early stopping, checkpoints and the saved model use the "
-                                        "average, training goes on from the raw weights (e.g. 0.999; 0 = off)")
     bn_momentum: float = option(0.9, "BatchNorm momentum (Keras' 0.999 lags ~1000 steps from random init)")
     threshold: float = option(0.5, "written to run.json as inference's default: probability above which a pixel "
                                    "is nucleus")

@@ -120,40 +120,6 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             logs["epoch_seconds"], logs["steps"] = seconds, self.steps
             logs["samples_per_second"] = train_rows * world / seconds
 
-    class WeightAverage(keras.callbacks.Callback):
-        """An exponential moving average of every weight (BatchNorm statistics too), updated after each training
-        batch. From validation to the end of the epoch the model holds the average, so early stopping, snapshots,
-        checkpoints and the saved model see it; the next epoch trains on from the raw weights. The decay warms up
-        as tf.train.ExponentialMovingAverage's num_updates does: min(decay, (1 + n) / (10 + n))."""
-
-        def __init__(self, decay: float):
-            super().__init__()
-            self.decay, self.average, self.raw = decay, None, None
-            self.updates = int(state.get("average_updates", 0))
-
-        def on_train_begin(self, logs=None):
-            self.average = [weight.copy() for weight in self.model.get_weights()]  # resumed: a checkpoint's average
-            if state.get("raw_weights") is not None:
-                self.model.set_weights(state["raw_weights"])
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.updates += 1
-            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-            for average, weight in zip(self.average, self.model.get_weights()):
-                average *= decay
-                average += (1 - decay) * weight
-
-        def on_test_begin(self, logs=None):
-            self.raw = self.model.get_weights()
-            self.model.set_weights(self.average)
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if self.raw is not None:
-                self.model.set_weights(self.raw)
-                self.raw = None
-
-    weight_average = WeightAverage(config.weight_average) if config.weight_average else None
-
     planned = {"epochs": config.epochs}  # shrunk by TimeLimit to the epochs that fit; read by the LR schedule
 
     class TimeLimit(keras.callbacks.Callback):
@@ -196,24 +162,18 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             worker_state = {"epoch": epoch + 1,
                             "early_stopping": {"best": float(early_stopping.best), "wait": int(early_stopping.wait),
                                                "best_epoch": int(early_stopping.best_epoch)}}
-            raw_weights = None
-            if weight_average is not None:  # the model holds the average: the raw weights go on training
-                worker_state["average_updates"] = weight_average.updates
-                raw_weights = weight_average.raw
             _report(self.model, metrics, f"{CHECKPOINT_PREFIX}{epoch + 1:04d}", worker_state,
-                    early_stopping.best_weights, raw_weights)
+                    early_stopping.best_weights)
             if config.crash_at_epoch == epoch + 1 and rank == world - 1 and not resumed:
                 print(f"[test hook] worker rank {rank} exits after epoch {epoch + 1}", flush=True)
                 os._exit(1)
 
-    def _report(model, metrics, name, worker_state, best_weights, raw_weights=None):
+    def _report(model, metrics, name, worker_state, best_weights):
         with tempfile.TemporaryDirectory() as folder:
             save_model(model, os.path.join(folder, "model.keras"))
             if rank == 0:
                 if best_weights is not None:
                     np.savez(os.path.join(folder, "best_weights.npz"), *best_weights)
-                if raw_weights is not None:
-                    np.savez(os.path.join(folder, "raw_weights.npz"), *raw_weights)
                 with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as stream:
                     json.dump(worker_state, stream)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -221,8 +181,7 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             else:
                 ray.train.report(metrics)
 
-    callbacks = [weight_average] if weight_average is not None else []  # first: it swaps weights for the others
-    callbacks += [keras.callbacks.LearningRateScheduler(
+    callbacks = [keras.callbacks.LearningRateScheduler(
         lambda epoch, _: learning_rate_at(epoch, config, planned["epochs"])),
                  early_stopping, Throughput(), TimeLimit()]
     if rank == 0:
@@ -308,11 +267,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                 safe_mode=True)
                 with open(os.path.join(folder, "state.json"), encoding="utf-8") as stream:
                     state = json.load(stream)
-                for key in ("best_weights", "raw_weights"):
-                    path = os.path.join(folder, f"{key}.npz")
-                    if os.path.exists(path):
-                        with np.load(path) as saved:
-                            state[key] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+                best_path = os.path.join(folder, "best_weights.npz")
+                if os.path.exists(best_path):
+                    with np.load(best_path) as saved:
+                        state["best_weights"] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
             if rank == 0:
                 print(f"resuming from the checkpoint of epoch {state.get('epoch', 0)}", flush=True)
                 _truncate_history(config.output, int(state.get("epoch", 0)))
@@ -458,8 +416,6 @@ def run_training(config: TrainConfig) -> dict:
     # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
     config = dataclasses.replace(config, output=output,
                                  init_from=os.path.abspath(config.init_from) if config.init_from else "")
-    if not 0 <= config.weight_average < 1:
-        raise ValueError(f"--weight-average {config.weight_average}: a decay from 0 (off) to below 1, e.g. 0.999")
     ensure_ray(log_to_driver=True)
     import ray
     import ray.train

@@ -224,33 +224,6 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
         run_training(dataclasses.replace(tuned, output=str(tmp_path / "other"), encoder_width=0.5))
 
 
-def test_a_weight_average_is_what_validation_sees_and_the_run_keeps(ray_session, tmp_path):
-    """--weight-average: an epoch's checkpoint holds the averaged weights (validated, kept) and the raw ones
-    training goes on from, which differ; --keep last keeps the last average; a decay of 1 or more is refused."""
-    import dataclasses
-
-    from pipeline.config import TrainConfig
-    from pipeline.model import load_model
-    from pipeline.training import run_training
-
-    config = TrainConfig(data="synthetic", synthetic_count=12, output=str(tmp_path / "ema"), epochs=2, workers=1,
-                         cpus_per_worker=1.0, weight_average=0.9, keep="last", warmup_epochs=0, snapshots=0, seed=5,
-                         **TINY)
-    info = run_training(config)
-    assert info["config"]["weight_average"] == 0.9 and info["kept_epoch"] == 2
-    last = glob.glob(str(tmp_path / "ema" / "ray" / "*" / "epoch_0002"))[0]  # Ray keeps it beside the final one
-    average = load_model(os.path.join(last, "model.keras"))[0].get_weights()
-    with np.load(os.path.join(last, "raw_weights.npz")) as saved:
-        raw = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-    assert [a.shape for a in average] == [r.shape for r in raw]
-    assert max(float(np.abs(a - r).max()) for a, r in zip(average, raw)) > 1e-3
-    kept = load_model(str(tmp_path / "ema" / "model.keras"))[0].get_weights()
-    for mine, averaged in zip(kept, average):
-        np.testing.assert_array_equal(mine, averaged)
-    with pytest.raises(ValueError, match="--weight-average 1.0"):
-        run_training(dataclasses.replace(config, output=str(tmp_path / "bad"), weight_average=1.0))
-
-
 def test_the_train_job_tunes_a_protocol_run_on_its_tune_split_when_asked(ray_session, tmp_path, capsys):
     """--tune (the preset's): after training, the job chooses the inference settings on the tune split and
     stores them in run.json, as jobs/tune.py would; a --holdout refit run says at the start why it will not."""
