@@ -12,9 +12,9 @@ import typing
 from dataclasses import dataclass, field
 
 
-def option(default, help: str, choices=None, flag: str | None = None, hidden: bool = False):
+def option(default, help: str, choices=None, flag: str | None = None):
     """A config field with its command-line help."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "hidden": hidden})
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
@@ -113,7 +113,6 @@ class TrainConfig(DataConfig):
     resume: bool = option(False, "continue the interrupted run in --output from its last checkpoint, with the "
                                  "settings saved in its config.json (other flags are ignored)")
     seed: int = option(42, "seed for the split, synthetic data and initialisation")
-    crash_at_epoch: int = option(-1, "test hook: worker rank 1 exits at the end of this epoch once", hidden=True)
     preset: str = option("", "named configuration whose values replace the defaults (flags given still win): "
                              "dsb2018 = the best measured recipe for the DSB2018 data", choices=("", "dsb2018"))
 
@@ -128,8 +127,7 @@ class TrainConfig(DataConfig):
 
 
 # What may differ between two runs of one recipe: seeds, run lengths, where they ran, and which split held out.
-NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch",
-                        "tune"})
+NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "tune"})
 
 
 def recipe_differences(mine: dict, theirs: dict) -> list[str]:
@@ -211,7 +209,7 @@ def _add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         meta = item.metadata
         flag = meta.get("flag") or "--" + item.name.replace("_", "-")
         shown = "" if item.default is None else f" (default: {item.default!r})"  # None: the help says what applies
-        help_text = argparse.SUPPRESS if meta.get("hidden") else f"{meta.get('help', '')}{shown}"
+        help_text = f"{meta.get('help', '')}{shown}"
         kind = hints[item.name]
         if kind is bool:
             parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction,

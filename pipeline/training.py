@@ -63,7 +63,7 @@ def _snapshot_strip(images: np.ndarray, truth: np.ndarray, logits: np.ndarray) -
 
 
 def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: dict, snapshot_images, snapshot_masks,
-                    resumed: bool, train_rows: int, deadline: float, reserved_epochs: float = 0.0):
+                    train_rows: int, deadline: float, reserved_epochs: float = 0.0):
     """The Keras callbacks of one worker: LR schedule, early stopping, TensorBoard, snapshots, Ray reports."""
     import ray.train
     from pipeline.images import encode_png
@@ -164,9 +164,6 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
                                                "best_epoch": int(early_stopping.best_epoch)}}
             _report(self.model, metrics, f"{CHECKPOINT_PREFIX}{epoch + 1:04d}", worker_state,
                     early_stopping.best_weights)
-            if config.crash_at_epoch == epoch + 1 and rank == world - 1 and not resumed:
-                print(f"[test hook] worker rank {rank} exits after epoch {epoch + 1}", flush=True)
-                os._exit(1)
 
     def _report(model, metrics, name, worker_state, best_weights):
         with tempfile.TemporaryDirectory() as folder:
@@ -338,7 +335,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     snapshots = loop_config.get("snapshots") or {}
     callbacks, early_stopping, report = _make_callbacks(
-        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None,
+        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"),
         train_rows=sizes["train"], deadline=float(loop_config.get("deadline") or 0.0),
         reserved_epochs=float(loop_config.get("reserved_epochs") or 0.0))
     initial_epoch = int(state.get("epoch", 0))
@@ -376,7 +373,7 @@ def _saved_config(output: str) -> TrainConfig:
         raise FileNotFoundError(f"--resume: no interrupted run in {output} (ray_run.json or config.json missing)")
     with open(paths[1], encoding="utf-8") as stream:
         saved = TrainConfig.from_json(stream.read())
-    return dataclasses.replace(saved, output=output, resume=True, crash_at_epoch=-1)
+    return dataclasses.replace(saved, output=output, resume=True)
 
 
 def _snapshot_arrays(val_dataset, count: int) -> dict | None:
