@@ -129,12 +129,32 @@ class TrainConfig(DataConfig):
 # What may differ between two runs of one recipe: seeds, run lengths, where they ran, and which split held out.
 NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "tune"})
 
+# Options of dropped trials, removed from the code, that the config.json and run.json of older runs still hold,
+# each with the value it had when off: a run that had them all off trained as this version trains. None: any
+# value (crash_at_epoch, a test hook, changed nothing a run learnt). REMOVED_CHOICES: values of kept options that
+# went with them. A run.json with one of them on is refused where its model is loaded (pipeline/registry.py).
+REMOVED_OPTIONS = {"border": "all", "fine_head": 0, "crop_pool": 1, "nucleus_crops": 0.0, "weight_average": 0.0,
+                   "crash_at_epoch": None}
+REMOVED_CHOICES = {"loss": ("ce+dice+lovasz",)}
+
+
+def removed_options_used(options: dict) -> str:
+    """'' when a run's training options (config.json, run.json "config") use nothing this version removed, else
+    what they use, for an error message: "trained with fine_head=64, an option this version no longer has"."""
+    used = [f"{name}={options[name]}" for name, off in REMOVED_OPTIONS.items()
+            if off is not None and name in options and options[name] != off]
+    used += [f"{name}={options[name]}" for name, gone in REMOVED_CHOICES.items() if options.get(name) in gone]
+    if not used:
+        return ""
+    return f"trained with {', '.join(used)}, {'an option' if len(used) == 1 else 'options'} this version no longer has"
+
 
 def recipe_differences(mine: dict, theirs: dict) -> list[str]:
     """The training options (config.json / run.json "config") in which two runs' recipes differ; options newer
-    than a run count at their defaults."""
-    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)}
-    return sorted(key for key in set(mine) | set(theirs) if key not in NOT_RECIPE
+    than a run count at their defaults, options since removed at the value that had them off."""
+    defaults = {**REMOVED_OPTIONS, **{item.name: item.default for item in dataclasses.fields(TrainConfig)}}
+    ignored = NOT_RECIPE | {name for name, off in REMOVED_OPTIONS.items() if off is None}
+    return sorted(key for key in set(mine) | set(theirs) if key not in ignored
                   and mine.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key)))
 
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, removed_options_used
 from pipeline.fileio import write_text_atomic
 from pipeline.inference import DEFAULT_TILE
 from pipeline.registry import sha256_of
@@ -372,8 +372,11 @@ def _saved_config(output: str) -> TrainConfig:
     if not all(os.path.exists(path) for path in paths):
         raise FileNotFoundError(f"--resume: no interrupted run in {output} (ray_run.json or config.json missing)")
     with open(paths[1], encoding="utf-8") as stream:
-        saved = TrainConfig.from_json(stream.read())
-    return dataclasses.replace(saved, output=output, resume=True)
+        text = stream.read()
+    used = removed_options_used(json.loads(text))
+    if used:
+        raise ValueError(f"--resume: {paths[1]}: {used}; it cannot be resumed")
+    return dataclasses.replace(TrainConfig.from_json(text), output=output, resume=True)
 
 
 def _snapshot_arrays(val_dataset, count: int) -> dict | None:

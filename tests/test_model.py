@@ -145,6 +145,28 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
         load_model(str(tmp_path / "nope.keras"))
 
 
+def test_a_model_trained_with_a_removed_option_is_refused_in_one_line(tmp_path):
+    """run.json files from before the dropped trials' options were removed record them: at their "off" values the
+    model loads (the shipped model's run.json is one); switched on, loading names the option."""
+    from pipeline.registry import read_model_info, resolve_model
+    from tests.test_config import OLD_OPTIONS_OFF
+
+    assert read_model_info(resolve_model("dsb2018"))["config"]["border"] == "all"
+    path = str(tmp_path / "model.keras")
+    save_model(build_unet(64, 3, "none", encoder_width=0.35), path)
+    config = {"loss": "ce+dice", **OLD_OPTIONS_OFF}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"num_classes": 3, "fine_head": 0, "config": config}))
+    assert load_model(path)[1]["config"] == config
+    for change, named in (({"fine_head": 64}, "fine_head=64"),
+                          ({"config": {**config, "loss": "ce+dice+lovasz"}}, "loss=ce+dice+lovasz"),
+                          ({"config": {**config, "border": "touching"}}, "border=touching")):
+        run.write_text(json.dumps({"num_classes": 3, "fine_head": 0, "config": config, **change}))
+        with pytest.raises(ModelFileError) as refused:
+            load_model(path)
+        assert str(refused.value) == f"{run}: trained with {named}, an option this version no longer has; retrain it"
+
+
 def test_decoder_width_shrinks_the_decoder_not_the_output():
     full = build_unet(64, 3, "none", encoder_width=0.35)
     half = build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.5)
