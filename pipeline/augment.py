@@ -86,42 +86,22 @@ def _orient(array: np.ndarray, flip: int, turns: int) -> np.ndarray:
     return np.rot90(array, turns) if turns else array
 
 
-def _window_start(length: int, window: int, rng: np.random.Generator, around: int | None = None) -> int:
-    """A window's first pixel along one axis: uniform over the image, or (`around`) placed so that pixel lands
-    in the window's middle half, at a uniformly random spot."""
-    last = max(0, length - window)
-    if around is None:
-        return int(rng.integers(0, last + 1))
-    return int(np.clip(around - int(rng.integers(window // 4, window - window // 4 + 1)), 0, last))
-
-
 def random_crops(image: np.ndarray, labels: np.ndarray, size: int, count: int, rng: np.random.Generator,
                  augment: bool = True, scale_range: tuple[float, float] = (0.7, 1.4),
-                 zoom: float = 1.0, nucleus_centred: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+                 zoom: float = 1.0) -> list[tuple[np.ndarray, np.ndarray]]:
     """`count` (image, labels) crops of size x size from a full-resolution image and its instance labels.
 
     With `augment`: each crop has its own scale (zoom by a factor from `scale_range`), a random flip and
     90-degree rotation, and brightness/contrast jitter. `zoom` scales every crop of the image (size
-    normalisation). `nucleus_centred` is the fraction of crops placed around a nucleus picked uniformly
-    (a random pixel of it in the crop's middle half), so crowded regions, where nuclei touch and merge, are
-    sampled by their number of nuclei rather than their area; the rest are uniform over the image. Images
-    smaller than a crop are padded (reflected image, background labels).
+    normalisation). Images smaller than a crop are padded (reflected image, background labels).
     """
     crops = []
     height, width = labels.shape
-    nucleus_pixels = np.flatnonzero(labels) if nucleus_centred > 0 else np.empty(0, np.int64)
-    pixel_ids = labels.ravel()[nucleus_pixels]
-    nucleus_ids = np.unique(pixel_ids)
     for _ in range(count):
         scale = zoom * (float(np.exp(rng.uniform(*np.log(scale_range)))) if augment else 1.0)
         window = max(8, int(round(size / scale)))
-        around_y = around_x = None
-        if len(nucleus_ids) and rng.uniform() < nucleus_centred:
-            chosen = nucleus_ids[int(rng.integers(0, len(nucleus_ids)))]
-            pixels = nucleus_pixels[pixel_ids == chosen]
-            around_y, around_x = divmod(int(pixels[int(rng.integers(0, len(pixels)))]), width)
-        top = _window_start(height, window, rng, around_y)
-        left = _window_start(width, window, rng, around_x)
+        top = int(rng.integers(0, max(1, height - window + 1)))
+        left = int(rng.integers(0, max(1, width - window + 1)))
         piece = image[top:top + window, left:left + window]
         piece_labels = labels[top:top + window, left:left + window]
         pad_y, pad_x = window - piece.shape[0], window - piece.shape[1]

@@ -12,9 +12,9 @@ import typing
 from dataclasses import dataclass, field
 
 
-def option(default, help: str, choices=None, flag: str | None = None, hidden: bool = False):
+def option(default, help: str, choices=None, flag: str | None = None):
     """A config field with its command-line help."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "hidden": hidden})
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
@@ -51,8 +51,6 @@ class TrainConfig(DataConfig):
     encoder_width: float = option(1.0, "MobileNetV2 width multiplier alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)")
     decoder_width: float = option(1.0, "decoder filters as a fraction of the notebook's (512, 256, 128, 64); 0.5 "
                                        "trains ~1.4x faster on a CPU")
-    fine_head: int = option(0, "filters of a full-resolution output head (0: the notebook's transposed convolution "
-                               "from the half-resolution decoder); outlines placed to the pixel")
     freeze_encoder: bool = option(False, "keep the encoder's weights fixed (useful with imagenet weights)")
     init_from: str = option("", "start from this trained model.keras's weights (fine-tuning) instead of a new model; "
                                 "its architecture flags must match (give the same --preset)")
@@ -71,26 +69,15 @@ class TrainConfig(DataConfig):
                                           "the rare kinds (0: --crops-per-image); validation keeps --crops-per-image")
     nucleus_area: float = option(0.0, "native mode: zoom each training image (within 0.5x-2x) so its median nucleus "
                                       "has about this many pixels, as --nucleus-area does at inference (0: off)")
-    crop_pool: int = option(1, "native mode: cut this many times the training crops once, and let each epoch draw "
-                               "its share of them in turn, so the epochs see different crops for the same "
-                               "epoch time (1: the same crops every epoch)")
-    nucleus_crops: float = option(0.0, "native mode: fraction of training crops placed around a nucleus picked "
-                                       "uniformly, so crowded regions are sampled by their count of nuclei, not "
-                                       "their area (0: every crop uniform over the image)")
     augment: bool = option(False, "augment training data: scale jitter, flips, 90-degree turns, brightness/contrast")
     colour_augment: bool = option(False, "with --augment: each epoch, a random channel order for half the crops and "
                                          "grey for one in five (stained tissue; DSB2018 1st place)")
     stain_augment: float = option(0.0, "with --augment: each epoch, scale each stain's amount (haematoxylin, eosin, "
                                        "DAB) in coloured crops by 1 +- this and shift it by a quarter of it, as "
                                        "staining varies between labs (0: off; e.g. 0.25)")
-    loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place); "
-                             "ce+dice+lovasz: plus each crop's Lovasz-softmax (an IoU surrogate)",
-                       choices=("ce", "ce+dice", "ce+dice+lovasz"))
+    loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
+                       choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")
-    border: str = option("all", "3 classes: the border class around every nucleus (all), only where nuclei touch "
-                                "(touching; DSB2018 1st place), or the outer half of each nucleus' depth, so the "
-                                "interior class is its core (core; centre seeds, DSB2018 4th place)",
-                         choices=("all", "touching", "core"))
     num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
                               choices=(2, 3))
     holdout: str = option("random", "random: hold out --val-fraction of the images (seeded by --seed) for validation; "
@@ -108,9 +95,6 @@ class TrainConfig(DataConfig):
                                "preset's: the tune split scored them higher; and for a fine-tune whose validation "
                                "images are too few to pick an epoch by)",
                        choices=("best", "last"))
-    weight_average: float = option(0.0, "decay per training step of an exponential moving average of the weights: "
-                                        "validation, early stopping, checkpoints and the saved model use the "
-                                        "average, training goes on from the raw weights (e.g. 0.999; 0 = off)")
     bn_momentum: float = option(0.9, "BatchNorm momentum (Keras' 0.999 lags ~1000 steps from random init)")
     threshold: float = option(0.5, "written to run.json as inference's default: probability above which a pixel "
                                    "is nucleus")
@@ -129,7 +113,6 @@ class TrainConfig(DataConfig):
     resume: bool = option(False, "continue the interrupted run in --output from its last checkpoint, with the "
                                  "settings saved in its config.json (other flags are ignored)")
     seed: int = option(42, "seed for the split, synthetic data and initialisation")
-    crash_at_epoch: int = option(-1, "test hook: worker rank 1 exits at the end of this epoch once", hidden=True)
     preset: str = option("", "named configuration whose values replace the defaults (flags given still win): "
                              "dsb2018 = the best measured recipe for the DSB2018 data", choices=("", "dsb2018"))
 
@@ -144,15 +127,34 @@ class TrainConfig(DataConfig):
 
 
 # What may differ between two runs of one recipe: seeds, run lengths, where they ran, and which split held out.
-NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "crash_at_epoch",
-                        "tune"})
+NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epochs", "time_limit", "tune"})
+
+# Options of dropped trials, removed from the code, that the config.json and run.json of older runs still hold,
+# each with the value it had when off: a run that had them all off trained as this version trains. None: any
+# value (crash_at_epoch, a test hook, changed nothing a run learnt). REMOVED_CHOICES: values of kept options that
+# went with them. A run.json with one of them on is refused where its model is loaded (pipeline/registry.py).
+REMOVED_OPTIONS = {"border": "all", "fine_head": 0, "crop_pool": 1, "nucleus_crops": 0.0, "weight_average": 0.0,
+                   "crash_at_epoch": None}
+REMOVED_CHOICES = {"loss": ("ce+dice+lovasz",)}
+
+
+def removed_options_used(options: dict) -> str:
+    """'' when a run's training options (config.json, run.json "config") use nothing this version removed, else
+    what they use, for an error message: "trained with fine_head=64, an option this version no longer has"."""
+    used = [f"{name}={options[name]}" for name, off in REMOVED_OPTIONS.items()
+            if off is not None and name in options and options[name] != off]
+    used += [f"{name}={options[name]}" for name, gone in REMOVED_CHOICES.items() if options.get(name) in gone]
+    if not used:
+        return ""
+    return f"trained with {', '.join(used)}, {'an option' if len(used) == 1 else 'options'} this version no longer has"
 
 
 def recipe_differences(mine: dict, theirs: dict) -> list[str]:
     """The training options (config.json / run.json "config") in which two runs' recipes differ; options newer
-    than a run count at their defaults."""
-    defaults = {item.name: item.default for item in dataclasses.fields(TrainConfig)}
-    return sorted(key for key in set(mine) | set(theirs) if key not in NOT_RECIPE
+    than a run count at their defaults, options since removed at the value that had them off."""
+    defaults = {**REMOVED_OPTIONS, **{item.name: item.default for item in dataclasses.fields(TrainConfig)}}
+    ignored = NOT_RECIPE | {name for name, off in REMOVED_OPTIONS.items() if off is None}
+    return sorted(key for key in set(mine) | set(theirs) if key not in ignored
                   and mine.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key)))
 
 
@@ -231,7 +233,7 @@ def _add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         meta = item.metadata
         flag = meta.get("flag") or "--" + item.name.replace("_", "-")
         shown = "" if item.default is None else f" (default: {item.default!r})"  # None: the help says what applies
-        help_text = argparse.SUPPRESS if meta.get("hidden") else f"{meta.get('help', '')}{shown}"
+        help_text = f"{meta.get('help', '')}{shown}"
         kind = hints[item.name]
         if kind is bool:
             parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction,
@@ -313,11 +315,3 @@ class PackageConfig:
     model: str = option("", "the run's model.keras")
     name: str = option("", "the shipped model's name (a folder under models/)")
     output: str = option("", "folder to write (default: models/<name>)")
-
-
-@dataclass
-class EnsembleConfig:
-    """jobs/ensemble.py: one model averaging several runs of one recipe."""
-
-    models: str = option("", "the runs' model.keras files, comma-separated (same recipe, different seeds)")
-    output: str = option("", "run folder to write: model.keras and run.json (tune it next: jobs/tune.py)")

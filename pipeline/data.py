@@ -141,20 +141,18 @@ def extra_training_refs(sources: str, taken: set[str]) -> list[SampleRef]:
     return refs
 
 
-def _training_target(labels: np.ndarray, num_classes: int, border: str = "all") -> np.ndarray:
-    """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, border: of every nucleus, only
-    where nuclei touch, or all but each nucleus' core)."""
-    from submission.instances import CORE_FRACTION, border_targets
+def _training_target(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, and the border of every nucleus)."""
+    from submission.instances import border_targets
 
     if num_classes != 3:
         return (labels > 0).astype(np.uint8)
-    return border_targets(labels, touching_only=border == "touching", core_fraction=CORE_FRACTION * (border == "core"))
+    return border_targets(labels)
 
 
 def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_classes: int, mode: str = "resize",
                         appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                        seed: int = 0, border: str = "all", crops_per_rare_image: int = 0,
-                        nucleus_area: float = 0.0, nucleus_crops: float = 0.0) -> dict:
+                        seed: int = 0, crops_per_rare_image: int = 0, nucleus_area: float = 0.0) -> dict:
     """Ray Data UDF: decode refs and their masks into model-size training rows; strict (raises naming the file).
 
     mode 'resize': each image resized to image_size (the notebook's recipe). mode 'native':
@@ -162,8 +160,7 @@ def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_class
     nuclei keep their pixels; the crops are seeded by image id, so a rerun gives the same rows.
     `crops_per_rare_image` (when > 0) replaces that count for stained and bright-field images, the rare kinds.
     `nucleus_area` (when > 0) zooms each image's crops so its median true nucleus has about that many pixels,
-    as size normalisation does at inference. `nucleus_crops` is the fraction of crops placed around a nucleus
-    picked uniformly (`random_crops`' nucleus_centred).
+    as size normalisation does at inference.
     """
     from pipeline.augment import apply_appearance, random_crops, size_normalising_zoom, true_median_area
     from pipeline.protocol import image_kind
@@ -181,14 +178,13 @@ def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_class
             if crops_per_rare_image > 0 and image_kind(sample.image) != "fluorescence":
                 count = crops_per_rare_image
             zoom = size_normalising_zoom(true_median_area(sample.labels), nucleus_area)
-            for crop, labels in random_crops(image, sample.labels, image_size, count, rng, augment, zoom=zoom,
-                                             nucleus_centred=nucleus_crops):
+            for crop, labels in random_crops(image, sample.labels, image_size, count, rng, augment, zoom=zoom):
                 images.append(normalise(crop))
-                masks.append(_training_target(labels, num_classes, border)[..., None])
+                masks.append(_training_target(labels, num_classes)[..., None])
                 ids.append(ref.image_id)
         else:
             images.append(normalise(resize_image(image, image_size)))
-            masks.append(_training_target(resize_mask(sample.labels, image_size), num_classes, border)[..., None])
+            masks.append(_training_target(resize_mask(sample.labels, image_size), num_classes)[..., None])
             ids.append(ref.image_id)
     return {"image": np.stack(images), "mask": np.stack(masks).astype(np.uint8), "image_id": np.asarray(ids)}
 
@@ -251,15 +247,13 @@ def refs_dataset(refs: list[SampleRef], blocks: int = 0, per_block: int = 96):
 
 def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, num_classes: int, blocks: int = 0, *,
                      mode: str = "resize", appearance: str = "rgb", crops_per_image: int = 1, augment: bool = False,
-                     seed: int = 0, border: str = "all", crops_per_rare_image: int = 0, nucleus_area: float = 0.0,
-                     nucleus_crops: float = 0.0):
+                     seed: int = 0, crops_per_rare_image: int = 0, nucleus_area: float = 0.0):
     """Preprocessed training rows for `refs`, materialised (decoding masks is the expensive part: do it once)."""
     dataset = refs_dataset(refs, blocks).map_batches(
         preprocess_training, batch_size=None, batch_format="numpy",
         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "num_classes": num_classes, "mode": mode,
                    "appearance": appearance, "crops_per_image": crops_per_image, "augment": augment, "seed": seed,
-                   "border": border, "crops_per_rare_image": crops_per_rare_image, "nucleus_area": nucleus_area,
-                   "nucleus_crops": nucleus_crops})
+                   "crops_per_rare_image": crops_per_rare_image, "nucleus_area": nucleus_area})
     return dataset.materialize()
 
 

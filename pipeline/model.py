@@ -14,8 +14,8 @@ import zipfile
 
 import numpy as np
 
-from pipeline.registry import (ModelFileError, info_path as _info_path, read_model_info, reading_differences,
-                               resolve_model, sha256_of, specialist_files)
+from pipeline.registry import (ModelFileError, info_path as _info_path, read_model_info, resolve_model, sha256_of,
+                               specialist_files)
 from pipeline.tfkeras import keras, tf
 
 __all__ = ["ModelFileError", "build_unet", "load_model", "save_model", "save_for_inference"]
@@ -108,7 +108,7 @@ def _encoder(image_size: int, weights: str, alpha: float) -> tuple[keras.Model, 
 
 def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: str = "none",
                encoder_width: float = 1.0, freeze_encoder: bool = False, bn_momentum: float | None = 0.9,
-               input_size: int | None = None, decoder_width: float = 1.0, fine_head: int = 0) -> keras.Model:
+               input_size: int | None = None, decoder_width: float = 1.0) -> keras.Model:
     """The segmentation model: per-pixel logits of shape (H, W, num_classes).
 
     `image_size` (a multiple of 32) shapes the encoder; `input_size=None` makes the built model accept any
@@ -117,9 +117,6 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     computation at encoder width 0.5, so 0.5 trains about 1.4x as fast on a CPU (measured).
     `bn_momentum` replaces MobileNetV2's 0.999: from random init its moving statistics otherwise lag by
     ~1000 steps and validation predicts only background for the first epochs.
-    `fine_head` (> 0 filters): instead of one transposed convolution from the half-resolution decoder, the
-    logits come from full-resolution features (the upsampled decoder beside the image itself, then a 3x3
-    convolution), so an outline can move by one pixel, which decides a small nucleus' IoU at DSB2018's stricter thresholds.
     """
     if image_size % 32:
         raise ValueError(f"image size must be a multiple of 32, got {image_size}")
@@ -130,19 +127,13 @@ def build_unet(image_size: int = 128, num_classes: int = 2, backbone_weights: st
     decoder = [upsample(filters, 3, name=f"up_{index}_{filters}") for index, filters in enumerate(widths)]
 
     inputs = keras.layers.Input(shape=(input_size, input_size, 3) if input_size else (None, None, 3), name="image")
-    scaled = keras.layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
-    skips = encoder(scaled)
+    x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
+    skips = encoder(x)
     x = skips[-1]
     for block, skip in zip(decoder, reversed(skips[:-1])):
         x = block(x)
         x = keras.layers.Concatenate()([x, skip])
-    if fine_head:
-        up = keras.layers.Conv2DTranspose(fine_head, 3, strides=2, padding="same", activation="relu",
-                                          name="up_full")(x)
-        x = keras.layers.Concatenate(name="with_image")([up, scaled])
-        logits = keras.layers.Conv2D(num_classes, 3, padding="same", name="logits")(x)
-    else:
-        logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", name="logits")(x)
+    logits = keras.layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", name="logits")(x)
     model = keras.Model(inputs, logits, name="unet_mobilenetv2")
     model.backbone_source = source  # where the encoder's weights came from (not saved with the model)
     if bn_momentum is not None:
@@ -211,84 +202,25 @@ class CrossEntropyDice(keras.losses.Loss):
     def call(self, y_true, y_pred):
         labels = _class_labels(y_true)
         cross_entropy = tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
-        softmax = tf.nn.softmax(y_pred, axis=-1)
-        probabilities = softmax[..., 1:]
+        probabilities = tf.nn.softmax(y_pred, axis=-1)[..., 1:]
         truth = tf.one_hot(labels, self.num_classes, dtype=probabilities.dtype)[..., 1:]
         overlap = tf.reduce_sum(probabilities * truth, axis=(0, 1, 2))
         total = tf.reduce_sum(probabilities + truth, axis=(0, 1, 2))
         dice = (2.0 * overlap + 1.0) / (total + 1.0)
-        return cross_entropy + self.dice_weight * (1.0 - tf.reduce_mean(dice)) + self.crop_terms(labels, softmax)
-
-    def crop_terms(self, labels, softmax):
-        """Terms a subclass adds per crop ([B, 1, 1]), from the batch's labels and softmax; none here."""
-        return 0.0
+        return cross_entropy + self.dice_weight * (1.0 - tf.reduce_mean(dice))
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "dice_weight": self.dice_weight}
 
 
-def lovasz_softmax(labels, probabilities, num_classes: int):
-    """Lovasz-softmax loss of each image's nucleus classes (1..C-1) present in it: a convex surrogate of
-    1 - IoU (Berman et al., CVPR 2018, bermanmaxim/LovaszSoftmax; used by several DSB2018 and TGS teams).
-
-    labels: [B, H, W] int; probabilities: [B, H, W, C] softmax. Returns [B]: each image's mean over its
-    present nucleus classes (0 for an image without nuclei). Each class's pixel errors are sorted and
-    weighted by the gradient of the Lovasz extension of the Jaccard loss, computed batch-wide with top_k.
-    """
-    batch = tf.shape(probabilities)[0]
-    truth = tf.one_hot(labels, num_classes, dtype=probabilities.dtype)[..., 1:]
-    truth = tf.transpose(tf.reshape(truth, [batch, -1, num_classes - 1]), [0, 2, 1])  # [B, C-1, P]
-    predicted = tf.transpose(tf.reshape(probabilities[..., 1:], [batch, -1, num_classes - 1]), [0, 2, 1])
-    errors = tf.abs(truth - predicted)
-    errors_sorted, order = tf.math.top_k(errors, k=tf.shape(errors)[-1], sorted=True)
-    truth_sorted = tf.gather(truth, order, batch_dims=2)
-    total = tf.reduce_sum(truth_sorted, axis=-1, keepdims=True)
-    intersection = total - tf.cumsum(truth_sorted, axis=-1)
-    union = total + tf.cumsum(1.0 - truth_sorted, axis=-1)
-    jaccard = 1.0 - intersection / tf.maximum(union, 1.0)
-    gradient = tf.concat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], axis=-1)
-    per_class = tf.reduce_sum(errors_sorted * tf.stop_gradient(gradient), axis=-1)  # [B, C-1]
-    present = tf.cast(total[..., 0] > 0, per_class.dtype)
-    return tf.reduce_sum(per_class * present, axis=-1) / tf.maximum(tf.reduce_sum(present, axis=-1), 1.0)
-
-
-class CrossEntropyDiceLovasz(CrossEntropyDice):
-    """CrossEntropyDice plus the Lovasz-softmax loss of each crop (`lovasz_softmax`): Dice weighs a batch's
-    nucleus pixels as one set; Lovasz optimises each crop's IoU, which the competition's metric rewards."""
-
-    def __init__(self, num_classes: int = 3, dice_weight: float = 1.0, lovasz_weight: float = 1.0,
-                 name: str = "ce_dice_lovasz", **kwargs):
-        super().__init__(num_classes=num_classes, dice_weight=dice_weight, name=name, **kwargs)
-        self.lovasz_weight = lovasz_weight
-
-    def crop_terms(self, labels, softmax):
-        return self.lovasz_weight * lovasz_softmax(labels, softmax, self.num_classes)[:, None, None]
-
-    def get_config(self):
-        return {**super().get_config(), "lovasz_weight": self.lovasz_weight}
-
-
-class MeanProbabilityLogits(keras.layers.Layer):
-    """Logits of an ensemble: log of its members' mean softmax, so softmax of the output is that mean.
-
-    Averaging the probabilities of models trained with different seeds is what DSB2018's top teams did
-    (selimsef/dsb2018_topcoders averaged several networks); as logits, an ensemble is a model like any other.
-    """
-
-    def call(self, inputs):
-        mean = tf.add_n([tf.nn.softmax(logits, axis=-1) for logits in inputs]) / float(len(inputs))
-        return tf.math.log(tf.maximum(mean, 1e-7))
-
-
-CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice,
-                  "CrossEntropyDiceLovasz": CrossEntropyDiceLovasz, "MeanProbabilityLogits": MeanProbabilityLogits}
+CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice}
 _LOSS_MAKERS = {"ce": lambda classes: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                "ce+dice": CrossEntropyDice, "ce+dice+lovasz": CrossEntropyDiceLovasz}
+                "ce+dice": CrossEntropyDice}
 LOSSES = tuple(_LOSS_MAKERS)
 
 
 def compile_model(model: keras.Model, learning_rate: float, num_classes: int, loss: str = "ce") -> keras.Model:
-    """Adam and the chosen loss on logits: 'ce' (sparse categorical cross-entropy), 'ce+dice' or 'ce+dice+lovasz'."""
+    """Adam and the chosen loss on logits: 'ce' (sparse categorical cross-entropy) or 'ce+dice'."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
@@ -375,50 +307,6 @@ def _holds_weights(path: str, model) -> bool:
         return False
     mine, theirs = model.get_weights(), existing.get_weights()
     return len(mine) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
-
-
-def ensemble_model(model_paths: list[str], output: str) -> dict:
-    """Write one model averaging the softmax of several trained with the same recipe (different seeds).
-
-    The members must share mode, classes, appearance, training data and recipe, apart from seeds and run
-    lengths, so their outputs mean the same thing; the ensemble keeps their held-out splits (a member
-    trained with --holdout refit makes it a refit). Its run.json starts from the first member's; its
-    inference settings are tuned again (jobs/tune.py), as the averaged probabilities are sharper or softer.
-    """
-    from pipeline.config import recipe_differences
-    from pipeline.fileio import write_text_atomic
-
-    if len(model_paths) < 2:
-        raise ValueError("an ensemble needs two or more models")
-    members, infos = [], []
-    for index, path in enumerate(model_paths):
-        model, info = load_model(path)
-        model._name = f"member_{index}"  # unique names: each member's weights are saved under its own
-        members.append(model)
-        infos.append(info)
-    first = infos[0]
-    for path, info in zip(model_paths[1:], infos[1:]):
-        differ = reading_differences(info, first)
-        differ += recipe_differences(first.get("config", {}), info.get("config", {}))
-        if differ:
-            raise ValueError(f"{path} differs from {model_paths[0]} in {', '.join(differ)}: "
-                             f"not members of one ensemble")
-    inputs = keras.layers.Input(shape=(None, None, 3), name="image")
-    outputs = MeanProbabilityLogits(name="ensemble_mean")([member(inputs) for member in members])
-    ensemble = keras.Model(inputs, outputs, name="ensemble")
-    os.makedirs(output, exist_ok=True)
-    target = os.path.join(output, "model.keras")
-    _replace_with_inference_model(ensemble, target)
-    holdouts = {info.get("config", {}).get("holdout") for info in infos}
-    config = {**first.get("config", {}), "output": os.path.abspath(output),
-              "holdout": "refit" if "refit" in holdouts else first.get("config", {}).get("holdout")}
-    info = {key: value for key, value in first.items() if key not in ("sha256", "packaged_from", "metrics")}
-    info["postprocess"] = {key: value for key, value in (first.get("postprocess") or {}).items()
-                           if key != "specialists"}  # a member's specialists are not the ensemble's
-    info.update(model="model.keras", config=config, ensemble_of=[os.path.relpath(path) for path in model_paths],
-                ensemble_seeds=[member.get("config", {}).get("seed") for member in infos])
-    write_text_atomic(os.path.join(output, "run.json"), json.dumps(info, indent=2))
-    return info
 
 
 def package_model(model_path: str, folder: str) -> dict:

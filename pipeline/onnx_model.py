@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from pipeline import fileio
-from pipeline.registry import ModelFileError, info_path, read_model_info, sha256_of
+from pipeline.registry import ModelFileError, info_path, read_model_info, refuse_removed_options, sha256_of
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -45,6 +45,7 @@ class OnnxModel:
         if not self.info:
             metadata = self.session.get_modelmeta().custom_metadata_map
             self.info = json.loads(metadata.get("run.json", "{}"))
+            refuse_removed_options(self.info, f"{path} (its run.json metadata)")
         self.classes = int(self.session.get_outputs()[0].shape[-1])
         self.info.setdefault("num_classes", self.classes)
 

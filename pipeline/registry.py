@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 
+from pipeline.config import REMOVED_OPTIONS, removed_options_used
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(ROOT, "models")
 MODEL_FILES = ("model.keras", "model.onnx")
@@ -57,18 +59,28 @@ def info_path(model_path: str) -> str:
 
 
 def read_model_info(model_path: str) -> dict:
-    """The model's run.json ({} when there is none), after checking the file exists and matches its sha256."""
+    """The model's run.json ({} when there is none), after checking the file exists and matches its sha256, and
+    that it was not trained with an option this version removed (pipeline.config.REMOVED_OPTIONS)."""
     if not os.path.isfile(model_path):
         raise ModelFileError(f"model file not found: {model_path}")
     info = {}
     if os.path.isfile(info_path(model_path)):
         with open(info_path(model_path), encoding="utf-8") as stream:
             info = json.load(stream)
+    refuse_removed_options(info, info_path(model_path))
     expected = (info.get("sha256") or {}).get(os.path.basename(model_path))
     if expected and sha256_of(model_path) != expected:
         raise ModelFileError(f"{model_path}: sha256 differs from the one recorded in {info_path(model_path)}: "
                              f"the file was changed or corrupted; refusing to load it")
     return info
+
+
+def refuse_removed_options(info: dict, where: str) -> None:
+    """One clear line for a model whose run.json records a training option this version removed, switched on."""
+    used = removed_options_used({**(info.get("config") or {}), **{key: info[key] for key in REMOVED_OPTIONS
+                                                                   if key in info}})  # run.json's "fine_head"
+    if used:
+        raise ModelFileError(f"{where}: {used}; retrain it")
 
 
 def reading_differences(theirs: dict, mine: dict) -> list[str]:

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, removed_options_used
 from pipeline.fileio import write_text_atomic
 from pipeline.inference import DEFAULT_TILE
 from pipeline.registry import sha256_of
@@ -63,7 +63,7 @@ def _snapshot_strip(images: np.ndarray, truth: np.ndarray, logits: np.ndarray) -
 
 
 def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: dict, snapshot_images, snapshot_masks,
-                    resumed: bool, train_rows: int, deadline: float, reserved_epochs: float = 0.0):
+                    train_rows: int, deadline: float, reserved_epochs: float = 0.0):
     """The Keras callbacks of one worker: LR schedule, early stopping, TensorBoard, snapshots, Ray reports."""
     import ray.train
     from pipeline.images import encode_png
@@ -120,40 +120,6 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             logs["epoch_seconds"], logs["steps"] = seconds, self.steps
             logs["samples_per_second"] = train_rows * world / seconds
 
-    class WeightAverage(keras.callbacks.Callback):
-        """An exponential moving average of every weight (BatchNorm statistics too), updated after each training
-        batch. From validation to the end of the epoch the model holds the average, so early stopping, snapshots,
-        checkpoints and the saved model see it; the next epoch trains on from the raw weights. The decay warms up
-        as tf.train.ExponentialMovingAverage's num_updates does: min(decay, (1 + n) / (10 + n))."""
-
-        def __init__(self, decay: float):
-            super().__init__()
-            self.decay, self.average, self.raw = decay, None, None
-            self.updates = int(state.get("average_updates", 0))
-
-        def on_train_begin(self, logs=None):
-            self.average = [weight.copy() for weight in self.model.get_weights()]  # resumed: a checkpoint's average
-            if state.get("raw_weights") is not None:
-                self.model.set_weights(state["raw_weights"])
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.updates += 1
-            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-            for average, weight in zip(self.average, self.model.get_weights()):
-                average *= decay
-                average += (1 - decay) * weight
-
-        def on_test_begin(self, logs=None):
-            self.raw = self.model.get_weights()
-            self.model.set_weights(self.average)
-
-        def on_epoch_begin(self, epoch, logs=None):
-            if self.raw is not None:
-                self.model.set_weights(self.raw)
-                self.raw = None
-
-    weight_average = WeightAverage(config.weight_average) if config.weight_average else None
-
     planned = {"epochs": config.epochs}  # shrunk by TimeLimit to the epochs that fit; read by the LR schedule
 
     class TimeLimit(keras.callbacks.Callback):
@@ -196,24 +162,15 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             worker_state = {"epoch": epoch + 1,
                             "early_stopping": {"best": float(early_stopping.best), "wait": int(early_stopping.wait),
                                                "best_epoch": int(early_stopping.best_epoch)}}
-            raw_weights = None
-            if weight_average is not None:  # the model holds the average: the raw weights go on training
-                worker_state["average_updates"] = weight_average.updates
-                raw_weights = weight_average.raw
             _report(self.model, metrics, f"{CHECKPOINT_PREFIX}{epoch + 1:04d}", worker_state,
-                    early_stopping.best_weights, raw_weights)
-            if config.crash_at_epoch == epoch + 1 and rank == world - 1 and not resumed:
-                print(f"[test hook] worker rank {rank} exits after epoch {epoch + 1}", flush=True)
-                os._exit(1)
+                    early_stopping.best_weights)
 
-    def _report(model, metrics, name, worker_state, best_weights, raw_weights=None):
+    def _report(model, metrics, name, worker_state, best_weights):
         with tempfile.TemporaryDirectory() as folder:
             save_model(model, os.path.join(folder, "model.keras"))
             if rank == 0:
                 if best_weights is not None:
                     np.savez(os.path.join(folder, "best_weights.npz"), *best_weights)
-                if raw_weights is not None:
-                    np.savez(os.path.join(folder, "raw_weights.npz"), *raw_weights)
                 with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as stream:
                     json.dump(worker_state, stream)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -221,8 +178,7 @@ def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: di
             else:
                 ray.train.report(metrics)
 
-    callbacks = [weight_average] if weight_average is not None else []  # first: it swaps weights for the others
-    callbacks += [keras.callbacks.LearningRateScheduler(
+    callbacks = [keras.callbacks.LearningRateScheduler(
         lambda epoch, _: learning_rate_at(epoch, config, planned["epochs"])),
                  early_stopping, Throughput(), TimeLimit()]
     if rank == 0:
@@ -308,11 +264,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                 safe_mode=True)
                 with open(os.path.join(folder, "state.json"), encoding="utf-8") as stream:
                     state = json.load(stream)
-                for key in ("best_weights", "raw_weights"):
-                    path = os.path.join(folder, f"{key}.npz")
-                    if os.path.exists(path):
-                        with np.load(path) as saved:
-                            state[key] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+                best_path = os.path.join(folder, "best_weights.npz")
+                if os.path.exists(best_path):
+                    with np.load(best_path) as saved:
+                        state["best_weights"] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
             if rank == 0:
                 print(f"resuming from the checkpoint of epoch {state.get('epoch', 0)}", flush=True)
                 _truncate_history(config.output, int(state.get("epoch", 0)))
@@ -322,7 +277,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
                                              config.encoder_width, config.freeze_encoder, config.bn_momentum,
-                                             decoder_width=config.decoder_width, fine_head=config.fine_head),
+                                             decoder_width=config.decoder_width),
                                   config.learning_rate, config.num_classes, config.loss)
             if rank == 0:  # where the encoder's weights came from, for run.json (the driver cannot tell)
                 write_text_atomic(os.path.join(os.path.abspath(config.output), BACKBONE_FILE),
@@ -337,8 +292,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Reading the shard once avoids a Ray Data epoch barrier inside every Keras epoch (prefetching
         across it can deadlock the workers); going through distribute_datasets_from_function stops
         Keras from re-batching each worker's batches as global ones (an empty split batch: NaN loss).
-        The rows are `normalise`d uint8 images, so they are held as uint8 (a quarter of the memory, which a
-        --crop-pool needs) and turned back into exactly the same floats as they are batched.
+        The rows are `normalise`d uint8 images, so they are held as uint8 (a quarter of the memory) and turned
+        back into exactly the same floats as they are batched.
         """
         columns = {"image": [], "mask": []}
         for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
@@ -375,16 +330,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sizes: dict[str, int] = {}
     train_data, val_data = shard("train", True), shard("val", False)
 
-    # A training epoch takes its 1/crop_pool share of the crops: the shuffled stream repeats across epochs.
-    epoch_rows = {"train": math.ceil(sizes["train"] / config.crop_pool), "val": sizes["val"]}
-
     def steps(name: str) -> int:
-        return max(1, math.ceil(epoch_rows[name] / config.batch_size))  # Ray splits equally: same on every worker
+        return max(1, math.ceil(sizes[name] / config.batch_size))  # Ray splits equally: same on every worker
 
     snapshots = loop_config.get("snapshots") or {}
     callbacks, early_stopping, report = _make_callbacks(
-        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"), resumed=checkpoint is not None,
-        train_rows=epoch_rows["train"], deadline=float(loop_config.get("deadline") or 0.0),
+        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"),
+        train_rows=sizes["train"], deadline=float(loop_config.get("deadline") or 0.0),
         reserved_epochs=float(loop_config.get("reserved_epochs") or 0.0))
     initial_epoch = int(state.get("epoch", 0))
     if initial_epoch < config.epochs:
@@ -420,8 +372,11 @@ def _saved_config(output: str) -> TrainConfig:
     if not all(os.path.exists(path) for path in paths):
         raise FileNotFoundError(f"--resume: no interrupted run in {output} (ray_run.json or config.json missing)")
     with open(paths[1], encoding="utf-8") as stream:
-        saved = TrainConfig.from_json(stream.read())
-    return dataclasses.replace(saved, output=output, resume=True, crash_at_epoch=-1)
+        text = stream.read()
+    used = removed_options_used(json.loads(text))
+    if used:
+        raise ValueError(f"--resume: {paths[1]}: {used}; it cannot be resumed")
+    return dataclasses.replace(TrainConfig.from_json(text), output=output, resume=True)
 
 
 def _snapshot_arrays(val_dataset, count: int) -> dict | None:
@@ -432,7 +387,7 @@ def _snapshot_arrays(val_dataset, count: int) -> dict | None:
 
 
 # What a model given to --init-from must share with the run's flags: its weights are the run's starting point.
-ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width", "fine_head")
+ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width")
 
 
 def _check_init_from(config: TrainConfig) -> None:
@@ -461,12 +416,6 @@ def run_training(config: TrainConfig) -> dict:
     # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
     config = dataclasses.replace(config, output=output,
                                  init_from=os.path.abspath(config.init_from) if config.init_from else "")
-    crop_options_used = config.crop_pool != 1 or config.nucleus_crops != 0
-    if (crop_options_used and config.mode != "native") or config.crop_pool < 1 or not 0 <= config.nucleus_crops <= 1:
-        raise ValueError(f"--crop-pool {config.crop_pool} --nucleus-crops {config.nucleus_crops}: crop options need "
-                         "--mode native, a pool of at least 1 and a fraction from 0 to 1")
-    if not 0 <= config.weight_average < 1:
-        raise ValueError(f"--weight-average {config.weight_average}: a decay from 0 (off) to below 1, e.g. 0.999")
     ensure_ray(log_to_driver=True)
     import ray
     import ray.train
@@ -504,12 +453,9 @@ def run_training(config: TrainConfig) -> dict:
                          f"{config.val_fraction}: every worker needs training and validation images")
     print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
-                   seed=config.seed, border=config.border, nucleus_area=config.nucleus_area)
-    pool = config.crop_pool  # training crops only: validation keeps the same crops every epoch
+                   seed=config.seed, nucleus_area=config.nucleus_area)
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
-                                  augment=config.augment, nucleus_crops=config.nucleus_crops,
-                                  **dict(options, crops_per_image=config.crops_per_image * pool,
-                                         crops_per_rare_image=config.crops_per_rare_image * pool))
+                                  augment=config.augment, crops_per_rare_image=config.crops_per_rare_image, **options)
     val_data = training_dataset(val_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
                                 augment=False, **options)
 
@@ -565,7 +511,6 @@ def run_training(config: TrainConfig) -> dict:
         "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "backbone_init": _backbone_init(config),
         "encoder_width": config.encoder_width,
         "decoder_width": config.decoder_width,
-        "fine_head": config.fine_head,
         "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
                         "min_size": config.min_size},
         "data": config.data, "holdout": config.holdout, "train_images": len(train_refs), "val_images": len(val_refs),

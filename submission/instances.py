@@ -15,7 +15,6 @@ from skimage.segmentation import relabel_sequential, watershed
 
 DEFAULT_MIN_SIZE = 10  # pixels; smaller predicted objects are noise
 DEFAULT_THRESHOLD = 0.5  # probability above which a pixel is nucleus (and, for 3 classes, seeds one)
-CORE_FRACTION = 0.5  # --border core: a nucleus' core is at least half as deep inside it as its centre
 
 
 def fill_holes(binary: np.ndarray) -> np.ndarray:
@@ -165,53 +164,20 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
     return relabel_sequential(result)[0].astype(np.int32)
 
 
-def border_targets(labels: np.ndarray, width: int = 2, touching_only: bool = False,
-                   core_fraction: float = 0.0) -> np.ndarray:
-    """Three-class target from instance labels: 0 background, 1 interior, 2 border (and touching gaps).
-
-    `touching_only`: the border class only where a nucleus lies within `width` pixels of another one, the
-    rest of each nucleus interior (DSB2018 1st place, selimsef/dsb2018_topcoders: borders "only between
-    touching nuclei"), so seeds fill most of each nucleus and lone nuclei keep their full extent.
-    `core_fraction` (> 0): the interior is each nucleus' core instead, the pixels at least that fraction of
-    its deepest point's distance from its edge, so the border's width scales with the nucleus and every
-    nucleus, however small, keeps a seed at its centre (centre seeds on a distance landscape: DSB2018 4th
-    place; Bai & Urtasun's Deep Watershed Transform).
-    """
+def border_targets(labels: np.ndarray, width: int = 2) -> np.ndarray:
+    """Three-class target from instance labels: 0 background, 1 interior, 2 border (and touching gaps)."""
     labels = np.asarray(labels)
-    if core_fraction > 0:
-        return _core_targets(labels, core_fraction)
     kernel = np.ones((3, 3), np.uint8)
     as_float = labels.astype(np.float32)
     grown = cv2.dilate(as_float, kernel, iterations=width)
     shrunk = -cv2.dilate(-as_float, kernel, iterations=width)  # erosion that keeps the max label
     edge = (grown != shrunk) & ((labels > 0) | (cv2.dilate((labels > 0).astype(np.uint8), kernel) > 0))
-    if touching_only:  # two different labels within `width` pixels
-        lowest = -cv2.dilate(-np.where(labels > 0, as_float, np.float32(1e9)), kernel, iterations=width)
-        edge &= (lowest < 1e9) & (grown != lowest)
     target = np.where(labels > 0, 1, 0).astype(np.uint8)
     target[edge & (labels > 0)] = 2
     # The background between two touching nuclei is border too, so they stay apart.
     touching_gap = (labels == 0) & (grown != shrunk) & (cv2.erode(as_float, kernel) == 0) & \
         (_distinct_neighbours(labels) > 1)
     target[touching_gap] = 2
-    return target
-
-
-def _core_targets(labels: np.ndarray, core_fraction: float) -> np.ndarray:
-    """0 background, 1 each nucleus' core (distance from its edge >= core_fraction of its deepest), 2 the rest of
-    it and the background between touching nuclei (see border_targets)."""
-    from skimage.segmentation import find_boundaries
-
-    nucleus = labels > 0
-    edge = find_boundaries(labels, mode="inner") & nucleus  # touching a background pixel or another nucleus
-    distance = ndimage.distance_transform_edt(nucleus & ~edge) + nucleus  # 1 on each edge, rising inwards
-    deepest = np.zeros(int(labels.max()) + 1)
-    present = np.unique(labels[nucleus])
-    if present.size:
-        deepest[present] = ndimage.maximum(distance, labels, present)
-    target = np.where(nucleus, 2, 0).astype(np.uint8)
-    target[nucleus & (distance >= core_fraction * deepest[labels])] = 1
-    target[~nucleus & (_distinct_neighbours(labels) > 1)] = 2  # background between two nuclei
     return target
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 
 import pytest
 
@@ -46,21 +48,106 @@ def synthetic_folder(tmp_path_factory) -> str:
     return folder
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, ray_session):
-    """A tiny model trained by two MWMS workers, one of which is killed after epoch 2 and replaced.
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stream:
+        return int(stream.read().rsplit(")", 1)[1].split()[1])  # the field after the state, past the name
 
-    Returns (TrainConfig, run.json info). Training tests assert on it; inference tests reuse the model.
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` was started, through any chain of parents, by process `ancestor` (Linux /proc)."""
+    try:
+        while pid > 1:
+            pid = _parent_pid(pid)
+            if pid == ancestor:
+                return True
+    except (OSError, ValueError, IndexError):  # the process is gone
+        pass
+    return False
+
+
+class WorkerKiller(threading.Thread):
+    """Fault injection from outside the training code, as Ray's own tests do it: once rank 0 has logged
+    `after_epochs` epochs to <output>/history.jsonl, SIGKILL the process of one live Ray Train worker of this
+    session's Ray (its own local cluster, so only processes this test session started), then watch for the
+    workers Ray Train starts in place of the group. `killed` holds the killed pid, `lines_at_kill` how many
+    epochs history.jsonl had then, `replacements` the pids of workers started after the kill."""
+
+    def __init__(self, output: str, after_epochs: int):
+        super().__init__(name="worker-killer", daemon=True)
+        self.history, self.after_epochs = os.path.join(output, "history.jsonl"), after_epochs
+        self.killed: list[int] = []
+        self.lines_at_kill = 0
+        self.replacements: set[int] = set()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def _logged_epochs(self) -> int:
+        if not os.path.exists(self.history):
+            return 0
+        with open(self.history, encoding="utf-8") as stream:
+            return sum(1 for line in stream if line.strip())
+
+    def _workers(self) -> set[int]:
+        """Pids of this session's live RayTrainWorker actors (ray.util.state.ActorState: class_name, state, pid)."""
+        import ray
+        from ray.util.state import list_actors
+
+        context = ray.get_runtime_context()
+        actors = list_actors(address=context.gcs_address, filters=[
+            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", context.get_job_id())])
+        return {actor.pid for actor in actors if actor.pid and _descends_from(actor.pid, os.getpid())}
+
+    def run(self) -> None:
+        try:
+            group: set[int] = set()
+            while not self.stop.is_set() and not self.killed:
+                if self._logged_epochs() >= self.after_epochs:
+                    group = self._workers()
+                    if group:
+                        victim = min(group)
+                        self.lines_at_kill = self._logged_epochs()
+                        os.kill(victim, signal.SIGKILL)
+                        self.killed.append(victim)
+                        break
+                self.stop.wait(0.2)
+            while self.killed and not self.stop.is_set() and not self.replacements:
+                self.replacements = self._workers() - group
+                self.stop.wait(1.0)
+        except BaseException as error:  # noqa: BLE001 - reported by the fixture
+            self.error = error
+
+
+@pytest.fixture(scope="session")
+def run_with_a_killed_worker(tmp_path_factory, ray_session):
+    """A tiny model trained by two MWMS workers, one of which is killed (SIGKILL) once epoch 2 is logged, in
+    epoch 3 or while epoch 2's checkpoint is reported, and replaced by Ray Train.
+
+    Returns (TrainConfig, run.json info, the WorkerKiller that killed it).
     """
     from pipeline.config import TrainConfig
     from pipeline.training import run_training
 
     output = str(tmp_path_factory.mktemp("run"))
     config = TrainConfig(data="synthetic", synthetic_count=64, output=output, epochs=12, workers=2,
-                         cpus_per_worker=0.5, learning_rate=3e-3, warmup_epochs=1, patience=10, crash_at_epoch=2,
+                         cpus_per_worker=0.5, learning_rate=3e-3, warmup_epochs=1, patience=10,
                          snapshots=2, seed=3, **TINY)
-    info = run_training(config)
-    return config, info
+    killer = WorkerKiller(output, after_epochs=2)
+    killer.start()
+    try:
+        info = run_training(config)
+    finally:
+        killer.stop.set()
+        killer.join(120)
+    assert killer.error is None, f"the worker killer failed: {killer.error!r}"
+    assert killer.killed, "no Ray Train worker was killed: the fault was never injected"
+    assert killer.replacements, "no Ray Train worker was started after the kill"
+    return config, info, killer
+
+
+@pytest.fixture(scope="session")
+def trained_run(run_with_a_killed_worker):
+    """(TrainConfig, run.json info) of that run: training tests assert on it; inference tests reuse the model."""
+    return run_with_a_killed_worker[:2]
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
 """The one configuration object per job: flags generated from it, presets, help."""
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_bad_values_are_refused_by_the_parser(capsys):
         parse_args(SegmentConfig, [], required=("input",))
 
 
-@pytest.mark.parametrize("job", ["train", "segment", "submit", "evaluate", "export", "tune", "package", "ensemble", "quickstart"])
+@pytest.mark.parametrize("job", ["train", "segment", "submit", "evaluate", "export", "tune", "package", "quickstart"])
 def test_every_job_explains_itself(job):
     done = subprocess.run([sys.executable, f"{ROOT}/jobs/{job}.py", "--help"], capture_output=True, text=True,
                           timeout=60)
@@ -172,3 +173,42 @@ def test_tuning_after_training_is_the_presets_choice_and_not_part_of_its_recipe(
     assert "--specialists" in untunable_reason({**mine, "kinds": "stained"})
     assert "three-class" in untunable_reason({**mine, "num_classes": 2})
     assert "three-class" in untunable_reason(dataclasses.asdict(parse_args(TrainConfig, ["--holdout", "protocol"])))
+
+
+# A run of this recipe before the dropped trials' options were removed: each of them recorded, at its "off" value.
+OLD_OPTIONS_OFF = {"border": "all", "fine_head": 0, "crop_pool": 1, "nucleus_crops": 0.0, "weight_average": 0.0,
+                   "crash_at_epoch": -1}
+
+
+def test_removed_options_at_their_off_values_change_no_recipe_and_on_they_are_named():
+    import dataclasses
+
+    from pipeline.config import REMOVED_OPTIONS, recipe_differences, removed_options_used
+
+    current = dataclasses.asdict(parse_args(TrainConfig, ["--preset", "dsb2018"]))
+    old = {**current, **OLD_OPTIONS_OFF}
+    assert set(OLD_OPTIONS_OFF) == set(REMOVED_OPTIONS) and not set(REMOVED_OPTIONS) & set(current)
+    assert recipe_differences(old, current) == [] == recipe_differences(current, old)
+    assert recipe_differences({**old, "crash_at_epoch": 2}, current) == []  # a test hook: never the recipe
+    assert recipe_differences({**old, "border": "core"}, current) == ["border"]
+    assert TrainConfig.from_json(json.dumps(old)) == TrainConfig(**current)
+    assert removed_options_used(old) == removed_options_used({**old, "crash_at_epoch": 2}) == ""
+    assert removed_options_used({**old, "fine_head": 64}) == \
+        "trained with fine_head=64, an option this version no longer has"
+    assert removed_options_used({**old, "weight_average": 0.999, "loss": "ce+dice+lovasz"}) == \
+        "trained with weight_average=0.999, loss=ce+dice+lovasz, options this version no longer has"
+
+
+def test_an_interrupted_run_with_a_removed_option_on_is_not_resumed(tmp_path):
+    import dataclasses
+
+    from pipeline.training import _saved_config
+
+    config = {**dataclasses.asdict(TrainConfig(output=str(tmp_path))), **OLD_OPTIONS_OFF}
+    (tmp_path / "ray_run.json").write_text(json.dumps({"name": "train-x", "storage": str(tmp_path / "ray")}))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _saved_config(str(tmp_path)).resume
+    (tmp_path / "config.json").write_text(json.dumps({**config, "crop_pool": 3}))
+    with pytest.raises(ValueError, match=r"config.json: trained with crop_pool=3, an option this version no longer "
+                                         r"has; it cannot be resumed"):
+        _saved_config(str(tmp_path))

@@ -126,21 +126,6 @@ def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
     assert [task.metadata.num_rows for task in RefsDatasource(refs).get_read_tasks(5)] == [5, 5, 5, 4, 4]
 
 
-def test_training_rows_with_touching_only_and_core_borders(synthetic_folder):
-    from pipeline.data import preprocess_training, training_refs
-
-    refs = training_refs(synthetic_folder, 0, 0)[:2]
-    batch = {name: np.asarray([ref.to_row()[name] for ref in refs], dtype=object) for name in refs[0].to_row()}
-    rows = {border: preprocess_training(batch, 128, 10**8, 3, mode="native", crops_per_image=2, border=border)
-            for border in ("all", "touching", "core")}
-    assert (rows["touching"]["mask"] == 2).sum() < (rows["all"]["mask"] == 2).sum()
-    assert np.array_equal(rows["touching"]["mask"] > 0, rows["all"]["mask"] > 0)
-    core, fixed = rows["core"]["mask"], rows["all"]["mask"]
-    assert ((core > 0) != (fixed > 0)).mean() < 0.01  # the same nuclei; only the gaps between them may differ
-    assert all((crop == 1).any() for crop in core if (crop > 0).any())  # every crop with nuclei has cores
-    assert (core == 1).sum() != (fixed == 1).sum()
-
-
 def test_rare_kinds_get_their_own_number_of_crops(synthetic_folder):
     from pipeline.data import preprocess_training
     from pipeline.protocol import image_kind

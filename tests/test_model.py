@@ -111,45 +111,17 @@ def test_cross_entropy_dice_loss_is_cross_entropy_plus_one_minus_soft_dice():
     assert float(CrossEntropyDice(3)(labels, perfect)) < 1e-3 < loss
 
 
-def test_lovasz_softmax_of_hard_predictions_is_one_minus_each_crops_iou():
-    """The Lovasz extension equals the Jaccard loss on 0/1 predictions: per crop, the mean over the nucleus classes
-    present in its truth of 1 - IoU; a crop without nuclei costs nothing; probabilities in between cost less."""
-    from pipeline.model import CrossEntropyDice, CrossEntropyDiceLovasz, lovasz_softmax
-    from pipeline.tfkeras import tf
-
-    truth = np.zeros((3, 12, 12), np.int64)
-    truth[0, 2:8, 2:8], truth[0, 2:8, 2] = 1, 2  # interior and a border column
-    truth[1, 4:10, 3:9] = 1
-    predicted = np.roll(truth, 1, axis=2)  # every shape one pixel to the right
-    predicted[1, 0, 0] = 2  # a border pixel where crop 1 has no border: that class is not in its truth
-    expected = []
-    for crop in range(3):
-        ious = [np.sum((truth[crop] == c) & (predicted[crop] == c)) / np.sum((truth[crop] == c) | (predicted[crop] == c))
-                for c in (1, 2) if (truth[crop] == c).any()]
-        expected.append(1 - np.mean(ious) if ious else 0.0)
-    hard = np.eye(3, dtype=np.float32)[predicted]
-    assert np.allclose(lovasz_softmax(tf.constant(truth), tf.constant(hard), 3).numpy(), expected, atol=1e-6)
-    assert expected[0] > 0.2 and expected[1] > 0.2 and expected[2] == 0.0
-    soft = 0.5 * hard + 0.5 * np.eye(3, dtype=np.float32)[truth]
-    assert np.all(lovasz_softmax(tf.constant(truth), tf.constant(soft), 3).numpy()[:2] < np.array(expected[:2]))
-    logits = np.log(np.clip(soft, 1e-4, 1)).astype(np.float32)
-    lovasz = lovasz_softmax(tf.constant(truth), tf.nn.softmax(logits), 3).numpy().mean()
-    assert float(CrossEntropyDiceLovasz(3)(truth[..., None], logits)) == pytest.approx(
-        float(CrossEntropyDice(3)(truth[..., None], logits)) + lovasz, rel=1e-5)
-
-
-@pytest.mark.parametrize("loss", ["ce+dice", "ce+dice+lovasz"])
-def test_a_model_compiled_with_a_set_loss_saves_and_loads(tmp_path, loss):
+def test_a_model_compiled_with_the_dice_loss_saves_and_loads(tmp_path):
     from pipeline.model import CUSTOM_OBJECTS, compile_model
     from pipeline.tfkeras import keras
 
-    model = compile_model(build_unet(64, 3, "none", encoder_width=0.35), 1e-3, 3, loss)
+    model = compile_model(build_unet(64, 3, "none", encoder_width=0.35), 1e-3, 3, "ce+dice")
     x, y = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32), np.ones((2, 64, 64, 1), np.int32)
     model.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
     save_model(model, path)
     restored = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, safe_mode=True)  # resume's load
-    assert type(restored.loss).__name__ == {"ce+dice": "CrossEntropyDice", "ce+dice+lovasz": "CrossEntropyDiceLovasz"}[loss]
+    assert type(restored.loss).__name__ == "CrossEntropyDice"
     assert np.allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         compile_model(model, 1e-3, 3, "dice")
@@ -173,25 +145,34 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
         load_model(str(tmp_path / "nope.keras"))
 
 
+def test_a_model_trained_with_a_removed_option_is_refused_in_one_line(tmp_path):
+    """run.json files from before the dropped trials' options were removed record them: at their "off" values the
+    model loads (the shipped model's run.json is one); switched on, loading names the option."""
+    from pipeline.registry import read_model_info, resolve_model
+    from tests.test_config import OLD_OPTIONS_OFF
+
+    assert read_model_info(resolve_model("dsb2018"))["config"]["border"] == "all"
+    path = str(tmp_path / "model.keras")
+    save_model(build_unet(64, 3, "none", encoder_width=0.35), path)
+    config = {"loss": "ce+dice", **OLD_OPTIONS_OFF}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"num_classes": 3, "fine_head": 0, "config": config}))
+    assert load_model(path)[1]["config"] == config
+    for change, named in (({"fine_head": 64}, "fine_head=64"),
+                          ({"config": {**config, "loss": "ce+dice+lovasz"}}, "loss=ce+dice+lovasz"),
+                          ({"config": {**config, "border": "touching"}}, "border=touching")):
+        run.write_text(json.dumps({"num_classes": 3, "fine_head": 0, "config": config, **change}))
+        with pytest.raises(ModelFileError) as refused:
+            load_model(path)
+        assert str(refused.value) == f"{run}: trained with {named}, an option this version no longer has; retrain it"
+
+
 def test_decoder_width_shrinks_the_decoder_not_the_output():
     full = build_unet(64, 3, "none", encoder_width=0.35)
     half = build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.5)
     assert half.count_params() < 0.6 * full.count_params()
     x = np.zeros((2, 96, 64, 3), np.float32)
     assert half.predict(x, verbose=0).shape == full.predict(x, verbose=0).shape == (2, 96, 64, 3)
-
-
-def test_fine_head_predicts_from_full_resolution_features_and_round_trips(tmp_path):
-    from pipeline.model import save_for_inference
-
-    model = build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.25, fine_head=8)
-    assert type(model.get_layer("logits")).__name__ == "Conv2D"  # not the half-resolution transposed convolution
-    assert model.get_layer("with_image").output.shape[-1] == 8 + 3  # the upsampled decoder beside the image
-    x = np.random.default_rng(0).random((1, 96, 64, 3)).astype(np.float32)
-    save_for_inference(model, str(tmp_path / "model.keras"))
-    loaded, _ = load_model(str(tmp_path / "model.keras"))
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
-    assert loaded.predict(x, verbose=0).shape == (1, 96, 64, 3)
 
 
 def test_a_model_with_code_in_it_is_refused(tmp_path):
@@ -250,37 +231,6 @@ def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
     jittered = [epoch_augmentation(tf.constant(image), tf.constant(mask), stain=0.25)[0].numpy() for _ in range(5)]
     assert len({round(float(out.sum()), 3) for out in jittered}) == 5 and all(0 <= out.min() <= out.max() <= 1
                                                                                 for out in jittered)
-
-
-def test_an_ensemble_predicts_its_members_mean_probability_and_refuses_other_recipes(tmp_path):
-    from jobs.ensemble import main as ensemble_job
-    from pipeline.model import save_for_inference
-    from pipeline.tfkeras import tf
-
-    recipe = {"mode": "native", "num_classes": 3, "appearance": "colour", "image_size": 64}
-    paths = []
-    for seed, holdout in ((1, "protocol"), (2, "refit")):
-        run = tmp_path / f"run{seed}"
-        run.mkdir()
-        tf.random.set_seed(seed)
-        save_for_inference(build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.25), str(run / "model.keras"))
-        config = {"seed": seed, "holdout": holdout, "loss": "ce+dice", "epochs": 10 * seed}
-        (run / "run.json").write_text(json.dumps({**recipe, "config": config, "postprocess": {"threshold": 0.6}}))
-        paths.append(str(run / "model.keras"))
-    assert ensemble_job(["--models", ",".join(paths), "--output", str(tmp_path / "ensemble")]) == 0
-    ensemble, info = load_model(str(tmp_path / "ensemble" / "model.keras"))
-    assert info["ensemble_seeds"] == [1, 2] and info["config"]["holdout"] == "refit"  # a member saw the tune split
-    assert info["postprocess"] == {"threshold": 0.6} and info["num_classes"] == 3
-    image = np.random.default_rng(0).random((1, 96, 64, 3)).astype(np.float32)
-    members = [tf.nn.softmax(load_model(path)[0](image), axis=-1).numpy() for path in paths]
-    assert not np.allclose(members[0], members[1], atol=1e-3)
-    np.testing.assert_allclose(tf.nn.softmax(ensemble(image), axis=-1).numpy(), np.mean(members, axis=0), atol=1e-5)
-
-    other = tmp_path / "run2" / "run.json"
-    other.write_text(json.dumps({**recipe, "config": {"seed": 2, "holdout": "protocol", "loss": "ce"}}))
-    with pytest.raises(ValueError, match="differs .* in loss: not members of one ensemble"):
-        from pipeline.model import ensemble_model
-        ensemble_model(paths, str(tmp_path / "mixed"))
 
 
 def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model(tmp_path):
