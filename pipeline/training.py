@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -48,143 +47,6 @@ def learning_rate_at(epoch: int, config: TrainConfig, epochs: int | None = None)
     span = max(1, min(config.epochs, epochs or config.epochs) - config.warmup_epochs)
     progress = min(1.0, (epoch - config.warmup_epochs) / span)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _snapshot_strip(images: np.ndarray, truth: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """input | true mask | predicted mask, one row per image, as RGB uint8."""
-    classes = logits.shape[-1]
-    scale = 255 // max(1, classes - 1)
-    rows = []
-    for image, mask, logit in zip(images, truth, logits):
-        as_rgb = lambda labels: np.repeat((labels.astype(np.uint8) * scale)[..., None], 3, axis=2)  # noqa: E731
-        rows.append(np.concatenate([(image * 255).astype(np.uint8), as_rgb(mask[..., 0]),
-                                    as_rgb(np.argmax(logit, axis=-1))], axis=1))
-    return np.concatenate(rows, axis=0)
-
-
-def _make_callbacks(config: TrainConfig, model, rank: int, world: int, state: dict, snapshot_images, snapshot_masks,
-                    train_rows: int, deadline: float, reserved_epochs: float = 0.0):
-    """The Keras callbacks of one worker: LR schedule, early stopping, TensorBoard, snapshots, Ray reports."""
-    import ray.train
-    from pipeline.images import encode_png
-    from pipeline.model import save_model
-    from pipeline.tfkeras import keras, tf
-
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-        """EarlyStopping whose best value, patience count and best weights survive a restart."""
-
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            saved = state.get("early_stopping")
-            if saved:
-                self.best, self.wait, self.best_epoch = saved["best"], saved["wait"], saved["best_epoch"]
-                self.best_weights = state.get("best_weights")
-
-    keep_best = config.keep == "best"  # "last": the callback only records the best epoch; it never stops nor restores
-    early_stopping = ResumableEarlyStopping(monitor="val_loss", patience=config.patience if keep_best else config.epochs,
-                                            restore_best_weights=keep_best,
-                                            start_from_epoch=config.warmup_epochs, verbose=1 if rank == 0 else 0)
-    log_dir = os.path.join(os.path.abspath(config.output), "tensorboard")
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "snapshots")) if rank == 0 else None
-
-    class Snapshots(keras.callbacks.Callback):
-        """Each epoch, draw fixed validation images with their truth and prediction (PNG + TensorBoard)."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            if snapshot_images is None or not len(snapshot_images):
-                return
-            logits = self.model(snapshot_images, training=False).numpy()
-            if rank != 0:
-                return
-            strip = _snapshot_strip(snapshot_images, snapshot_masks, logits)
-            folder = os.path.join(os.path.abspath(config.output), "snapshots")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, f"epoch_{epoch + 1:03d}.png"), "wb") as stream:
-                stream.write(encode_png(strip))
-            with writer.as_default():
-                tf.summary.image("input | truth | prediction", strip[None], step=epoch)
-                writer.flush()
-
-    class Throughput(keras.callbacks.Callback):
-        """Adds `epoch_seconds`, `steps` (training batches this epoch, counted) and `samples_per_second` (all
-        workers together) to each epoch's logs."""
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started, self.steps = time.perf_counter(), 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.steps += 1
-
-        def on_epoch_end(self, epoch, logs=None):
-            seconds = time.perf_counter() - self.started
-            logs["epoch_seconds"], logs["steps"] = seconds, self.steps
-            logs["samples_per_second"] = train_rows * world / seconds
-
-    planned = {"epochs": config.epochs}  # shrunk by TimeLimit to the epochs that fit; read by the LR schedule
-
-    class TimeLimit(keras.callbacks.Callback):
-        """Stops after the last epoch that can finish before the deadline; rank 0 decides for every worker.
-
-        After each epoch it also re-plans how many epochs fit (at the last epoch's speed), so the learning
-        rate's decay ends when the run does rather than at an epoch it will never reach. `reserved_epochs`
-        epochs' time is kept free before the deadline for the work after training (the --tune step).
-        """
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            if not deadline:
-                return
-            now = time.time()
-            fit = epochs_that_fit(epoch + 1, deadline - now, now - self.started, reserved_epochs)
-            if world > 1:
-                from ray.train.collective import broadcast_from_rank_zero
-
-                fit = broadcast_from_rank_zero(fit)
-            planned["epochs"] = min(config.epochs, fit)
-            if fit <= epoch + 1:
-                if rank == 0:
-                    after = " with time left for the tune step" if reserved_epochs else ""
-                    print(f"time limit: stopping after epoch {epoch + 1} (another would not end{after} within "
-                          f"{config.time_limit:g} minutes)", flush=True)
-                self.model.stop_training = True
-
-    class ReportCheckpoint(keras.callbacks.Callback):
-        """Every rank saves (MWMS needs all of them to); rank 0 reports the checkpoint to Ray Train."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            metrics = {key: float(value) for key, value in (logs or {}).items()}
-            metrics["epoch"] = epoch + 1
-            if rank == 0:
-                with open(os.path.join(os.path.abspath(config.output), "history.jsonl"), "a", encoding="utf-8") as log:
-                    log.write(json.dumps(metrics) + "\n")
-            worker_state = {"epoch": epoch + 1,
-                            "early_stopping": {"best": float(early_stopping.best), "wait": int(early_stopping.wait),
-                                               "best_epoch": int(early_stopping.best_epoch)}}
-            _report(self.model, metrics, f"{CHECKPOINT_PREFIX}{epoch + 1:04d}", worker_state,
-                    early_stopping.best_weights)
-
-    def _report(model, metrics, name, worker_state, best_weights):
-        with tempfile.TemporaryDirectory() as folder:
-            save_model(model, os.path.join(folder, "model.keras"))
-            if rank == 0:
-                if best_weights is not None:
-                    np.savez(os.path.join(folder, "best_weights.npz"), *best_weights)
-                with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as stream:
-                    json.dump(worker_state, stream)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=name)
-            else:
-                ray.train.report(metrics)
-
-    callbacks = [keras.callbacks.LearningRateScheduler(
-        lambda epoch, _: learning_rate_at(epoch, config, planned["epochs"])),
-                 early_stopping, Throughput(), TimeLimit()]
-    if rank == 0:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0))
-    callbacks += [Snapshots(), ReportCheckpoint()]
-    return callbacks, early_stopping, _report
 
 
 # Haematoxylin, eosin and DAB optical densities of one unit of each stain (Ruifrok & Johnston 2001, as
@@ -242,6 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Body run by every Ray Train worker: MWMS scope, model, shards of the data, fit, final report."""
     import ray
     import ray.train
+    from pipeline.callbacks import make_callbacks, report_checkpoint
     from pipeline.model import CUSTOM_OBJECTS, build_unet, compile_model, load_model
     from pipeline.tfkeras import keras, tf
 
@@ -334,10 +197,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return max(1, math.ceil(sizes[name] / config.batch_size))  # Ray splits equally: same on every worker
 
     snapshots = loop_config.get("snapshots") or {}
-    callbacks, early_stopping, report = _make_callbacks(
-        config, model, rank, world, state, snapshots.get("image"), snapshots.get("mask"),
-        train_rows=sizes["train"], deadline=float(loop_config.get("deadline") or 0.0),
-        reserved_epochs=float(loop_config.get("reserved_epochs") or 0.0))
+    callbacks, early_stopping = make_callbacks(
+        config, rank, world, state, snapshots.get("image"), snapshots.get("mask"), train_rows=sizes["train"],
+        deadline=float(loop_config.get("deadline") or 0.0),
+        reserved_epochs=float(loop_config.get("reserved_epochs") or 0.0), checkpoint_prefix=CHECKPOINT_PREFIX)
     initial_epoch = int(state.get("epoch", 0))
     if initial_epoch < config.epochs:
         model.fit(train_data, validation_data=val_data, epochs=config.epochs,
@@ -346,7 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.set_weights(state["best_weights"])
     final = {"final": 1, "epoch": initial_epoch if initial_epoch >= config.epochs else early_stopping_epoch(model),
              "best_epoch": int(early_stopping.best_epoch) + 1, "best_val_loss": float(early_stopping.best)}
-    report(model, final, FINAL_CHECKPOINT, {"epoch": config.epochs, "final": True}, None)
+    report_checkpoint(model, final, FINAL_CHECKPOINT, {"epoch": config.epochs, "final": True}, None, rank)
 
 
 def _truncate_history(output: str, last_epoch: int) -> None:

@@ -1,0 +1,74 @@
+"""The training callbacks, each on its own with a real (tiny) Keras model: time limit and the re-planned decay,
+throughput, resumable early stopping, snapshots."""
+import os
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.callbacks import EpochPlan, ResumableEarlyStopping, Snapshots, Throughput, TimeLimit
+from pipeline.tfkeras import keras
+
+
+def tiny_model():
+    model = keras.Sequential([keras.layers.Conv2D(2, 1, input_shape=(8, 8, 3))])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def data(count=32):
+    rng = np.random.default_rng(0)
+    return rng.random((count, 8, 8, 3), np.float32), rng.integers(0, 2, (count, 8, 8, 1))
+
+
+def test_time_limit_stops_at_the_deadline_and_plans_the_decay_to_end_there(capsys):
+    images, masks = data()
+    plan = EpochPlan(10)
+    history = tiny_model().fit(images, masks, epochs=10, verbose=0,
+                               callbacks=[TimeLimit(time.time() - 1, plan, minutes=0.5)])
+    assert len(history.history["loss"]) == 1 and plan.epochs <= 1  # past the deadline: the first epoch is the last
+    assert "time limit: stopping after epoch 1" in capsys.readouterr().out
+
+    plan = EpochPlan(4)
+    history = tiny_model().fit(images, masks, epochs=4, verbose=0, callbacks=[TimeLimit(time.time() + 3600, plan)])
+    assert len(history.history["loss"]) == 4 and plan.epochs == 4  # an hour fits them all: the plan stays
+    plan = EpochPlan(4)
+    tiny_model().fit(images, masks, epochs=4, verbose=0, callbacks=[TimeLimit(0.0, plan)])
+    assert plan.epochs == 4  # no deadline: nothing re-planned
+
+
+def test_throughput_counts_the_steps_and_samples_of_each_epoch():
+    images, masks = data(40)
+    history = tiny_model().fit(images, masks, batch_size=8, epochs=2, verbose=0, callbacks=[Throughput(40, world=2)])
+    assert history.history["steps"] == [5, 5]
+    seconds = np.asarray(history.history["epoch_seconds"])
+    np.testing.assert_allclose(history.history["samples_per_second"], 80 / seconds)
+
+
+def test_early_stopping_resumes_with_its_saved_best_and_patience():
+    images, masks = data()
+    saved = {"best": -1.0, "wait": 1, "best_epoch": 0}  # a best no epoch can beat, one epoch of patience used
+    weights = tiny_model().get_weights()
+    stopping = ResumableEarlyStopping(saved, weights, monitor="loss", patience=2, restore_best_weights=True)
+    model = tiny_model()
+    # resumed after epoch 1, as a restarted worker does
+    history = model.fit(images, masks, epochs=10, initial_epoch=1, verbose=0, callbacks=[stopping])
+    assert len(history.history["loss"]) == 1  # patience ran out after one more epoch
+    assert stopping.state() == {"best": -1.0, "wait": 2, "best_epoch": 0}
+    for restored, best in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(restored, best)  # the saved best weights came back
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_snapshots_draw_input_truth_and_prediction_on_rank_zero_only(tmp_path, rank):
+    images, masks = data(3)
+    tiny_model().fit(images, masks, epochs=2, verbose=0, callbacks=[Snapshots(images, masks, str(tmp_path), rank)])
+    pictures = sorted(os.listdir(tmp_path / "snapshots")) if rank == 0 else []
+    if rank == 0:
+        import cv2
+
+        assert pictures == ["epoch_001.png", "epoch_002.png"]
+        strip = cv2.imread(str(tmp_path / "snapshots" / pictures[0]))
+        assert strip.shape == (3 * 8, 3 * 8, 3)  # a row per image: input | truth | prediction
+    else:
+        assert not (tmp_path / "snapshots").exists()
