@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.api import Segmenter, segment_folder
-    from submission.metric import matched_ious
+    from pipeline.metric import matched_ious
 
     folder = args.folder or tempfile.mkdtemp(prefix="large-image-")
     os.makedirs(os.path.join(folder, "in"), exist_ok=True)

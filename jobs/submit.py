@@ -22,11 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         from pipeline.inference import run_segmentation
         from submission.csvfile import write_submission
+        from submission.rle import encode_labels
         from submission.score import print_report, score_submission, load_truth
         from submission.validate import image_shapes, violations
 
         work_dir = os.path.splitext(config.output)[0] + "_work"
-        result = run_segmentation(config, work_dir, encode=True)
+        result = run_segmentation(config, work_dir, encoder=encode_labels)
         rows = {}
         for row in result.rows:
             if row["image_id"]:  # every listed test image gets rows; an unreadable one an empty prediction

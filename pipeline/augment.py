@@ -191,7 +191,7 @@ ZOOM_LIMITS = (0.5, 2.0)  # size normalisation zooms no further: beyond, too few
 def median_nucleus_area(probabilities: np.ndarray, threshold: float = 0.5, seed_threshold: float | None = None,
                         min_size: int = 10) -> float:
     """Median area in pixels of the nuclei a probability map splits into with these settings (0 when none)."""
-    from submission.instances import instances_from_probabilities
+    from pipeline.instances import instances_from_probabilities
 
     return true_median_area(instances_from_probabilities(np.asarray(probabilities, np.float32), threshold=threshold,
                                                          min_size=min_size, seed_threshold=seed_threshold))

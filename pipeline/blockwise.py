@@ -59,10 +59,10 @@ def segment_block(image, block: Block, model_path: str, settings: dict, threads:
 
 
 def segment_large_image(ref, config, model_path: str, info: dict, output: str, measure: bool,
-                        exports: tuple[str, ...], encode: bool = False) -> tuple[dict, dict | None, list[str]]:
+                        exports: tuple[str, ...], encoder=None) -> tuple[dict, dict | None, list[str]]:
     """Segment one large image block by block on the Ray cluster; writes its label TIFF (and exports).
 
-    Returns (manifest row, the measurement rows or None, RLEs when `encode`)."""
+    Returns (manifest row, the measurement rows or None, `encoder`'s strings of its labels, as in run_segmentation)."""
     import ray
 
     from pipeline import fileio
@@ -109,11 +109,7 @@ def segment_large_image(ref, config, model_path: str, info: dict, output: str, m
             print(f"{ref.image_id}: block {done}/{len(blocks)}, {canvas.nuclei} nuclei", file=sys.stderr, flush=True)
         measured = _concatenate(rows) if measure and rows else None
         _write_outputs(canvas, label_file, exports, outlines, measured, pixel_size[0])
-        rles = []
-        if encode:
-            from submission.rle import encode_labels
-
-            rles = encode_labels(np.asarray(canvas.array))
+        rles = encoder(np.asarray(canvas.array)) if encoder else []
         row = {"image_id": ref.image_id, "path": ref.image_path, "height": reader.height, "width": reader.width,
                **canvas.summary(), "labels": _relative_label_path(output, label_file),
                "pixel_size_um": np.nan if pixel_size[0] is None else pixel_size[0],

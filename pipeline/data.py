@@ -143,7 +143,7 @@ def extra_training_refs(sources: str, taken: set[str]) -> list[SampleRef]:
 
 def _training_target(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Class targets from instance labels: 2 classes (nucleus) or 3 (interior, and the border of every nucleus)."""
-    from submission.instances import border_targets
+    from pipeline.instances import border_targets
 
     if num_classes != 3:
         return (labels > 0).astype(np.uint8)

@@ -2,7 +2,7 @@
 
 The validation split is recomputed from the run's own config (seed, fraction, data), so the images
 scored are exactly the ones training never saw. Images go through the same streaming segmentation as
-jobs/segment.py; scores use submission.metric.
+jobs/segment.py; scores use pipeline.metric.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     from pipeline.inference import inspect_model, postprocess_settings, prediction_settings, run_segmentation
     from pipeline.registry import MODELS_DIR, resolve_model
     from pipeline.sources import load_sample, read_file
-    from submission.metric import THRESHOLDS, image_scores
+    from pipeline.metric import THRESHOLDS, image_scores
 
     model_path = os.path.realpath(resolve_model(config.model))
     info = inspect_model(model_path)

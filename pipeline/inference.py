@@ -21,7 +21,7 @@ from pipeline import fileio
 from pipeline.config import SegmentConfig
 from pipeline.labelfiles import LABEL_SUFFIXES, decode_labels_file, encode_labels_file
 from pipeline.sources import SampleRef, list_images
-from submission.instances import DEFAULT_CLUMP_SPLIT, DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
+from pipeline.instances import DEFAULT_CLUMP_SPLIT, DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
 
 DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "mean_area", "covered_fraction", "labels",
@@ -184,9 +184,9 @@ def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, 
     original `image` (when a refiner is given)."""
     import cv2
 
-    from submission.instance_filter import apply_filter
-    from submission.instances import CLUMP_SPLIT_KEYS, instances_from_probabilities, split_clumps
-    from submission.outlines import refine_outlines
+    from pipeline.instance_filter import apply_filter
+    from pipeline.instances import CLUMP_SPLIT_KEYS, instances_from_probabilities, split_clumps
+    from pipeline.outlines import refine_outlines
 
     upsampled = probabilities.astype(np.float32)
     if upsampled.shape[:2] != (int(height), int(width)):
@@ -242,7 +242,7 @@ def settings_for_kind(threshold: float, seed_threshold: float | None, min_size: 
 
 
 def postprocess(batch: dict, output: str, threshold: float, min_size: int, overlay_ids: frozenset,
-                max_pixels: int, encode: bool, seed_threshold: float | None = None, measure: bool = False,
+                max_pixels: int, encoder=None, seed_threshold: float | None = None, measure: bool = False,
                 instance_filter: dict | None = None, by_kind: dict | None = None,
                 outline_refiner: dict | None = None, clump_split: dict | None = None,
                 exports: tuple[str, ...] = (), pixel_size: float = 0.0) -> dict:
@@ -258,7 +258,6 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
     from pipeline.measure import image_summary, measure_nuclei
     from pipeline.images import encode_png
     from pipeline.sources import load_sample
-    from submission.rle import encode_labels
 
     count = len(batch["image_id"])
     summaries, status, errors, rles, label_files, measured, sizes = [], [], [], [], [], [], []
@@ -293,7 +292,7 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 if measure and rows is not None:
                     measured.append(rows)
                 summary = image_summary(labels)
-                encoded = "\n".join(encode_labels(labels)) if encode else ""
+                encoded = "\n".join(encoder(labels)) if encoder else ""
             except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
                 error = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
         status.append("error" if error else "done")
@@ -390,16 +389,15 @@ class SegmentationResult:
         return sum(row["status"] == "error" for row in self.rows)
 
 
-def _existing_row(ref: SampleRef, output: str, label_path: str, encode: bool) -> tuple[dict, list[str]]:
+def _existing_row(ref: SampleRef, output: str, label_path: str, encoder=None) -> tuple[dict, list[str]]:
     """Manifest row (and RLEs) of an image finished by an earlier run, read back from its label file."""
     from pipeline.measure import image_summary
-    from submission.rle import encode_labels
 
     labels = read_labels(label_path)
     row = {"image_id": ref.image_id, "path": ref.image_path, "height": labels.shape[0], "width": labels.shape[1],
            **image_summary(labels), "labels": _relative_label_path(output, label_path), "status": "existing",
            "error": ""}
-    return row, (encode_labels(labels) if encode else [])
+    return row, (encoder(labels) if encoder else [])
 
 
 def _measurements_folder(output: str) -> tuple[pafs.FileSystem, str | None]:
@@ -447,8 +445,12 @@ def inspect_model(model_path: str) -> dict:
     return load_model(model_path)[1]
 
 
-def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -> SegmentationResult:
-    """Segment every image under config.input into `output` (labels/, overlays/, manifest.csv)."""
+def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> SegmentationResult:
+    """Segment every image under config.input into `output` (labels/, overlays/, manifest.csv).
+
+    `encoder` (labels -> strings, e.g. submission.rle.encode_labels) is applied to each image's labels where they
+    are made, and its strings are returned in `rles` by image id: the Kaggle side plugs in here, so this
+    package never imports it."""
     import ray
 
     from pipeline.data import ensure_ray, inference_dataset
@@ -473,7 +475,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
     for ref in listing.refs:
         label_path = None if config.redo else find_labels(output, ref.image_path)
         if label_path:
-            row, rles = _existing_row(ref, output, label_path, encode)
+            row, rles = _existing_row(ref, output, label_path, encoder)
             # labels written but the block's measurement part not (a crash between the two): redo the image
             if not config.measurements or row["nuclei"] == 0 or ref.image_id in measured:
                 result.rows.append(row)
@@ -485,7 +487,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
     large = _large_images(todo, config.block_size) if info.get("mode") == "native" else {}  # resize-mode: whole
     todo = [ref for ref in todo if ref.image_id not in large]
     if large:
-        _segment_large_images(large.values(), config, model_path, info, output, encode, result)
+        _segment_large_images(large.values(), config, model_path, info, output, encoder, result)
     if todo:
         ensure_ray()
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -510,7 +512,7 @@ def run_segmentation(config: SegmentConfig, output: str, encode: bool = False) -
             fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output),
                        **post, "overlay_ids": overlay_ids, "exports": parse_exports(config.export),
                        "pixel_size": config.pixel_size,
-                       "max_pixels": config.max_pixels, "encode": encode, "measure": config.measurements})
+                       "max_pixels": config.max_pixels, "encoder": encoder, "measure": config.measurements})
         for row in dataset.iter_rows():
             rles = str(row.pop("rles") or "")
             result.rows.append({key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()})
@@ -533,7 +535,7 @@ def _large_images(refs: list[SampleRef], block_size: int) -> dict[str, SampleRef
     return {ref.image_id: ref for ref in refs if shapes[ref.image_id] and is_large(*shapes[ref.image_id], block_size)}
 
 
-def _segment_large_images(refs, config: SegmentConfig, model_path: str, info: dict, output: str, encode: bool,
+def _segment_large_images(refs, config: SegmentConfig, model_path: str, info: dict, output: str, encoder,
                           result: SegmentationResult) -> None:
     """Each large image in turn, its blocks spread over the cluster (pipeline.blockwise); a failure is its row."""
     from pipeline.blockwise import segment_large_image
@@ -545,7 +547,7 @@ def _segment_large_images(refs, config: SegmentConfig, model_path: str, info: di
     for ref in refs:
         try:
             row, measured, rles = segment_large_image(ref, config, model_path, info, target, config.measurements,
-                                                      parse_exports(config.export), encode)
+                                                      parse_exports(config.export), encoder)
         except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
             message = str(failure).splitlines()[0] if str(failure) else ""
             row, measured, rles = ({"image_id": ref.image_id, "path": ref.image_path, "height": 0, "width": 0,

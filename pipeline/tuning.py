@@ -5,10 +5,10 @@ tuning.json, each kept only where it gains at least MIN_GAIN: (0) size normalisa
 is zoomed to (or none), with plain prediction; (1) prediction: plain, flips, flips + scales; (0) and (1) only
 within --max-cost forward passes per image (by default neither: they cost 2-13 plain passes); (2) post-processing
 thresholds and minimum size, globally and, where it wins out of sample, per kind of image (stained, bright-field);
-(2c) clump splitting (submission/instances.py: objects shaped like merged nuclei cut apart), one of 8 settings or
-none; (3) the false-positive filter (submission/instance_filter.py), judged by 5-fold cross-validation over the
+(2c) clump splitting (pipeline/instances.py: objects shaped like merged nuclei cut apart), one of 8 settings or
+none; (3) the false-positive filter (pipeline/instance_filter.py), judged by 5-fold cross-validation over the
 tune images so the score that decides is of images the filter did not see; (4) the outline refiner
-(submission/outlines.py), judged the same way on the nuclei the filter leaves. Before all of these, a kind
+(pipeline/outlines.py), judged the same way on the nuclei the filter leaves. Before all of these, a kind
 specialist given to it (a model fine-tuned on one kind of image) is kept only if that kind's tune images,
 predicted as the stored settings predict, score better with it. One process, no Ray: the tune split is small and every candidate reuses the same
 predicted probabilities. A pass that scores below the settings an earlier pass stored (same tune split, same
@@ -35,7 +35,7 @@ NUCLEUS_AREAS = (0, 150, 200, 250, 300)  # size normalisation targets in pixels 
 FILTER_CUTOFFS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 REFINER_CUTOFFS = (0.4, 0.45, 0.5, 0.55, 0.6)
 FOLDS = 5
-# Clump splitting's candidates: (min_area_ratio, max_solidity, spacing), see submission.instances.split_clumps.
+# Clump splitting's candidates: (min_area_ratio, max_solidity, spacing), see pipeline.instances.split_clumps.
 CLUMP_SPLITS = tuple(itertools.product((1.5, 2.0), (0.9, 0.95), (0.9, 1.2)))
 FITTED = ("instance_filter", "outline_refiner")  # long lists of numbers: shown as on / off
 # --time-limit keeps this many epochs' time free for the tune step after training: both are compute-bound on the
@@ -50,14 +50,14 @@ MAX_COST = 1.5
 
 
 def _instances(probabilities, threshold, seed_threshold, min_size):
-    from submission.instances import instances_from_probabilities
+    from pipeline.instances import instances_from_probabilities
 
     return instances_from_probabilities(probabilities.astype(np.float32), threshold=threshold, min_size=min_size,
                                         seed_threshold=seed_threshold)
 
 
 def mean_score(truths: list[np.ndarray], predictions: list[np.ndarray]) -> float:
-    from submission.metric import image_score
+    from pipeline.metric import image_score
 
     return float(np.mean([image_score(truth, predicted) for truth, predicted in zip(truths, predictions)]))
 
@@ -69,7 +69,7 @@ def _learnable(targets: list[np.ndarray]) -> bool:
 
 def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, seed: int = 0) -> dict:
     """Out-of-fold tune score of the instance filter at each cutoff (images split into folds), and the unfiltered score."""
-    from submission.instance_filter import apply_filter, fit_filter, instance_features, true_positive_targets
+    from pipeline.instance_filter import apply_filter, fit_filter, instance_features, true_positive_targets
 
     features = [instance_features(label, probability) for label, probability in zip(labels, probabilities)]
     targets = [true_positive_targets(truth, label) for truth, label in zip(truths, labels)]
@@ -91,8 +91,8 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
 def refiner_cross_validation(truths, labels, probabilities, images, folds: int = FOLDS, seed: int = 0) -> dict:
     """Out-of-fold tune score of the outline refiner at each cutoff (the same image folds as the filter's), and
     the band pixels' features and targets of every image, to fit the stored refiner."""
-    from submission.outlines import band_features, fit_refiner, pixel_targets, relabel
-    from submission.instance_filter import keep_probability
+    from pipeline.outlines import band_features, fit_refiner, pixel_targets, relabel
+    from pipeline.instance_filter import keep_probability
 
     bands = [band_features(label, probability.astype(np.float32), image)
              for label, probability, image in zip(labels, probabilities, images)]
@@ -117,7 +117,7 @@ def refiner_cross_validation(truths, labels, probabilities, images, folds: int =
 def choose_clump_split(truths, labels, probabilities, min_gain: float) -> tuple[list, dict, dict | None]:
     """(labels to go on with, log entry, stored setting or None): the clump-splitting candidate that scores best on
     these images, kept only if it beats leaving the objects as they are by `min_gain`."""
-    from submission.instances import CLUMP_SPLIT_KEYS, split_clumps
+    from pipeline.instances import CLUMP_SPLIT_KEYS, split_clumps
 
     unsplit = mean_score(truths, labels)
     scores, best, best_score, best_labels = {}, None, -1.0, labels
@@ -206,7 +206,7 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
     """
     from pipeline.config import SegmentConfig
     from pipeline.inference import prediction_settings
-    from submission.metric import image_score
+    from pipeline.metric import image_score
 
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
     settings = prediction_settings(SegmentConfig(), info or {})
@@ -316,9 +316,9 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_G
     from pipeline.protocol import image_kind
     from pipeline.registry import info_path, read_model_info, resolve_model
     from pipeline.sources import load_sample
-    from submission.instance_filter import fit_filter
-    from submission.metric import image_score
-    from submission.outlines import fit_refiner
+    from pipeline.instance_filter import fit_filter
+    from pipeline.metric import image_score
+    from pipeline.outlines import fit_refiner
 
     if set(predictions) - set(PREDICTIONS) or not predictions:
         raise ValueError(f"--predictions: choose among {', '.join(PREDICTIONS)}, got {', '.join(predictions)}")

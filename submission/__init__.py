@@ -1,4 +1,5 @@
-"""Kaggle DSB2018 submission tools: RLE, instance splitting, the competition metric, CSV I/O.
+"""Kaggle's side of DSB2018: run-length encoding, the submission CSV, `validate` and `score` (the metric itself,
+pipeline.metric, is shared with evaluation and tuning).
 
-Pure NumPy/SciPy/scikit-image: no Ray or TensorFlow import.
+This package imports `pipeline`; nothing in `pipeline` imports it. Pure NumPy: no Ray or TensorFlow import.
 """

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from submission.csvfile import labels_by_image, read_submission
-from submission.metric import image_scores
+from pipeline.metric import image_scores
 
 
 @dataclass

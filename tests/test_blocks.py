@@ -133,7 +133,7 @@ def test_a_large_image_block_by_block_agrees_with_the_whole_image_and_has_every_
     from shapely.geometry import shape
 
     from pipeline.api import Segmenter, segment_folder
-    from submission.metric import matched_ious
+    from pipeline.metric import matched_ious
 
     image = fluorescence_mosaic(1280, 1536)
     (tmp_path / "in").mkdir()
@@ -222,7 +222,7 @@ def test_a_node_lost_while_its_blocks_run_loses_no_nucleus_and_writes_none_twice
     """Two simulated nodes share a large image's 16 blocks; the worker node is removed once two blocks have
     finished. Its blocks run again on the head node: the labels are those of an undisturbed run."""
     from pipeline.api import segment_folder
-    from submission.metric import matched_ious
+    from pipeline.metric import matched_ious
 
     (tmp_path / "in").mkdir()
     write_large_tiff(tmp_path / "in" / "slide.tif", fluorescence_mosaic(1024, 1024))

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pipeline.config import TRAIN_PRESETS, SegmentConfig, TrainConfig, parse_args
-from submission.instances import DEFAULT_CLUMP_SPLIT
+from pipeline.instances import DEFAULT_CLUMP_SPLIT
 from tests.conftest import ROOT
 
 

@@ -4,8 +4,8 @@ import pytest
 from scipy import ndimage
 
 from pipeline.synthetic import render_sample
-from submission.metric import image_score
-from submission.outlines import (BAND, FEATURES, band_features, fit_refiner, pixel_targets, refine_outlines,
+from pipeline.metric import image_score
+from pipeline.outlines import (BAND, FEATURES, band_features, fit_refiner, pixel_targets, refine_outlines,
                                  relabel)
 
 

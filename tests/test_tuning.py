@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from submission.instance_filter import (FEATURES, apply_filter, fit_filter, instance_features, keep_probability,
+from pipeline.instance_filter import (FEATURES, apply_filter, fit_filter, instance_features, keep_probability,
                                         true_positive_targets)
 
 
@@ -255,7 +255,7 @@ def test_postprocess_gives_each_kind_of_image_its_own_thresholds(tmp_path):
              "source": np.array(["", ""]), "image_kind": np.array(["fluorescence", "stained"]),
              "probabilities": probabilities}
     out = postprocess(batch, str(tmp_path / "out"), threshold=0.7, min_size=10, overlay_ids=frozenset(),
-                      max_pixels=10**6, encode=False, seed_threshold=0.7,
+                      max_pixels=10**6, seed_threshold=0.7,
                       by_kind={"stained": {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}})
     assert list(out["status"]) == ["done", "done"]
     assert list(out["nuclei"]) == [0, 1]  # the global 0.7 finds nothing; the stained image's own 0.5 finds it
@@ -406,7 +406,7 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
     import itertools
 
     from pipeline.tuning import MIN_SIZES, SEED_THRESHOLDS, THRESHOLDS, _instances, leave_one_out_score
-    from submission.metric import image_score
+    from pipeline.metric import image_score
 
     stored = {"tta": True, "scales": [1.0, 1.25]}
     predictor = Predictor(blind, batch_size=1, threads=1, specialists={"stained": finds})

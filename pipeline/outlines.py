@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from submission.instance_filter import keep_probability
+from pipeline.instance_filter import keep_probability
 
 BAND = 3  # pixels either side of an object's edge that may change
 SCALES = (0.7, 1.5, 3.0)  # Gaussian sigmas of the image features

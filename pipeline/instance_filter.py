@@ -60,7 +60,7 @@ def apply_filter(labels: np.ndarray, probabilities: np.ndarray, params: dict | N
 
 def true_positive_targets(true_labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """1 for each predicted nucleus (in label order) that matches a true one at IoU > 0.5, else 0."""
-    from submission.metric import iou_matrix
+    from pipeline.metric import iou_matrix
 
     iou = iou_matrix(true_labels, predicted)
     if iou.shape[1] == 0:
