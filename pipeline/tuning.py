@@ -21,11 +21,24 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import kept_weights_config, recipe_differences
+from pipeline.config import SegmentConfig, kept_weights_config, recipe_differences
+from pipeline.evaluation import held_out_refs
+from pipeline.protocol import KINDS, image_kind
+from pipeline.registry import (info_path, read_model_info, reading_differences, resolve_model, sha256_of,
+                               specialist_files)
+from pipeline.instance_filter import (apply_filter, fit_filter, instance_features, keep_probability,
+                                        true_positive_targets)
+from pipeline.metric import image_score
+from pipeline.outlines import band_features, fit_refiner, pixel_targets, relabel
+
+if TYPE_CHECKING:
+    from pipeline.inference import Predictor
 
 PREDICTIONS = {"plain": (False, (1.0,)), "flips": (True, (1.0,)), "flips+scales": (True, (0.8, 1.0, 1.25))}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
@@ -57,8 +70,6 @@ def _instances(probabilities, threshold, seed_threshold, min_size):
 
 
 def mean_score(truths: list[np.ndarray], predictions: list[np.ndarray]) -> float:
-    from pipeline.metric import image_score
-
     return float(np.mean([image_score(truth, predicted) for truth, predicted in zip(truths, predictions)]))
 
 
@@ -69,8 +80,6 @@ def _learnable(targets: list[np.ndarray]) -> bool:
 
 def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, seed: int = 0) -> dict:
     """Out-of-fold tune score of the instance filter at each cutoff (images split into folds), and the unfiltered score."""
-    from pipeline.instance_filter import apply_filter, fit_filter, instance_features, true_positive_targets
-
     features = [instance_features(label, probability) for label, probability in zip(labels, probabilities)]
     targets = [true_positive_targets(truth, label) for truth, label in zip(truths, labels)]
     fold_of = np.random.default_rng(seed).permutation(len(truths)) % folds
@@ -91,9 +100,6 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
 def refiner_cross_validation(truths, labels, probabilities, images, folds: int = FOLDS, seed: int = 0) -> dict:
     """Out-of-fold tune score of the outline refiner at each cutoff (the same image folds as the filter's), and
     the band pixels' features and targets of every image, to fit the stored refiner."""
-    from pipeline.outlines import band_features, fit_refiner, pixel_targets, relabel
-    from pipeline.instance_filter import keep_probability
-
     bands = [band_features(label, probability.astype(np.float32), image)
              for label, probability, image in zip(labels, probabilities, images)]
     targets = [pixel_targets(truth, mask) for truth, (_, mask) in zip(truths, bands)]
@@ -170,8 +176,6 @@ def per_kind_settings(per_image: np.ndarray, combos: list[tuple], kinds: list[st
 
 def parse_specialists(text: str) -> dict[str, str]:
     """'stained=runs/st/model.keras,...' -> {kind: path}; one clear error for anything else."""
-    from pipeline.protocol import KINDS
-
     specialists = {}
     for part in (part.strip() for part in text.split(",") if part.strip()):
         kind, _, path = part.partition("=")
@@ -183,8 +187,6 @@ def parse_specialists(text: str) -> dict[str, str]:
 
 def _check_specialist(kind: str, path: str, info: dict) -> None:
     """A specialist must read images as the model does and must not have trained on the tune split."""
-    from pipeline.registry import read_model_info, reading_differences
-
     theirs = read_model_info(path)
     differ = reading_differences(theirs, info)
     if differ:
@@ -204,9 +206,7 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
     `predictor` holds the model and the candidates (Predictor(..., specialists=candidates)); the losers are
     removed from it, so it goes on routing only the kinds kept.
     """
-    from pipeline.config import SegmentConfig
     from pipeline.inference import prediction_settings
-    from pipeline.metric import image_score
 
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
     settings = prediction_settings(SegmentConfig(), info or {})
@@ -251,8 +251,6 @@ def _describe_prediction(settings: dict) -> str:
 
 def attach_specialists(model_path: str, info: dict, specialists: dict[str, str]) -> dict[str, str]:
     """Copy each specialist beside the model as `specialist-<kind>.keras` (sha256 into info); returns {kind: name}."""
-    from pipeline.registry import sha256_of
-
     folder, named = os.path.dirname(os.path.abspath(model_path)), {}
     for kind, path in specialists.items():
         name = f"specialist-{kind}.keras"
@@ -272,8 +270,6 @@ def _comparable_stored_score(saved: dict, info: dict, routed: dict[str, str], tu
     Each pass starts from the stored thresholds and can wander to settings that score lower; comparing the
     two keeps re-tuning from ever losing ground on the tune split.
     """
-    from pipeline.registry import sha256_of
-
     if saved.get("tuned_on") != tuned_on or "tune_score" not in saved:
         return None
     stored = {kind: (info.get("sha256") or {}).get(name) for kind, name in (saved.get("specialists") or {}).items()}
@@ -302,6 +298,302 @@ def worth_its_cost(scores: dict[str, float], costs: dict[str, float], min_gain: 
     return kept
 
 
+def _passes(name: str, zoomed: bool = False) -> float:
+    """prediction_passes of a way of predicting in PREDICTIONS, with or without size normalisation."""
+    return prediction_passes(*PREDICTIONS[name], zoomed)
+
+
+@dataclass
+class TuneRun:
+    """What the tune steps share: the tune split, the loaded model, the limits, the log they fill in, and the
+    values each step chooses for the steps after it."""
+    model_path: str
+    info: dict  # the model's run.json
+    samples: list  # the tune split's images with their nuclei
+    inputs: list  # each image as the model reads it
+    truths: list
+    kinds: list[str]
+    predictor: Predictor  # the model and the specialists it routes to, loaded once
+    routed: dict[str, str]  # {kind: specialist path} the stored settings will route to
+    candidates: dict[str, str]  # specialists given to be judged ({} for none)
+    predictions: tuple[str, ...]  # the ways of predicting asked for
+    min_gain: float
+    max_cost: float
+    started: float
+    log: dict
+    saved: dict  # the model's stored settings (run.json's postprocess)
+    current: tuple  # their (threshold, seed_threshold, min_size): what steps 0 and 1 score with
+    median_areas: list[float] = field(default_factory=list)  # each image's median nucleus, plain, measured once
+    # Chosen by the steps, in order:
+    nucleus_area: float = 0  # 0: size normalisation's target (0: off)
+    plain: tuple[list, dict] | None = None  # 0: plain prediction at that target and its entry, for step 1
+    prediction: str = "plain"  # 1: the way of predicting
+    probabilities: list | None = None  # 1: the tune images predicted that way
+    combos: list[tuple] = field(default_factory=list)  # 2: the threshold grid ...
+    per_image: np.ndarray | None = None  # 2: ... each image's score at each of its combinations
+    thresholds: tuple | None = None  # 2: (threshold, seed_threshold, min_size)
+    by_kind: dict = field(default_factory=dict)  # 2b: rare kinds' own thresholds
+    labels: list | None = None  # 2c, 3: each image's nuclei so far
+    clump_split: dict | None = None  # 2c
+    instance_filter: dict | None = None  # 3: the fitted filter, if kept
+    outline_refiner: dict | None = None  # 4: the fitted refiner, if kept
+    tune_score: float | None = None  # 3, 4: the tune score of the nuclei so far
+
+    @property
+    def measured_with(self) -> dict:
+        """The stored post-processing values, by name: size normalisation measures nuclei with them."""
+        return dict(zip(("threshold", "seed_threshold", "min_size"), self.current))
+
+    def affordable(self, name: str, zoomed: bool = False) -> bool:
+        """Whether a way of predicting costs at most max_cost forward passes per image (0: no limit)."""
+        return not self.max_cost or _passes(name, zoomed) <= self.max_cost
+
+
+def predict_tune_images(run: TuneRun, flips: bool, scales: tuple[float, ...], nucleus_area: float,
+                        measure: bool = False) -> tuple[list, dict]:
+    """Every tune image predicted as inference would with these flips, scales and size normalisation target
+    (Predictor.predict_whole, the predictor itself left as it is), and their score at the stored thresholds.
+    Size normalisation's first plain pass is the same for every target, so `measure` (plain, no size
+    normalisation) measures each image's nuclei once for all of them."""
+    from pipeline.augment import median_nucleus_area, predict_scales, size_normalising_zoom
+
+    tick = time.time()
+    predicted = []
+    for index, (image, kind) in enumerate(zip(run.inputs, run.kinds)):
+        zoom = size_normalising_zoom(run.median_areas[index], nucleus_area) if nucleus_area else 1.0
+        probabilities = predict_scales(np.asarray(image, np.float32), run.predictor.forward_for(kind),
+                                       tuple(scale * zoom for scale in scales), run.predictor.tile,
+                                       run.predictor.overlap, flips)
+        if measure:
+            run.median_areas.append(median_nucleus_area(probabilities, **run.measured_with))
+        predicted.append(probabilities.astype(np.float16))
+    return predicted, {"score": mean_score(run.truths, [_instances(p, *run.current) for p in predicted]),
+                       "predict_seconds": round(time.time() - tick, 1)}
+
+
+def tune_specialists(run: TuneRun) -> None:
+    """Specialists given are judged on their kind's tune images; without any given, the model's own stay."""
+    if run.candidates:
+        run.routed, run.log["steps"]["specialists"] = choose_specialists(
+            run.predictor, run.candidates, run.inputs, run.truths, run.kinds, run.min_gain, info=run.info)
+
+
+def tune_size_normalisation(run: TuneRun) -> None:
+    """0. Size normalisation: each target nucleus area scored with plain prediction and the current
+    post-processing; the first (area 0: off) also measures each image's nuclei."""
+    plain, sizes = {}, {}
+    trained_at = float(run.info.get("config", {}).get("nucleus_area") or 0)
+    areas = sorted(set(NUCLEUS_AREAS) | {trained_at})  # and the one it trained at
+    for area in areas if run.affordable("plain", True) else [0.0]:
+        plain[area], sizes[area] = predict_tune_images(run, False, (1.0,), area, measure=not area)  # 0 first
+        print(f"  nucleus area {area or 'off':>4} (plain) score {sizes[area]['score']:.4f} "
+              f"({sizes[area]['predict_seconds']:.0f} s)", flush=True)
+    nucleus_area = max(sizes, key=lambda area: sizes[area]["score"])
+    if sizes[nucleus_area]["score"] - sizes[0]["score"] < run.min_gain:
+        nucleus_area = 0
+    run.log["steps"]["size_normalisation"] = {"with": run.measured_with,
+                                              "scores": {str(area): entry for area, entry in sizes.items()},
+                                              "chosen": nucleus_area, "tried": len(sizes) > 1}
+    run.nucleus_area, run.plain = nucleus_area, (plain[nucleus_area], sizes[nucleus_area])
+
+
+def tune_prediction(run: TuneRun) -> None:
+    """1. How to predict: each option scored with the current post-processing (and the chosen size normalisation)."""
+    probabilities, step = {}, {}
+    zoomed = bool(run.nucleus_area)
+    for name in run.predictions:
+        if not run.affordable(name, zoomed):
+            print(f"  prediction {name:13s} not tried: {_passes(name, zoomed):.1f} forward "
+                  f"passes per image, over --max-cost {run.max_cost:g}", flush=True)
+            continue
+        if name == "plain":
+            probabilities[name], step[name] = run.plain
+        else:
+            probabilities[name], step[name] = predict_tune_images(run, *PREDICTIONS[name], run.nucleus_area)
+        print(f"  prediction {name:13s} score {step[name]['score']:.4f} ({step[name]['predict_seconds']:.0f} s)",
+              flush=True)
+    run.plain = None
+    if not step:
+        raise ValueError(f"--predictions {','.join(run.predictions)}: none costs at most --max-cost {run.max_cost:g} "
+                         "forward passes per image (plain costs 1)")
+    run.prediction = worth_its_cost({name: entry["score"] for name, entry in step.items()},
+                                    {name: _passes(name, zoomed) for name in step}, run.min_gain)
+    run.log["steps"]["prediction"] = {"with": run.measured_with, "nucleus_area": run.nucleus_area, "scores": step,
+                                      "chosen": run.prediction}
+    run.probabilities = probabilities[run.prediction]
+
+
+def tune_thresholds(run: TuneRun) -> None:
+    """2. Post-processing thresholds on the chosen prediction: every image scored at every combination."""
+    run.combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
+    run.per_image = np.array([[image_score(truth, _instances(p, *combo)) for combo in run.combos]
+                              for truth, p in zip(run.truths, run.probabilities)])
+    grid = dict(zip(run.combos, run.per_image.mean(axis=0)))
+    best = run.thresholds = max(grid, key=grid.get)
+    print(f"  post-processing threshold {best[0]} seed {best[1]} min size {best[2]}: {grid[best]:.4f} "
+          f"(current {run.current}: {grid.get(run.current, float('nan')):.4f})", flush=True)
+    names = ("threshold", "seed_threshold", "min_size")
+    run.log["steps"]["postprocess"] = {"grid": [{"threshold": t, "seed_threshold": s, "min_size": m, "score": score}
+                                                for (t, s, m), score in grid.items()],
+                                       "chosen": dict(zip(names, best)), "score": grid[best]}
+
+
+def tune_kind_thresholds(run: TuneRun) -> None:
+    """2b. Stained and bright-field images may get their own values, kept only where they win out of sample."""
+    run.by_kind, kind_log = per_kind_settings(run.per_image, run.combos, run.kinds,
+                                              run.combos.index(run.thresholds), run.min_gain)
+    run.log["steps"]["postprocess_by_kind"] = kind_log
+    for kind, entry in kind_log.items():
+        print(f"  {kind} ({entry['images']} images): global {entry['global']:.4f}, own {entry['chosen']} "
+              f"leave-one-out {entry['leave_one_out']:.4f}: {'kept' if entry['kept'] else 'dropped'}", flush=True)
+
+
+def tune_clump_split(run: TuneRun) -> None:
+    """2c. Clump splitting of the nuclei the chosen settings give each image: objects shaped like several merged
+    nuclei cut apart (the tune split's stained tissue loses most of its score to merged neighbours)."""
+    from pipeline.inference import settings_for_kind
+
+    labels = [_instances(p, *settings_for_kind(*run.thresholds, run.by_kind, kind))
+              for p, kind in zip(run.probabilities, run.kinds)]
+    run.labels, entry, run.clump_split = choose_clump_split(run.truths, labels, run.probabilities, run.min_gain)
+    run.log["steps"]["clump_split"] = entry
+    print(f"  clump splitting: {max(entry['scores'].values()):.4f} at {entry['best']} vs "
+          f"{entry['unsplit']:.4f} unsplit: {'kept' if entry['kept'] else 'dropped'}", flush=True)
+
+
+def tune_instance_filter(run: TuneRun) -> None:
+    """3. The false-positive filter, judged out of fold, on the nuclei steps 2-2c leave."""
+    cv = filter_cross_validation(run.truths, run.labels, run.probabilities)
+    cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
+    gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]
+    keep = gain >= run.min_gain and _learnable([cv["all_targets"]])
+    print(f"  instance filter: out-of-fold {cv['by_cutoff'][cutoff]:.4f} at cutoff {cutoff} vs unfiltered "
+          f"{cv['unfiltered']:.4f}: {'kept' if keep else 'dropped'}", flush=True)
+    run.log["steps"]["instance_filter"] = {"unfiltered": cv["unfiltered"], "out_of_fold_by_cutoff": cv["by_cutoff"],
+                                           "chosen_cutoff": cutoff, "gain": gain, "kept": keep,
+                                           "instances": int(len(cv["all_targets"])),
+                                           "true_positive_fraction": float(np.mean(cv["all_targets"]))}
+    run.instance_filter = fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep else None
+    if keep:  # step 4 goes on from the nuclei the filter leaves, filtered out of fold
+        run.labels = cv["filtered"][cutoff]
+    run.tune_score = cv["by_cutoff"][cutoff] if keep else cv["unfiltered"]
+
+
+def tune_outline_refiner(run: TuneRun) -> None:
+    """4. The outline refiner, on the nuclei step 3 leaves (filtered out of fold), judged out of fold on the same
+    folds."""
+    before = run.tune_score
+    outlines = refiner_cross_validation(run.truths, run.labels, run.probabilities,
+                                        [sample.image for sample in run.samples])
+    cutoff = max(outlines["by_cutoff"], key=outlines["by_cutoff"].get)
+    gain = outlines["by_cutoff"][cutoff] - before
+    keep = gain >= run.min_gain and _learnable([outlines["all_targets"]])
+    print(f"  outline refiner: out-of-fold {outlines['by_cutoff'][cutoff]:.4f} at cutoff {cutoff} vs "
+          f"{before:.4f}: {'kept' if keep else 'dropped'}", flush=True)
+    run.log["steps"]["outline_refiner"] = {"before": before, "out_of_fold_by_cutoff": outlines["by_cutoff"],
+                                           "chosen_cutoff": cutoff, "gain": gain, "kept": keep,
+                                           "pixels": int(len(outlines["all_targets"]))}
+    run.outline_refiner = fit_refiner(outlines["all_features"], outlines["all_targets"], cutoff) if keep else None
+    if keep:
+        run.tune_score = outlines["by_cutoff"][cutoff]
+
+
+# The tune steps, in order: each reads what the ones before it chose and records its own entry in the log.
+STEPS = (tune_specialists, tune_size_normalisation, tune_prediction, tune_thresholds, tune_kind_thresholds,
+         tune_clump_split, tune_instance_filter, tune_outline_refiner)
+
+
+def _tunable_model(model: str) -> tuple[str, dict]:
+    """(absolute model path, run.json) of a model the tune step can tune; one clear error for any other."""
+    model_path = os.path.abspath(resolve_model(model))
+    info = read_model_info(model_path)
+    if info.get("mode") != "native" or info.get("num_classes") != 3:
+        raise ValueError("jobs/tune.py tunes native-mode, three-class models (the dsb2018 preset)")
+    if info.get("config", {}).get("holdout") == "refit":
+        raise ValueError("this model was trained with --holdout refit, on the tune split too: tuning on it would "
+                         "flatter it; give --settings-from the model of the same recipe trained with --holdout protocol")
+    return model_path, info
+
+
+def start_tuning(model: str, data: str, min_gain: float, predictions: tuple[str, ...],
+                 specialists: dict[str, str] | None, max_cost: float) -> TuneRun:
+    """Check the model and the specialists given, load the tune split and the model: the steps' shared state."""
+    from pipeline.augment import apply_appearance
+    from pipeline.images import normalise
+    from pipeline.inference import Predictor
+    from pipeline.sources import load_sample
+
+    if set(predictions) - set(PREDICTIONS) or not predictions:
+        raise ValueError(f"--predictions: choose among {', '.join(PREDICTIONS)}, got {', '.join(predictions)}")
+    started = time.time()
+    model_path, info = _tunable_model(model)
+    trained = info.get("config", {})
+    refs = held_out_refs("tune", data or trained.get("data", ""), trained)
+    samples = [load_sample(ref, with_masks=True) for ref in refs]
+    inputs = [normalise(apply_appearance(sample.image, info.get("appearance", "rgb"))) for sample in samples]
+    saved = info.get("postprocess") or {}
+    current = (float(saved.get("threshold", 0.5)), float(saved.get("seed_threshold", 0.5)), int(saved.get("min_size", 10)))
+    log = {"model": model_path, "split": "tune", "images": len(refs), "steps": {}}
+    print(f"tuning on the tune split: {len(refs)} images", flush=True)
+    for kind, path in (specialists or {}).items():
+        _check_specialist(kind, path, info)
+    routed = specialists or specialist_files(model_path, info)
+    predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024),
+                          specialists=routed)  # loaded once
+    return TuneRun(model_path=model_path, info=info, samples=samples, inputs=inputs,
+                   truths=[sample.labels for sample in samples], kinds=[image_kind(sample.image) for sample in samples],
+                   predictor=predictor, routed=routed, candidates=specialists or {}, predictions=predictions,
+                   min_gain=min_gain, max_cost=max_cost, started=started, log=log, saved=saved, current=current)
+
+
+def tuned_settings(run: TuneRun) -> dict:
+    """The inference settings the steps chose, as run.json's postprocess stores them."""
+    flips, scales = PREDICTIONS[run.prediction]
+    threshold, seed_threshold, min_size = run.thresholds
+    settings = {"threshold": threshold, "seed_threshold": seed_threshold, "min_size": min_size, "tta": flips,
+                "scales": list(scales),
+                "size_normalisation": {**run.measured_with, "nucleus_area": run.nucleus_area} if run.nucleus_area
+                else None,
+                "clump_split": run.clump_split, "instance_filter": run.instance_filter,
+                "outline_refiner": run.outline_refiner, "by_kind": run.by_kind,
+                "tuned_on": f"tune split of the evaluation protocol ({len(run.samples)} images)",
+                "tune_score": run.tune_score}
+    if run.routed:
+        settings["specialists"] = {kind: f"specialist-{kind}.keras" for kind in run.routed}
+    return settings
+
+
+def keeps_stored(run: TuneRun, settings: dict) -> bool:
+    """Whether the model's stored settings stay: tuned on the same tune split with the same specialists, within
+    max_cost, and scoring better there than this pass's `settings` (logged and said when they do)."""
+    saved = run.saved
+    stored_score = _comparable_stored_score(saved, run.info, run.routed, settings["tuned_on"])
+    if stored_score is not None and run.max_cost and stored_passes(saved) > run.max_cost:
+        stored_score = None  # stored settings over the cost limit are replaced, whatever they scored
+    kept = stored_score is not None and stored_score > settings["tune_score"]
+    if kept:
+        run.log["kept_stored"] = {"stored_tune_score": stored_score, "this_pass": settings["tune_score"]}
+        print(f"  the stored settings score {stored_score:.4f} on the tune split, this pass's "
+              f"{settings['tune_score']:.4f}: kept the stored ones", flush=True)
+    return kept
+
+
+def write_tuning(run: TuneRun, settings: dict, write: bool) -> None:
+    """tuning.json beside the model, and where `write`, `settings` (with the specialists kept copied beside the
+    model, those dropped unlisted) into its run.json."""
+    folder = os.path.dirname(run.model_path)
+    fileio.write_text_atomic(os.path.join(folder, "tuning.json"), json.dumps(run.log, indent=2))
+    if not write:
+        return
+    saved, info = run.saved, run.info
+    for kind in set((saved.get("specialists") or {})) - set(run.routed):  # a dropped specialist: no longer listed
+        info.get("sha256", {}).pop(saved["specialists"][kind], None)
+    if run.routed:
+        settings["specialists"] = attach_specialists(run.model_path, info, run.routed)
+    info["postprocess"] = settings
+    fileio.write_text_atomic(info_path(run.model_path), json.dumps(info, indent=2))
+
+
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_GAIN,
          predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None,
          max_cost: float = MAX_COST) -> dict:
@@ -309,199 +601,15 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_G
 
     A way of predicting whose forward passes exceed `max_cost` times plain prediction's (prediction_passes) is
     not tried (0: try all): inference with the stored settings stays within that factor of plain prediction."""
-    from pipeline.augment import apply_appearance, median_nucleus_area, size_normalising_zoom
-    from pipeline.evaluation import held_out_refs
-    from pipeline.images import normalise
-    from pipeline.inference import Predictor, settings_for_kind
-    from pipeline.protocol import image_kind
-    from pipeline.registry import info_path, read_model_info, resolve_model
-    from pipeline.sources import load_sample
-    from pipeline.instance_filter import fit_filter
-    from pipeline.metric import image_score
-    from pipeline.outlines import fit_refiner
-
-    if set(predictions) - set(PREDICTIONS) or not predictions:
-        raise ValueError(f"--predictions: choose among {', '.join(PREDICTIONS)}, got {', '.join(predictions)}")
-    started = time.time()
-    model_path = os.path.abspath(resolve_model(model))
-    info = read_model_info(model_path)
-    trained = info.get("config", {})
-    if info.get("mode") != "native" or info.get("num_classes") != 3:
-        raise ValueError("jobs/tune.py tunes native-mode, three-class models (the dsb2018 preset)")
-    if trained.get("holdout") == "refit":
-        raise ValueError("this model was trained with --holdout refit, on the tune split too: tuning on it would "
-                         "flatter it; give --settings-from the model of the same recipe trained with --holdout protocol")
-    refs = held_out_refs("tune", data or trained.get("data", ""), trained)
-    samples = [load_sample(ref, with_masks=True) for ref in refs]
-    truths = [sample.labels for sample in samples]
-    inputs = [normalise(apply_appearance(sample.image, info.get("appearance", "rgb"))) for sample in samples]
-    saved = info.get("postprocess") or {}
-    current = (float(saved.get("threshold", 0.5)), float(saved.get("seed_threshold", 0.5)), int(saved.get("min_size", 10)))
-    log = {"model": model_path, "split": "tune", "images": len(refs), "steps": {}}
-    print(f"tuning on the tune split: {len(refs)} images", flush=True)
-
-    kinds = [image_kind(sample.image) for sample in samples]
-
-    # Specialists: given ones are judged on their kind's tune images; without any given, the model's own stay.
-    from pipeline.registry import specialist_files
-
-    for kind, path in (specialists or {}).items():
-        _check_specialist(kind, path, info)
-    routed = specialists or specialist_files(model_path, info)
-    predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024),
-                          specialists=routed)  # loaded once
-    if specialists:
-        routed, log["steps"]["specialists"] = choose_specialists(predictor, specialists, inputs, truths, kinds,
-                                                                 min_gain, info=info)
-
-    measured_with = dict(zip(("threshold", "seed_threshold", "min_size"), current))
-    median_areas: list[float] = []  # each image's median nucleus in its plain prediction, measured once
-
-    def predict_all(flips: bool, scales: tuple[float, ...], nucleus_area: float,
-                    measure: bool = False) -> tuple[list, dict]:
-        """Every tune image predicted as inference would with these settings. Size normalisation's first plain
-        pass is the same for every target, so `measure` (plain, no size normalisation) measures each image's
-        nuclei once for all of them."""
-        predictor.tta, predictor.size_normalisation = flips, None
-        tick = time.time()
-        predicted = []
-        for index, (image, kind) in enumerate(zip(inputs, kinds)):
-            zoom = size_normalising_zoom(median_areas[index], nucleus_area) if nucleus_area else 1.0
-            predictor.scales = tuple(scale * zoom for scale in scales)
-            probabilities = predictor.predict_whole(image, kind)
-            if measure:
-                median_areas.append(median_nucleus_area(probabilities, **measured_with))
-            predicted.append(probabilities.astype(np.float16))
-        return predicted, {"score": mean_score(truths, [_instances(p, *current) for p in predicted]),
-                           "predict_seconds": round(time.time() - tick, 1)}
-
-    # 0. Size normalisation: each target nucleus area scored with plain prediction and the current post-processing;
-    # the first (area 0: off) also measures each image's nuclei.
-    plain, sizes = {}, {}
-    passes = lambda name, zoomed=False: prediction_passes(*PREDICTIONS[name], zoomed)  # noqa: E731
-    affordable = lambda name, zoomed=False: not max_cost or passes(name, zoomed) <= max_cost  # noqa: E731
-    areas = sorted(set(NUCLEUS_AREAS) | {float(trained.get("nucleus_area") or 0)})  # and the one it trained at
-    for area in areas if affordable("plain", True) else [0.0]:
-        plain[area], sizes[area] = predict_all(False, (1.0,), area, measure=not area)  # 0 first: it measures
-        print(f"  nucleus area {area or 'off':>4} (plain) score {sizes[area]['score']:.4f} "
-              f"({sizes[area]['predict_seconds']:.0f} s)", flush=True)
-    nucleus_area = max(sizes, key=lambda area: sizes[area]["score"])
-    if sizes[nucleus_area]["score"] - sizes[0]["score"] < min_gain:
-        nucleus_area = 0
-    log["steps"]["size_normalisation"] = {"with": measured_with,
-                                          "scores": {str(area): entry for area, entry in sizes.items()},
-                                          "chosen": nucleus_area, "tried": len(sizes) > 1}
-    plain = plain[nucleus_area]
-
-    # 1. How to predict: each option scored with the current post-processing (and the chosen size normalisation).
-    probabilities, step = {}, {}
-    for name in predictions:
-        if not affordable(name, bool(nucleus_area)):
-            print(f"  prediction {name:13s} not tried: {passes(name, bool(nucleus_area)):.1f} forward "
-                  f"passes per image, over --max-cost {max_cost:g}", flush=True)
-            continue
-        if name == "plain":
-            probabilities[name], step[name] = plain, sizes[nucleus_area]
-        else:
-            probabilities[name], step[name] = predict_all(*PREDICTIONS[name], nucleus_area)
-        print(f"  prediction {name:13s} score {step[name]['score']:.4f} ({step[name]['predict_seconds']:.0f} s)",
-              flush=True)
-    del plain
-    if not step:
-        raise ValueError(f"--predictions {','.join(predictions)}: none costs at most --max-cost {max_cost:g} forward "
-                         "passes per image (plain costs 1)")
-    best_prediction = worth_its_cost({name: entry["score"] for name, entry in step.items()},
-                                     {name: passes(name, bool(nucleus_area)) for name in step}, min_gain)
-    log["steps"]["prediction"] = {"with": measured_with, "nucleus_area": nucleus_area, "scores": step,
-                                  "chosen": best_prediction}
-    chosen_probabilities = probabilities[best_prediction]
-    del probabilities
-
-    # 2. Post-processing thresholds on the chosen prediction: every image scored at every combination.
-    combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
-    per_image = np.array([[image_score(truth, _instances(p, *combo)) for combo in combos]
-                          for truth, p in zip(truths, chosen_probabilities)])
-    grid = dict(zip(combos, per_image.mean(axis=0)))
-    best = max(grid, key=grid.get)
-    print(f"  post-processing threshold {best[0]} seed {best[1]} min size {best[2]}: {grid[best]:.4f} "
-          f"(current {current}: {grid.get(current, float('nan')):.4f})", flush=True)
-    names = ("threshold", "seed_threshold", "min_size")
-    log["steps"]["postprocess"] = {"grid": [{"threshold": t, "seed_threshold": s, "min_size": m, "score": score}
-                                            for (t, s, m), score in grid.items()],
-                                   "chosen": dict(zip(names, best)), "score": grid[best]}
-
-    # 2b. Stained and bright-field images may get their own values, kept only where they win out of sample.
-    by_kind, kind_log = per_kind_settings(per_image, combos, kinds, combos.index(best), min_gain)
-    log["steps"]["postprocess_by_kind"] = kind_log
-    for kind, entry in kind_log.items():
-        print(f"  {kind} ({entry['images']} images): global {entry['global']:.4f}, own {entry['chosen']} "
-              f"leave-one-out {entry['leave_one_out']:.4f}: {'kept' if entry['kept'] else 'dropped'}", flush=True)
-
-    # 2c. Clump splitting of the nuclei the chosen settings give each image: objects shaped like several merged
-    # nuclei cut apart (the tune split's stained tissue loses most of its score to merged neighbours).
-    labels = [_instances(p, *settings_for_kind(*best, by_kind, kind)) for p, kind in zip(chosen_probabilities, kinds)]
-    labels, log["steps"]["clump_split"], clump_split = choose_clump_split(truths, labels, chosen_probabilities,
-                                                                          min_gain)
-    entry = log["steps"]["clump_split"]
-    print(f"  clump splitting: {max(entry['scores'].values()):.4f} at {entry['best']} vs "
-          f"{entry['unsplit']:.4f} unsplit: {'kept' if entry['kept'] else 'dropped'}", flush=True)
-
-    # 3. The false-positive filter, judged out of fold, on the nuclei steps 2-2c leave.
-    cv = filter_cross_validation(truths, labels, chosen_probabilities)
-    cutoff = max(cv["by_cutoff"], key=cv["by_cutoff"].get)
-    gain = cv["by_cutoff"][cutoff] - cv["unfiltered"]
-    keep_filter = gain >= min_gain and _learnable([cv["all_targets"]])
-    print(f"  instance filter: out-of-fold {cv['by_cutoff'][cutoff]:.4f} at cutoff {cutoff} vs unfiltered "
-          f"{cv['unfiltered']:.4f}: {'kept' if keep_filter else 'dropped'}", flush=True)
-    log["steps"]["instance_filter"] = {"unfiltered": cv["unfiltered"], "out_of_fold_by_cutoff": cv["by_cutoff"],
-                                       "chosen_cutoff": cutoff, "gain": gain, "kept": keep_filter,
-                                       "instances": int(len(cv["all_targets"])),
-                                       "true_positive_fraction": float(np.mean(cv["all_targets"]))}
-
-    # 4. The outline refiner, on the nuclei step 3 leaves (filtered out of fold), judged out of fold on the same folds.
-    filtered = cv["filtered"][cutoff] if keep_filter else labels
-    before = cv["by_cutoff"][cutoff] if keep_filter else cv["unfiltered"]
-    outlines = refiner_cross_validation(truths, filtered, chosen_probabilities, [sample.image for sample in samples])
-    refiner_cutoff = max(outlines["by_cutoff"], key=outlines["by_cutoff"].get)
-    refiner_gain = outlines["by_cutoff"][refiner_cutoff] - before
-    keep_refiner = refiner_gain >= min_gain and _learnable([outlines["all_targets"]])
-    print(f"  outline refiner: out-of-fold {outlines['by_cutoff'][refiner_cutoff]:.4f} at cutoff {refiner_cutoff} vs "
-          f"{before:.4f}: {'kept' if keep_refiner else 'dropped'}", flush=True)
-    log["steps"]["outline_refiner"] = {"before": before, "out_of_fold_by_cutoff": outlines["by_cutoff"],
-                                       "chosen_cutoff": refiner_cutoff, "gain": refiner_gain, "kept": keep_refiner,
-                                       "pixels": int(len(outlines["all_targets"]))}
-    flips, scales = PREDICTIONS[best_prediction]
-    settings = {"threshold": best[0], "seed_threshold": best[1], "min_size": best[2], "tta": flips,
-                "scales": list(scales),
-                "size_normalisation": {**measured_with, "nucleus_area": nucleus_area} if nucleus_area else None,
-                "clump_split": clump_split,
-                "instance_filter": fit_filter(cv["all_features"], cv["all_targets"], cutoff) if keep_filter else None,
-                "outline_refiner": fit_refiner(outlines["all_features"], outlines["all_targets"], refiner_cutoff)
-                if keep_refiner else None,
-                "by_kind": by_kind, "tuned_on": f"tune split of the evaluation protocol ({len(refs)} images)",
-                "tune_score": outlines["by_cutoff"][refiner_cutoff] if keep_refiner else before}
-    if routed:
-        settings["specialists"] = {kind: f"specialist-{kind}.keras" for kind in routed}
-    log["settings"] = settings
-    stored_score = _comparable_stored_score(saved, info, routed, settings["tuned_on"])
-    if stored_score is not None and max_cost and stored_passes(saved) > max_cost:
-        stored_score = None  # stored settings over the cost limit are replaced, whatever they scored
-    if stored_score is not None and stored_score > settings["tune_score"]:
-        log["kept_stored"] = {"stored_tune_score": stored_score, "this_pass": settings["tune_score"]}
-        print(f"  the stored settings score {stored_score:.4f} on the tune split, this pass's "
-              f"{settings['tune_score']:.4f}: kept the stored ones", flush=True)
+    run = start_tuning(model, data, min_gain, predictions, specialists, max_cost)
+    for step in STEPS:
+        step(run)
+    settings = run.log["settings"] = tuned_settings(run)
+    if keeps_stored(run, settings):
         write = False
-    log["seconds"] = round(time.time() - started, 1)
-    folder = os.path.dirname(model_path)
-    fileio.write_text_atomic(os.path.join(folder, "tuning.json"), json.dumps(log, indent=2))
-    if write:
-        for kind in set((saved.get("specialists") or {})) - set(routed):  # a dropped specialist: no longer listed
-            info.get("sha256", {}).pop(saved["specialists"][kind], None)
-        if routed:
-            settings["specialists"] = attach_specialists(model_path, info, routed)
-        info["postprocess"] = settings
-        fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
-    return log
+    run.log["seconds"] = round(time.time() - run.started, 1)
+    write_tuning(run, settings, write)
+    return run.log
 
 
 def will_tune(trained: dict) -> bool:
@@ -537,8 +645,6 @@ def describe(log: dict) -> str:
 
 def _check_refit_specialist(kind: str, path: str, model_path: str, info: dict) -> None:
     """A refit's own specialist: trained with --holdout refit --kinds KIND, fine-tuned from the refit model itself."""
-    from pipeline.registry import read_model_info, reading_differences
-
     theirs = read_model_info(path)
     trained = theirs.get("config", {})
     problems = [f"{key} {theirs.get(key)!r} (the model's: {info.get(key)!r})"
@@ -563,8 +669,6 @@ def copy_settings(model: str, source: str, specialists: dict[str, str] | None = 
     recipe trained with --holdout refit from the refit model, as the refit is the source's recipe trained on the
     train and tune splits together (the recipe itself is the caller's to keep the same).
     """
-    from pipeline.registry import info_path, read_model_info, resolve_model, specialist_files
-
     model_path, source_path = os.path.abspath(resolve_model(model)), os.path.abspath(resolve_model(source))
     info, tuned = read_model_info(model_path), read_model_info(source_path)
     settings = tuned.get("postprocess") or {}
