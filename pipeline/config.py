@@ -155,7 +155,19 @@ def recipe_differences(mine: dict, theirs: dict) -> list[str]:
     defaults = {**REMOVED_OPTIONS, **{item.name: item.default for item in dataclasses.fields(TrainConfig)}}
     ignored = NOT_RECIPE | {name for name, off in REMOVED_OPTIONS.items() if off is None}
     return sorted(key for key in set(mine) | set(theirs) if key not in ignored
-                  and mine.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key)))
+                  and not _same_option(key, mine.get(key, defaults.get(key)), theirs.get(key, defaults.get(key))))
+
+
+def _same_option(name: str, mine, theirs) -> bool:
+    """Equal values; for data sources, also the same local file given by two paths (relative and absolute)."""
+    if mine == theirs:
+        return True
+    if name not in ("data", "extra_data") or not mine or not theirs or "://" in f"{mine}{theirs}":
+        return False
+    import os
+
+    resolve = lambda text: [os.path.realpath(part.strip()) for part in str(text).split(",")]  # noqa: E731
+    return resolve(mine) == resolve(theirs)
 
 
 def kept_weights_config(info: dict) -> dict:

@@ -212,3 +212,15 @@ def test_an_interrupted_run_with_a_removed_option_on_is_not_resumed(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: trained with crop_pool=3, an option this version no longer "
                                          r"has; it cannot be resumed"):
         _saved_config(str(tmp_path))
+
+
+def test_a_data_file_given_by_two_paths_is_the_same_recipe(tmp_path, monkeypatch):
+    from pipeline.config import recipe_differences
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.zip").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    same = recipe_differences({"data": "data/train.zip"}, {"data": str(tmp_path / "data" / "train.zip")})
+    other = recipe_differences({"data": "data/train.zip"}, {"data": "data/other.zip"})
+    assert same == [] and other == ["data"]
+    assert recipe_differences({"data": "s3://a/train.zip"}, {"data": "s3://b/train.zip"}) == ["data"]
