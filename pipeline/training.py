@@ -20,6 +20,7 @@ from pipeline.config import TrainConfig, removed_options_used
 from pipeline.fileio import write_text_atomic
 from pipeline.inference import DEFAULT_TILE
 from pipeline.registry import sha256_of
+from pipeline.runinfo import ARCHITECTURE
 from pipeline.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
 CHECKPOINT_PREFIX = "epoch_"
@@ -249,16 +250,12 @@ def _snapshot_arrays(val_dataset, count: int) -> dict | None:
     return {"image": np.asarray(batch["image"]), "mask": np.asarray(batch["mask"])}
 
 
-# What a model given to --init-from must share with the run's flags: its weights are the run's starting point.
-ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width")
-
-
 def _check_init_from(config: TrainConfig) -> None:
-    """Refuse an --init-from model whose architecture or input handling differs from this run's flags."""
+    """Refuse an --init-from model whose architecture or input handling (pipeline.runinfo.ARCHITECTURE) differs from
+    this run's flags."""
     from pipeline.registry import read_model_info
 
-    info = read_model_info(config.init_from)
-    trained = {**info.get("config", {}), **{key: info[key] for key in ARCHITECTURE if key in info}}
+    trained = read_model_info(config.init_from).trained_options()
     differ = [key for key in ARCHITECTURE if key in trained and trained[key] != getattr(config, key)]
     if differ:
         raise ValueError(f"--init-from {config.init_from}: it differs from this run in {', '.join(differ)} "
