@@ -9,7 +9,8 @@ by older versions hold only some), so readers use attributes instead of `.get(ke
     info.write("runs/x/run.json")               # atomic; keys this version does not know are written back as read
 
 A record read from a file writes back exactly what it read (the same keys, in the same order, plus the keys the
-code set since), so reading and writing loses nothing. Formats: "nuclei-unet/2" files (this version's training)
+code set since), so reading and writing loses nothing; copy one with copy.deepcopy (dataclasses.replace makes a
+new record, which writes its class's WRITTEN keys instead). Formats: "nuclei-unet/2" files (this version's training)
 must hold the keys that decide how images are read (REQUIRED); "nuclei-unet/1" files and files without a format
 (hand-written ones, older tests') may lack any key. A format this version does not know is refused in one line.
 """
@@ -119,6 +120,7 @@ def _item(default: Any, check: Callable, factory: Callable | None = None):
 
 
 def _shown(value: Any) -> str:
+    """A value for an error message: its repr, cut to keep the message one short line."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
