@@ -170,7 +170,7 @@ def main() -> None:
     print(f"  one 512x640 image: CPU {1000 * forward_times['cpu whole']:.1f} ms, GPU "
           f"{1000 * forward_times['gpu whole']:.1f} ms, ratio {forward_times['cpu whole'] / forward_times['gpu whole']:.1f}")
 
-    images = load_images(args.images, info.get("appearance", "grey"), args.limit)
+    images = load_images(args.images, info.appearance, args.limit)
     results = {}
 
     def predict_all(predictor, name):

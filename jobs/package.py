@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.output or os.path.join(MODELS_DIR, check_relative(args.name))
         info = package_model(args.model, folder)
         size = os.path.getsize(os.path.join(folder, "model.keras")) / 2**20
-        print(f"wrote {folder}/model.keras ({size:.1f} MiB, sha256 {info['sha256']['model.keras']})")
-        for kind, name in ((info.get("postprocess") or {}).get("specialists") or {}).items():
-            print(f"wrote {folder}/{name} (the {kind} specialist, sha256 {info['sha256'][name]})")
+        print(f"wrote {folder}/model.keras ({size:.1f} MiB, sha256 {info.sha256['model.keras']})")
+        for kind, name in info.postprocess.specialists.items():
+            print(f"wrote {folder}/{name} (the {kind} specialist, sha256 {info.sha256[name]})")
 
     return run_job(work)
 

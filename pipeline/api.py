@@ -26,14 +26,14 @@ class Segmenter:
     """One model with its stored settings, in this process (no Ray): an image in, its nuclei's labels out."""
 
     def __init__(self, model_path: str, config: SegmentConfig, threads: int = 2):
-        from pipeline.inference import (DEFAULT_TILE, Predictor, inspect_model, needs_image_kind, postprocess_settings,
+        from pipeline.inference import (Predictor, inspect_model, needs_image_kind, postprocess_settings,
                                         prediction_settings)
 
         self.model_path = model_path
-        self.info = inspect_model(model_path)
+        self.info = inspect_model(model_path)  # the model's run.json (pipeline.runinfo.RunInfo)
         self.post = postprocess_settings(config, self.info)
         self.predictor = Predictor(model_path, batch_size=1, threads=threads, **prediction_settings(config, self.info),
-                                   tile=config.tile or int(self.info.get("tile") or DEFAULT_TILE), overlap=config.overlap)
+                                   tile=config.tile or self.info.effective_tile, overlap=config.overlap)
         self.needs_kind = needs_image_kind(self.post, model_path, self.info)
 
     @classmethod
@@ -62,11 +62,11 @@ class Segmenter:
         rgb = to_rgb_uint8(np.ascontiguousarray(array[..., 2::-1]) if array.ndim == 3 and array.shape[2] >= 3 else array)
         if kind is None:
             kind = image_kind(rgb) if self.needs_kind else ""
-        prepared = apply_appearance(rgb, self.info.get("appearance", "rgb"), appearance)
-        if self.info.get("mode") == "native":
+        prepared = apply_appearance(rgb, self.info.appearance, appearance)
+        if self.info.mode == "native":
             probabilities = self.predictor.predict_whole(normalise(prepared), kind)
         else:
-            size = int(self.info.get("image_size", 128))
+            size = self.info.image_size or 128
             probabilities = self.predictor.predict(normalise(resize_image(prepared, size))[None])[0]
         threshold, seed_threshold, min_size = settings_for_kind(
             self.post["threshold"], self.post["seed_threshold"], self.post["min_size"], self.post["by_kind"], kind)

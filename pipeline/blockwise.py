@@ -13,11 +13,15 @@ import os
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.blocks import (ArrayWindows, Block, LabelCanvas, TiffWindows, keep_core_nuclei, local_tiff_path,
                              plan_blocks, sample_mosaic, shift_measurements)
+
+if TYPE_CHECKING:
+    from pipeline.runinfo import RunInfo
 
 # The SegmentConfig fields a block's Segmenter takes (the stored settings they override).
 SEGMENTER_SETTINGS = ("threshold", "seed_threshold", "min_size", "tta", "scales", "nucleus_area", "instance_filter",
@@ -58,7 +62,7 @@ def segment_block(image, block: Block, model_path: str, settings: dict, threads:
             "outlines": nucleus_outlines(kept) if outlines else None}
 
 
-def segment_large_image(ref, config, model_path: str, info: dict, output: str, measure: bool,
+def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str, measure: bool,
                         exports: tuple[str, ...], encoder=None) -> tuple[dict, dict | None, list[str]]:
     """Segment one large image block by block on the Ray cluster; writes its label TIFF (and exports).
 
@@ -79,7 +83,7 @@ def segment_large_image(ref, config, model_path: str, info: dict, output: str, m
     reader = TiffWindows(tiff) if tiff else ArrayWindows(ray.get(image))
     sample = sample_mosaic(reader)
     kind = image_kind(sample) if needs_image_kind(postprocess_settings(config, info), model_path, info) else ""
-    appearance = fit_appearance(sample, info.get("appearance", "rgb"))
+    appearance = fit_appearance(sample, info.appearance)
     pixel_size = pixel_size_of(ref, config.pixel_size) if measure or exports else (None, "")
     blocks = plan_blocks(reader.height, reader.width, config.block_size)
     settings = {name: getattr(config, name) for name in SEGMENTER_SETTINGS}

@@ -170,16 +170,6 @@ def _same_option(name: str, mine, theirs) -> bool:
     return resolve(mine) == resolve(theirs)
 
 
-def kept_weights_config(info: dict) -> dict:
-    """A run's training options (run.json "config") with `keep` as its weights are: `keep` only decides early
-    stopping and restoring, so a --keep best run whose best epoch was its last kept exactly what --keep last keeps."""
-    config = dict(info.get("config", {}))
-    last_was_best = bool(info.get("best_epoch")) and info.get("best_epoch") == info.get("epochs_run")
-    if config.get("keep", "best") == "best" and last_was_best:
-        config["keep"] = "last"
-    return config
-
-
 # Named configurations for `--preset`: values replace the defaults; flags given on the command line still win.
 TRAIN_PRESETS = {
     "dsb2018": dict(mode="native", num_classes=3, appearance="colour", loss="ce+dice", image_size=128,

@@ -84,7 +84,7 @@ def evaluate(config: EvaluateConfig) -> dict:
 
     model_path = os.path.realpath(resolve_model(config.model))
     info = inspect_model(model_path)
-    trained = info.get("config", {})
+    trained = info.config  # the run's TrainConfig, as a dict
     data = config.data or trained.get("data", "")
     if not data:
         raise ValueError("--data is needed: the model's run.json does not name its training data")

@@ -21,9 +21,8 @@ from pipeline import fileio
 from pipeline.config import SegmentConfig
 from pipeline.labelfiles import LABEL_SUFFIXES, decode_labels_file, encode_labels_file
 from pipeline.sources import SampleRef, list_images
-from pipeline.instances import DEFAULT_CLUMP_SPLIT, DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
-
-DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
+from pipeline.instances import DEFAULT_CLUMP_SPLIT
+from pipeline.runinfo import DEFAULT_TILE, RunInfo
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "mean_area", "covered_fraction", "labels",
                     "pixel_size_um", "pixel_size_source", "status", "error")
 MEASUREMENTS = "measurements"  # OUTPUT/measurements/: the per-nucleus Parquet dataset, one part per block
@@ -90,7 +89,7 @@ def write_labels(output: str, image_path: str, labels: np.ndarray) -> str:
     return candidates[suffix]
 
 
-def _load_forward(model_path: str, threads: int, use_gpu: bool = False):
+def _load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[RunInfo, int, object]:
     """(run.json, classes, images -> softmax probabilities) of a Keras or ONNX model file."""
     if model_path.endswith(".onnx"):  # ONNX Runtime: no TensorFlow in this process
         from pipeline.onnx_model import OnnxModel
@@ -128,7 +127,7 @@ class Predictor:
         self.batch_size, self.tta, self.tile, self.overlap, self.scales = batch_size, tta, tile, overlap, tuple(scales)
         self.size_normalisation = size_normalisation
         self.info, self.classes, self.forward = _load_forward(model_path, threads, use_gpu)
-        self.native = self.info.get("mode") == "native"
+        self.native = self.info.mode == "native"
         # Kinds of image routed to a model fine-tuned for them: run.json's, or those given (jobs/tune.py trying one).
         files = specialist_files(model_path, self.info) if specialists is None else specialists
         self.forwards = {kind: _load_forward(path, threads, use_gpu)[2] for kind, path in files.items()}
@@ -313,7 +312,7 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
             "rles": np.asarray(rles, dtype=object)}
 
 
-def needs_image_kind(post: dict, model_path: str, info: dict) -> bool:
+def needs_image_kind(post: dict, model_path: str, info: RunInfo | dict) -> bool:
     """Whether inference must classify each image's kind: only for per-kind settings (postprocess_settings'
     by_kind) or a kind specialist; otherwise it is not computed."""
     from pipeline.registry import specialist_files
@@ -321,54 +320,54 @@ def needs_image_kind(post: dict, model_path: str, info: dict) -> bool:
     return bool(post["by_kind"]) or bool(specialist_files(model_path, info))
 
 
-def postprocess_settings(config: SegmentConfig, info: dict) -> dict:
+def postprocess_settings(config: SegmentConfig, info: RunInfo | dict) -> dict:
     """threshold, seed_threshold, min_size, clump splitting, instance filter, outline refiner: the flags when given,
-    else run.json, else defaults.
+    else run.json (`info`, or its content as a dict), else defaults (pipeline.runinfo.Postprocess).
 
     The per-kind values of run.json (`by_kind`) apply only when no threshold or size flag is given.
     """
-    saved = info.get("postprocess") or {}
+    saved = RunInfo.of(info).postprocess
     flagged = bool(config.threshold or config.seed_threshold or config.min_size)
-    use_filter = saved.get("instance_filter") is not None if config.instance_filter is None else config.instance_filter
-    if use_filter and not saved.get("instance_filter"):
+    use_filter = saved.instance_filter is not None if config.instance_filter is None else config.instance_filter
+    if use_filter and not saved.instance_filter:
         raise ValueError("--instance-filter: this model's run.json has no fitted instance filter (jobs/tune.py fits one)")
-    use_refiner = saved.get("outline_refiner") is not None if config.refine_outlines is None else config.refine_outlines
-    if use_refiner and not saved.get("outline_refiner"):
+    use_refiner = saved.outline_refiner is not None if config.refine_outlines is None else config.refine_outlines
+    if use_refiner and not saved.outline_refiner:
         raise ValueError("--refine-outlines: this model's run.json has no fitted outline refiner (jobs/tune.py fits one)")
-    use_split = saved.get("clump_split") is not None if config.split_clumps is None else config.split_clumps
-    return {"threshold": config.threshold or float(saved.get("threshold", DEFAULT_THRESHOLD)),
-            "seed_threshold": config.seed_threshold or float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
-            "min_size": config.min_size or int(saved.get("min_size", DEFAULT_MIN_SIZE)),
-            "instance_filter": saved.get("instance_filter") if use_filter else None,
-            "outline_refiner": saved.get("outline_refiner") if use_refiner else None,
-            "clump_split": (saved.get("clump_split") or dict(DEFAULT_CLUMP_SPLIT)) if use_split else None,
-            "by_kind": {} if flagged else dict(saved.get("by_kind") or {})}
+    use_split = saved.clump_split is not None if config.split_clumps is None else config.split_clumps
+    return {"threshold": config.threshold or saved.threshold,
+            "seed_threshold": config.seed_threshold or saved.seed_threshold,
+            "min_size": config.min_size or saved.min_size,
+            "instance_filter": saved.instance_filter if use_filter else None,
+            "outline_refiner": saved.outline_refiner if use_refiner else None,
+            "clump_split": (saved.clump_split or dict(DEFAULT_CLUMP_SPLIT)) if use_split else None,
+            "by_kind": {} if flagged else dict(saved.by_kind)}
 
 
-def prediction_settings(config: SegmentConfig, info: dict) -> dict:
-    """tta (flips), scales and size normalisation: the flags when given, else the model's run.json, else none.
+def prediction_settings(config: SegmentConfig, info: RunInfo | dict) -> dict:
+    """tta (flips), scales and size normalisation: the flags when given, else the model's run.json (`info`, or its
+    content as a dict), else none.
 
     Size normalisation measures nuclei with the settings stored beside its target (run.json), else with the
     model's global post-processing settings.
     """
-    saved = info.get("postprocess") or {}
+    info = RunInfo.of(info)
+    saved = info.postprocess
     scales = tuple(float(part) for part in config.scales.split(",") if part.strip()) if config.scales else \
-        tuple(saved.get("scales") or (1.0,))
+        tuple(saved.scales)
     if any(not 0.25 <= scale <= 4 for scale in scales):
         raise ValueError(f"--scales: each factor must be between 0.25 and 4, got {config.scales}")
-    stored = dict(saved.get("size_normalisation") or {})
+    stored = dict(saved.size_normalisation or {})
     nucleus_area = float(stored.get("nucleus_area") or 0.0) if config.nucleus_area is None else config.nucleus_area
     if nucleus_area < 0:
         raise ValueError(f"--nucleus-area: pixels (0 = off), got {config.nucleus_area}")
-    if nucleus_area and not info.get("mode") == "native":
+    if nucleus_area and not info.mode == "native":
         raise ValueError("--nucleus-area: only native-mode models predict whole images at any size")
     size_normalisation = None
     if nucleus_area:
-        size_normalisation = {"threshold": float(saved.get("threshold", DEFAULT_THRESHOLD)),
-                              "seed_threshold": float(saved.get("seed_threshold", DEFAULT_THRESHOLD)),
-                              "min_size": int(saved.get("min_size", DEFAULT_MIN_SIZE)), **stored,
-                              "nucleus_area": nucleus_area}
-    return {"tta": bool(saved.get("tta", False)) if config.tta is None else config.tta, "scales": scales,
+        size_normalisation = {"threshold": saved.threshold, "seed_threshold": saved.seed_threshold,
+                              "min_size": saved.min_size, **stored, "nucleus_area": nucleus_area}
+    return {"tta": saved.tta if config.tta is None else config.tta, "scales": scales,
             "size_normalisation": size_normalisation}
 
 
@@ -434,7 +433,7 @@ def write_manifest(location: str, rows: list[dict]) -> None:
     fileio.write_text_atomic(location, buffer.getvalue())
 
 
-def inspect_model(model_path: str) -> dict:
+def inspect_model(model_path: str) -> RunInfo:
     """Load a model once (Keras or ONNX) to check it; returns its run.json settings."""
     if model_path.endswith(".onnx"):
         from pipeline.onnx_model import OnnxModel
@@ -462,7 +461,7 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
     model_path = os.path.abspath(resolve_model(config.model))
     info = inspect_model(model_path)  # fail fast, on the driver, with a clear message for a bad model file
     fileio.remove_partials(output, older_than=started)  # half-written files of an earlier run that was killed
-    image_size = int(info.get("image_size", config.image_size))
+    image_size = info.image_size or config.image_size
     listing = list_images(config.input)
     result = SegmentationResult()
     for path, reason in listing.problems:
@@ -484,7 +483,7 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
         todo.append(ref)
     print(f"{len(listing.refs)} images in {config.input}: {len(todo)} to segment, "
           f"{len(listing.refs) - len(todo)} already done, {len(listing.problems)} other files left out", flush=True)
-    large = _large_images(todo, config.block_size) if info.get("mode") == "native" else {}  # resize-mode: whole
+    large = _large_images(todo, config.block_size) if info.mode == "native" else {}  # resize-mode: whole
     todo = [ref for ref in todo if ref.image_id not in large]
     if large:
         _segment_large_images(large.values(), config, model_path, info, output, encoder, result)
@@ -496,14 +495,14 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
         overlay_ids = frozenset(ref.image_id for ref in sorted(todo, key=lambda r: r.image_id)[:wanted])
         post = postprocess_settings(config, info)
         dataset = inference_dataset(todo, image_size, config.max_pixels, config.blocks,
-                                    mode=info.get("mode", "resize"), appearance=info.get("appearance", "rgb"),
+                                    mode=info.mode, appearance=info.appearance,
                                     kinds=needs_image_kind(post, model_path, info))
         dataset = dataset.map_batches(
             Predictor, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
                                    "threads": max(1, math.ceil(config.cpus_per_actor * 2)),
                                    **prediction_settings(config, info),
-                                   "tile": config.tile or int(info.get("tile") or DEFAULT_TILE), "overlap": config.overlap,
+                                   "tile": config.tile or info.effective_tile, "overlap": config.overlap,
                                    "use_gpu": use_gpu},
             compute=ray.data.ActorPoolStrategy(size=config.concurrency),
             num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
@@ -535,7 +534,7 @@ def _large_images(refs: list[SampleRef], block_size: int) -> dict[str, SampleRef
     return {ref.image_id: ref for ref in refs if shapes[ref.image_id] and is_large(*shapes[ref.image_id], block_size)}
 
 
-def _segment_large_images(refs, config: SegmentConfig, model_path: str, info: dict, output: str, encoder,
+def _segment_large_images(refs, config: SegmentConfig, model_path: str, info: RunInfo, output: str, encoder,
                           result: SegmentationResult) -> None:
     """Each large image in turn, its blocks spread over the cluster (pipeline.blockwise); a failure is its row."""
     from pipeline.blockwise import segment_large_image

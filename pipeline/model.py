@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.registry import (ModelFileError, info_path as _info_path, read_model_info, resolve_model, sha256_of,
                                specialist_files)
+from pipeline.runinfo import RunInfo
 from pipeline.tfkeras import keras, tf
 
 __all__ = ["ModelFileError", "build_unet", "load_model", "save_model", "save_for_inference"]
@@ -274,10 +275,11 @@ def _replace_with_inference_model(model: keras.Model, path: str) -> None:
     os.replace(path + ".partial.keras", path)
 
 
-def load_model(path: str) -> tuple[keras.Model, dict]:
+def load_model(path: str) -> tuple[keras.Model, RunInfo]:
     """Load `model.keras` (or a shipped model's name) for inference in Keras' safe mode plus its run.json.
 
-    Checks the file against the sha256 in run.json when there is one, and that file and run.json agree.
+    Checks the file against the sha256 in run.json when there is one, and that file and run.json agree; the
+    number of classes and the input size run.json lacks are the model's.
     """
     path = resolve_model(path)
     info = read_model_info(path)
@@ -287,13 +289,15 @@ def load_model(path: str) -> tuple[keras.Model, dict]:
     except Exception as error:  # noqa: BLE001 - Keras raises many types for a file that is not a model
         raise ModelFileError(f"{path} is not a loadable Keras model: {str(error).splitlines()[0][:200]}") from None
     classes = int(model.output_shape[-1])
-    if info.get("num_classes") not in (None, classes):
-        raise ModelFileError(f"{path} predicts {classes} classes but {info_path} says {info['num_classes']}")
+    if info.num_classes not in (None, classes):
+        raise ModelFileError(f"{path} predicts {classes} classes but {info_path} says {info.num_classes}")
     size = model.input_shape[1]
-    if size is not None and info.get("image_size") not in (None, size):
-        raise ModelFileError(f"{path} takes {size}x{size} inputs but {info_path} says {info['image_size']}")
-    info.setdefault("num_classes", classes)
-    info.setdefault("image_size", size or 128)
+    if size is not None and info.image_size not in (None, size):
+        raise ModelFileError(f"{path} takes {size}x{size} inputs but {info_path} says {info.image_size}")
+    if info.num_classes is None:
+        info.num_classes = classes
+    if info.image_size is None:
+        info.image_size = size or 128
     return model, info
 
 
@@ -309,27 +313,26 @@ def _holds_weights(path: str, model) -> bool:
     return len(mine) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(mine, theirs))
 
 
-def package_model(model_path: str, folder: str) -> dict:
+def package_model(model_path: str, folder: str) -> RunInfo:
     """Copy a run's model into `folder` as a shipped model: inference-only weights, run.json with their sha256.
 
-    The run's tuning.json (how its inference settings were chosen) travels with it when there is one.
+    The run's tuning.json (how its inference settings were chosen) travels with it when there is one. Returns the
+    run.json written.
     """
-    from pipeline.fileio import write_text_atomic
-
     model, info = load_model(model_path)
     specialists = specialist_files(model_path, info)
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "model.keras")
     if not _holds_weights(target, model):  # a settings-only re-package keeps the file's bytes (and sha256)
         _replace_with_inference_model(model, target)
-    info = {**info, "model": "model.keras", "sha256": {"model.keras": sha256_of(target)},
-            "packaged_from": os.path.relpath(model_path)}
+    info.model, info.packaged_from = "model.keras", os.path.relpath(model_path)
+    info.sha256 = {"model.keras": sha256_of(target)}
     for path in specialists.values():  # kind specialists travel with it, as lean copies
         specialist, name = load_model(path)[0], os.path.basename(path)
         if not _holds_weights(os.path.join(folder, name), specialist):
             _replace_with_inference_model(specialist, os.path.join(folder, name))
-        info["sha256"][name] = sha256_of(os.path.join(folder, name))
-    write_text_atomic(os.path.join(folder, "run.json"), json.dumps(info, indent=2))
+        info.sha256[name] = sha256_of(os.path.join(folder, name))
+    info.write(os.path.join(folder, "run.json"))
     tuning = os.path.join(os.path.dirname(model_path), "tuning.json")
     if os.path.isfile(tuning):
         shutil.copyfile(tuning, os.path.join(folder, "tuning.json"))

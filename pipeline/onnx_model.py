@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline import fileio
 from pipeline.registry import ModelFileError, info_path, read_model_info, refuse_removed_options, sha256_of
+from pipeline.runinfo import RunInfo
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -42,12 +43,14 @@ class OnnxModel:
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
             raise ModelFileError(f"{path} is not a loadable ONNX model: {str(error).splitlines()[0][:200]}") from None
-        if not self.info:
+        if not self.info.to_dict():  # no settings beside the file: those in its metadata
             metadata = self.session.get_modelmeta().custom_metadata_map
-            self.info = json.loads(metadata.get("run.json", "{}"))
-            refuse_removed_options(self.info, f"{path} (its run.json metadata)")
+            where = f"{path} (its run.json metadata)"
+            self.info = RunInfo.from_dict(json.loads(metadata.get("run.json", "{}")), where)
+            refuse_removed_options(self.info, where)
         self.classes = int(self.session.get_outputs()[0].shape[-1])
-        self.info.setdefault("num_classes", self.classes)
+        if self.info.num_classes is None:
+            self.info.num_classes = self.classes
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         logits = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, np.float32)})[0]
@@ -72,18 +75,17 @@ def export_onnx(model_path: str, output: str, check_images: list[np.ndarray], to
         converted[kind] = _converted_and_checked(load_model(path)[0], check_images, tolerance)
     stem = os.path.splitext(output)[0]
     files = {kind: output if not kind else f"{stem}.{kind}.onnx" for kind in converted}
-    info = {key: value for key, value in info.items() if key != "sha256"}
-    info.update({"exported_from": os.path.basename(model_path), "onnx_opset": OPSET})
+    info.exported_from, info.onnx_opset = os.path.basename(model_path), OPSET
     if len(converted) > 1:
-        info["postprocess"] = {**info["postprocess"],
-                               "specialists": {kind: os.path.basename(files[kind]) for kind in converted if kind}}
+        info.postprocess.specialists = {kind: os.path.basename(files[kind]) for kind in converted if kind}
+    metadata = {key: value for key, value in info.to_dict().items() if key != "sha256"}  # the files' hashes: beside
     for kind, (proto, _) in converted.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = "run.json", json.dumps(info)
+        entry.key, entry.value = "run.json", json.dumps(metadata)
         onnx.checker.check_model(proto)
         fileio.write_bytes_atomic(files[kind], proto.SerializeToString())
-    info["sha256"] = {os.path.basename(path): sha256_of(path) for path in files.values()}
-    fileio.write_text_atomic(info_path(output), json.dumps(info, indent=2))
+    info.sha256 = {os.path.basename(path): sha256_of(path) for path in files.values()}
+    info.write(info_path(output))
     return {"max_abs_difference": max(worst for _, worst in converted.values()), "images": len(check_images),
             "onnx": output, "json": info_path(output), "specialists": [files[kind] for kind in converted if kind]}
 
@@ -111,25 +113,25 @@ def _converted_and_checked(model, check_images: list[np.ndarray], tolerance: flo
     return proto, worst
 
 
-def check_images_for(config, info: dict) -> tuple[str, list[np.ndarray]]:
+def check_images_for(config, info: RunInfo) -> tuple[str, list[np.ndarray]]:
     """(where they came from, model inputs) for the export check: real images when there are any, as the model sees them."""
     from pipeline.augment import apply_appearance
     from pipeline.images import normalise, resize_image
     from pipeline.sources import list_images, load_sample
     from pipeline.synthetic import synthetic_refs
 
-    source = config.check_images or info.get("data", "")
+    source = config.check_images or info.data
     if source and source != "synthetic" and (fileio.is_uri(source) or os.path.exists(source)):
         refs = sorted(list_images(source).refs, key=lambda ref: ref.image_id)[:config.check_count]
     else:
         source, refs = "synthetic", synthetic_refs(config.check_count, seed=0)
     images = []
     for ref in refs:
-        image = apply_appearance(load_sample(ref, with_masks=False).image, info.get("appearance", "rgb"))
-        if info.get("mode") == "native":
+        image = apply_appearance(load_sample(ref, with_masks=False).image, info.appearance)
+        if info.mode == "native":
             image = image[:config.check_size, :config.check_size]
         else:
-            image = resize_image(image, int(info.get("image_size", 128)))
+            image = resize_image(image, info.image_size or 128)
         images.append(normalise(image))
     return source, images
 

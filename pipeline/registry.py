@@ -7,10 +7,9 @@ No TensorFlow here: the driver resolves and checks a model before any worker loa
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
-from pipeline.config import REMOVED_OPTIONS, removed_options_used
+from pipeline.runinfo import READING, RunInfo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(ROOT, "models")
@@ -58,42 +57,42 @@ def info_path(model_path: str) -> str:
     return os.path.join(os.path.dirname(model_path), "run.json")
 
 
-def read_model_info(model_path: str) -> dict:
-    """The model's run.json ({} when there is none), after checking the file exists and matches its sha256, and
-    that it was not trained with an option this version removed (pipeline.config.REMOVED_OPTIONS)."""
+def read_model_info(model_path: str) -> RunInfo:
+    """The model's run.json (all defaults when there is none), read and checked (pipeline.runinfo: one clear line
+    for a broken one), after checking the model file exists and matches its sha256, and that it was not trained
+    with an option this version removed (pipeline.config.REMOVED_OPTIONS)."""
     if not os.path.isfile(model_path):
         raise ModelFileError(f"model file not found: {model_path}")
-    info = {}
-    if os.path.isfile(info_path(model_path)):
-        with open(info_path(model_path), encoding="utf-8") as stream:
-            info = json.load(stream)
-    refuse_removed_options(info, info_path(model_path))
-    expected = (info.get("sha256") or {}).get(os.path.basename(model_path))
+    path = info_path(model_path)
+    info = RunInfo.read(path) if os.path.isfile(path) else RunInfo.of(None)
+    refuse_removed_options(info, path)
+    expected = info.sha256.get(os.path.basename(model_path))
     if expected and sha256_of(model_path) != expected:
         raise ModelFileError(f"{model_path}: sha256 differs from the one recorded in {info_path(model_path)}: "
                              f"the file was changed or corrupted; refusing to load it")
     return info
 
 
-def refuse_removed_options(info: dict, where: str) -> None:
+def refuse_removed_options(info: RunInfo, where: str) -> None:
     """One clear line for a model whose run.json records a training option this version removed, switched on."""
-    used = removed_options_used({**(info.get("config") or {}), **{key: info[key] for key in REMOVED_OPTIONS
-                                                                   if key in info}})  # run.json's "fine_head"
+    used = info.removed_options_used()
     if used:
         raise ModelFileError(f"{where}: {used}; retrain it")
 
 
-def reading_differences(theirs: dict, mine: dict) -> list[str]:
+def reading_differences(theirs: RunInfo | dict, mine: RunInfo | dict) -> list[str]:
     """The run.json keys in which two models read images differently (so one cannot stand in for the other)."""
-    return [key for key in ("mode", "num_classes", "appearance", "image_size") if theirs.get(key) != mine.get(key)]
+    theirs, mine = RunInfo.of(theirs), RunInfo.of(mine)
+    return [key for key in READING if getattr(theirs, key) != getattr(mine, key)]
 
 
-def specialist_files(model_path: str, info: dict) -> dict[str, str]:
+def specialist_files(model_path: str, info: RunInfo | dict) -> dict[str, str]:
     """{kind: path} of the model's kind specialists (run.json `postprocess.specialists`: kind -> a file beside the
     model), each checked against the sha256 in the model's run.json; a name that leaves the folder is refused."""
     from pipeline.protocol import KINDS
 
-    named = (info.get("postprocess") or {}).get("specialists") or {}
+    info = RunInfo.of(info, info_path(model_path))
+    named = info.postprocess.specialists
     folder = os.path.dirname(os.path.abspath(model_path))
     files = {}
     for kind, name in named.items():
@@ -103,7 +102,7 @@ def specialist_files(model_path: str, info: dict) -> dict[str, str]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise ModelFileError(f"{path}: the {kind} specialist named in {info_path(model_path)} is missing")
-        expected = (info.get("sha256") or {}).get(name)
+        expected = info.sha256.get(name)
         if expected and sha256_of(path) != expected:
             raise ModelFileError(f"{path}: sha256 differs from the one recorded in {info_path(model_path)}: "
                                  f"the file was changed or corrupted; refusing to load it")

@@ -18,8 +18,8 @@ import numpy as np
 
 from pipeline.config import TrainConfig, removed_options_used
 from pipeline.fileio import write_text_atomic
-from pipeline.inference import DEFAULT_TILE
 from pipeline.registry import sha256_of
+from pipeline.runinfo import ARCHITECTURE, DEFAULT_TILE, FORMAT, Postprocess, RunInfo
 from pipeline.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
 CHECKPOINT_PREFIX = "epoch_"
@@ -249,16 +249,12 @@ def _snapshot_arrays(val_dataset, count: int) -> dict | None:
     return {"image": np.asarray(batch["image"]), "mask": np.asarray(batch["mask"])}
 
 
-# What a model given to --init-from must share with the run's flags: its weights are the run's starting point.
-ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width")
-
-
 def _check_init_from(config: TrainConfig) -> None:
-    """Refuse an --init-from model whose architecture or input handling differs from this run's flags."""
+    """Refuse an --init-from model whose architecture or input handling (pipeline.runinfo.ARCHITECTURE) differs from
+    this run's flags."""
     from pipeline.registry import read_model_info
 
-    info = read_model_info(config.init_from)
-    trained = {**info.get("config", {}), **{key: info[key] for key in ARCHITECTURE if key in info}}
+    trained = read_model_info(config.init_from).trained_options()
     differ = [key for key in ARCHITECTURE if key in trained and trained[key] != getattr(config, key)]
     if differ:
         raise ValueError(f"--init-from {config.init_from}: it differs from this run in {', '.join(differ)} "
@@ -266,7 +262,7 @@ def _check_init_from(config: TrainConfig) -> None:
 
 
 def run_training(config: TrainConfig) -> dict:
-    """Train as configured; returns run.json's content. The run folder ends with model.keras beside it."""
+    """Train as configured; returns run.json's content (as a dict). The run folder ends with model.keras beside it."""
     from pipeline.data import (ensure_ray, extra_training_refs, image_kinds, protocol_refs, refs_of_kinds, split_refs,
                                training_dataset, training_refs)
 
@@ -362,30 +358,30 @@ def run_training(config: TrainConfig) -> dict:
                  and row.get("epoch") == final.get("best_epoch")), None) \
         or min((row for row in history if "val_loss" in row), key=lambda row: row["val_loss"], default={})
     kept = best if config.keep == "best" else max(history, key=lambda row: row.get("epoch", 0), default={})
-    info = {
-        "format": "nuclei-unet/1", "model": "model.keras", "keras": "tf-keras",
-        "image_size": config.image_size, "num_classes": config.num_classes,
-        "classes": ["background", "nucleus"] if config.num_classes == 2 else ["background", "interior", "border"],
-        "mode": config.mode, "appearance": config.appearance, "tile": DEFAULT_TILE if config.mode == "native" else None,
-        "normalisation": "RGB uint8 (after `appearance`) / 255 -> [0, 1] float32 (the model rescales to [-1, 1])",
-        "resize": ("INTER_AREA down / INTER_LINEAR up to image_size x image_size" if config.mode == "resize" else
-                   "none: trained on image_size crops at full resolution; predict whole images padded to a "
-                   "multiple of 32, tiled when large"),
-        "backbone": "MobileNetV2", "backbone_weights": config.backbone_weights, "backbone_init": _backbone_init(config),
-        "encoder_width": config.encoder_width,
-        "decoder_width": config.decoder_width,
-        "postprocess": {"threshold": config.threshold, "seed_threshold": config.seed_threshold,
-                        "min_size": config.min_size},
-        "data": config.data, "holdout": config.holdout, "train_images": len(train_refs), "val_images": len(val_refs),
-        "train_crops": train_data.count(), "workers": config.workers,
-        "epochs_run": int(max((m.get("epoch", 0) for m in history), default=0)),
-        "best_epoch": best.get("epoch"), "kept_epoch": kept.get("epoch"),
-        "final_metrics": {k: v for k, v in kept.items() if k != "epoch"},
-        "train_seconds": round(time.time() - started, 1), "config": dataclasses.asdict(config),
-        "sha256": {"model.keras": sha256_of(os.path.join(output, "model.keras"))},
-    }
-    write_text_atomic(os.path.join(output, "run.json"), json.dumps(info, indent=2))
-    return info
+    info = RunInfo(
+        format=FORMAT, model="model.keras", keras="tf-keras",
+        image_size=config.image_size, num_classes=config.num_classes,
+        classes=["background", "nucleus"] if config.num_classes == 2 else ["background", "interior", "border"],
+        mode=config.mode, appearance=config.appearance, tile=DEFAULT_TILE if config.mode == "native" else None,
+        normalisation="RGB uint8 (after `appearance`) / 255 -> [0, 1] float32 (the model rescales to [-1, 1])",
+        resize=("INTER_AREA down / INTER_LINEAR up to image_size x image_size" if config.mode == "resize" else
+                "none: trained on image_size crops at full resolution; predict whole images padded to a "
+                "multiple of 32, tiled when large"),
+        backbone="MobileNetV2", backbone_weights=config.backbone_weights, backbone_init=_backbone_init(config),
+        encoder_width=config.encoder_width,
+        decoder_width=config.decoder_width,
+        postprocess=Postprocess(threshold=config.threshold, seed_threshold=config.seed_threshold,
+                                min_size=config.min_size),
+        data=config.data, holdout=config.holdout, train_images=len(train_refs), val_images=len(val_refs),
+        train_crops=train_data.count(), workers=config.workers,
+        epochs_run=int(max((m.get("epoch", 0) for m in history), default=0)),
+        best_epoch=best.get("epoch"), kept_epoch=kept.get("epoch"),
+        final_metrics={k: v for k, v in kept.items() if k != "epoch"},
+        train_seconds=round(time.time() - started, 1), config=dataclasses.asdict(config),
+        sha256={"model.keras": sha256_of(os.path.join(output, "model.keras"))},
+    )
+    info.write(os.path.join(output, "run.json"))
+    return info.to_dict()
 
 
 def _backbone_init(config: TrainConfig) -> str:

@@ -16,6 +16,7 @@ specialists) leaves them in place.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -27,11 +28,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline import fileio
-from pipeline.config import SegmentConfig, kept_weights_config, recipe_differences
+from pipeline.config import SegmentConfig, recipe_differences
 from pipeline.evaluation import held_out_refs
 from pipeline.protocol import KINDS, image_kind
 from pipeline.registry import (info_path, read_model_info, reading_differences, resolve_model, sha256_of,
                                specialist_files)
+from pipeline.runinfo import Postprocess, RunInfo
 from pipeline.instance_filter import (apply_filter, fit_filter, instance_features, keep_probability,
                                         true_positive_targets)
 from pipeline.metric import image_score
@@ -185,19 +187,19 @@ def parse_specialists(text: str) -> dict[str, str]:
     return specialists
 
 
-def _check_specialist(kind: str, path: str, info: dict) -> None:
+def _check_specialist(kind: str, path: str, info: RunInfo | dict) -> None:
     """A specialist must read images as the model does and must not have trained on the tune split."""
     theirs = read_model_info(path)
     differ = reading_differences(theirs, info)
     if differ:
         raise ValueError(f"--specialists {kind}={path}: it differs from the model in {', '.join(differ)}")
-    if theirs.get("config", {}).get("holdout") != "protocol":
+    if theirs.config.get("holdout") != "protocol":
         raise ValueError(f"--specialists {kind}={path}: it must be trained with --holdout protocol (the tune split "
                          f"unseen), as it is judged on the tune split")
 
 
 def choose_specialists(predictor, candidates: dict[str, str], inputs: list, truths: list, kinds: list[str],
-                       min_gain: float, info: dict | None = None) -> tuple[dict, dict]:
+                       min_gain: float, info: RunInfo | dict | None = None) -> tuple[dict, dict]:
     """Keep each kind's specialist whose tune images score better with it than with the model, both predicted
     as inference predicts with the model's run.json `info` (flips, scales, size normalisation:
     `prediction_settings`; plain prediction where none are stored) and at their best post-processing values out
@@ -209,7 +211,7 @@ def choose_specialists(predictor, candidates: dict[str, str], inputs: list, trut
     from pipeline.inference import prediction_settings
 
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
-    settings = prediction_settings(SegmentConfig(), info or {})
+    settings = prediction_settings(SegmentConfig(), info)
     predictor.tta, predictor.scales, predictor.size_normalisation = (settings[key] for key in
                                                                      ("tta", "scales", "size_normalisation"))
     prediction = _describe_prediction(settings)
@@ -249,7 +251,7 @@ def _describe_prediction(settings: dict) -> str:
     return "stored prediction: " + ", ".join(words) if words else "plain"
 
 
-def attach_specialists(model_path: str, info: dict, specialists: dict[str, str]) -> dict[str, str]:
+def attach_specialists(model_path: str, info: RunInfo, specialists: dict[str, str]) -> dict[str, str]:
     """Copy each specialist beside the model as `specialist-<kind>.keras` (sha256 into info); returns {kind: name}."""
     folder, named = os.path.dirname(os.path.abspath(model_path)), {}
     for kind, path in specialists.items():
@@ -258,22 +260,23 @@ def attach_specialists(model_path: str, info: dict, specialists: dict[str, str])
         if os.path.abspath(path) != target:
             shutil.copyfile(path, target + ".partial")
             os.replace(target + ".partial", target)
-        info.setdefault("sha256", {})[name] = sha256_of(target)
+        info.sha256[name] = sha256_of(target)
         named[kind] = name
     return named
 
 
-def _comparable_stored_score(saved: dict, info: dict, routed: dict[str, str], tuned_on: str) -> float | None:
+def _comparable_stored_score(saved: Postprocess, info: RunInfo, routed: dict[str, str],
+                             tuned_on: str) -> float | None:
     """The tune score recorded with the model's stored settings, if an earlier pass tuned them on the same tune
     split with the same specialists (so the two passes' scores measure the same thing); else None.
 
     Each pass starts from the stored thresholds and can wander to settings that score lower; comparing the
     two keeps re-tuning from ever losing ground on the tune split.
     """
-    if saved.get("tuned_on") != tuned_on or "tune_score" not in saved:
+    if saved.tuned_on != tuned_on or saved.tune_score is None:
         return None
-    stored = {kind: (info.get("sha256") or {}).get(name) for kind, name in (saved.get("specialists") or {}).items()}
-    return float(saved["tune_score"]) if stored == {kind: sha256_of(path) for kind, path in routed.items()} else None
+    stored = {kind: info.sha256.get(name) for kind, name in saved.specialists.items()}
+    return saved.tune_score if stored == {kind: sha256_of(path) for kind, path in routed.items()} else None
 
 
 def prediction_passes(flips: bool, scales, size_normalised: bool = False) -> float:
@@ -282,10 +285,9 @@ def prediction_passes(flips: bool, scales, size_normalised: bool = False) -> flo
     return (4 if flips else 1) * sum(scale * scale for scale in scales) + (1 if size_normalised else 0)
 
 
-def stored_passes(saved: dict) -> float:
+def stored_passes(saved: Postprocess) -> float:
     """prediction_passes of stored settings (run.json's postprocess)."""
-    return prediction_passes(bool(saved.get("tta")), saved.get("scales") or (1.0,),
-                             bool(saved.get("size_normalisation")))
+    return prediction_passes(saved.tta, saved.scales, bool(saved.size_normalisation))
 
 
 def worth_its_cost(scores: dict[str, float], costs: dict[str, float], min_gain: float) -> str:
@@ -308,7 +310,7 @@ class TuneRun:
     """What the tune steps share: the tune split, the loaded model, the limits, the log they fill in, and the
     values each step chooses for the steps after it."""
     model_path: str
-    info: dict  # the model's run.json
+    info: RunInfo  # the model's run.json
     samples: list  # the tune split's images with their nuclei
     inputs: list  # each image as the model reads it
     truths: list
@@ -321,7 +323,7 @@ class TuneRun:
     max_cost: float
     started: float
     log: dict
-    saved: dict  # the model's stored settings (run.json's postprocess)
+    saved: Postprocess  # the model's stored settings (run.json's postprocess)
     current: tuple  # their (threshold, seed_threshold, min_size): what steps 0 and 1 score with
     median_areas: list[float] = field(default_factory=list)  # each image's median nucleus, plain, measured once
     # Chosen by the steps, in order:
@@ -382,7 +384,7 @@ def tune_size_normalisation(run: TuneRun) -> None:
     """0. Size normalisation: each target nucleus area scored with plain prediction and the current
     post-processing; the first (area 0: off) also measures each image's nuclei."""
     plain, sizes = {}, {}
-    trained_at = float(run.info.get("config", {}).get("nucleus_area") or 0)
+    trained_at = float(run.info.config.get("nucleus_area") or 0)
     areas = sorted(set(NUCLEUS_AREAS) | {trained_at})  # and the one it trained at
     for area in areas if run.affordable("plain", True) else [0.0]:
         plain[area], sizes[area] = predict_tune_images(run, False, (1.0,), area, measure=not area)  # 0 first
@@ -503,13 +505,13 @@ STEPS = (tune_specialists, tune_size_normalisation, tune_prediction, tune_thresh
          tune_clump_split, tune_instance_filter, tune_outline_refiner)
 
 
-def _tunable_model(model: str) -> tuple[str, dict]:
+def _tunable_model(model: str) -> tuple[str, RunInfo]:
     """(absolute model path, run.json) of a model the tune step can tune; one clear error for any other."""
     model_path = os.path.abspath(resolve_model(model))
     info = read_model_info(model_path)
-    if info.get("mode") != "native" or info.get("num_classes") != 3:
+    if info.mode != "native" or info.num_classes != 3:
         raise ValueError("jobs/tune.py tunes native-mode, three-class models (the dsb2018 preset)")
-    if info.get("config", {}).get("holdout") == "refit":
+    if info.config.get("holdout") == "refit":
         raise ValueError("this model was trained with --holdout refit, on the tune split too: tuning on it would "
                          "flatter it; give --settings-from the model of the same recipe trained with --holdout protocol")
     return model_path, info
@@ -527,23 +529,23 @@ def start_tuning(model: str, data: str, min_gain: float, predictions: tuple[str,
         raise ValueError(f"--predictions: choose among {', '.join(PREDICTIONS)}, got {', '.join(predictions)}")
     started = time.time()
     model_path, info = _tunable_model(model)
-    trained = info.get("config", {})
+    trained = info.config  # the run's TrainConfig, as a dict
     refs = held_out_refs("tune", data or trained.get("data", ""), trained)
     samples = [load_sample(ref, with_masks=True) for ref in refs]
-    inputs = [normalise(apply_appearance(sample.image, info.get("appearance", "rgb"))) for sample in samples]
-    saved = info.get("postprocess") or {}
-    current = (float(saved.get("threshold", 0.5)), float(saved.get("seed_threshold", 0.5)), int(saved.get("min_size", 10)))
+    inputs = [normalise(apply_appearance(sample.image, info.appearance)) for sample in samples]
+    saved = info.postprocess
     log = {"model": model_path, "split": "tune", "images": len(refs), "steps": {}}
     print(f"tuning on the tune split: {len(refs)} images", flush=True)
     for kind, path in (specialists or {}).items():
         _check_specialist(kind, path, info)
     routed = specialists or specialist_files(model_path, info)
-    predictor = Predictor(model_path, batch_size=1, threads=2, tile=int(info.get("tile") or 1024),
+    predictor = Predictor(model_path, batch_size=1, threads=2, tile=info.effective_tile,
                           specialists=routed)  # loaded once
     return TuneRun(model_path=model_path, info=info, samples=samples, inputs=inputs,
                    truths=[sample.labels for sample in samples], kinds=[image_kind(sample.image) for sample in samples],
                    predictor=predictor, routed=routed, candidates=specialists or {}, predictions=predictions,
-                   min_gain=min_gain, max_cost=max_cost, started=started, log=log, saved=saved, current=current)
+                   min_gain=min_gain, max_cost=max_cost, started=started, log=log, saved=saved,
+                   current=saved.thresholds)
 
 
 def tuned_settings(run: TuneRun) -> dict:
@@ -586,12 +588,12 @@ def write_tuning(run: TuneRun, settings: dict, write: bool) -> None:
     if not write:
         return
     saved, info = run.saved, run.info
-    for kind in set((saved.get("specialists") or {})) - set(run.routed):  # a dropped specialist: no longer listed
-        info.get("sha256", {}).pop(saved["specialists"][kind], None)
+    for kind in set(saved.specialists) - set(run.routed):  # a dropped specialist: no longer listed
+        info.sha256.pop(saved.specialists[kind], None)
     if run.routed:
         settings["specialists"] = attach_specialists(run.model_path, info, run.routed)
-    info["postprocess"] = settings
-    fileio.write_text_atomic(info_path(run.model_path), json.dumps(info, indent=2))
+    info.postprocess = Postprocess.from_dict(settings, info_path(run.model_path), "postprocess.")
+    info.write(info_path(run.model_path))
 
 
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_GAIN,
@@ -643,11 +645,11 @@ def describe(log: dict) -> str:
             f"tune_score={kept['stored_tune_score'] if kept else settings['tune_score']:.4f}")
 
 
-def _check_refit_specialist(kind: str, path: str, model_path: str, info: dict) -> None:
+def _check_refit_specialist(kind: str, path: str, model_path: str, info: RunInfo) -> None:
     """A refit's own specialist: trained with --holdout refit --kinds KIND, fine-tuned from the refit model itself."""
     theirs = read_model_info(path)
-    trained = theirs.get("config", {})
-    problems = [f"{key} {theirs.get(key)!r} (the model's: {info.get(key)!r})"
+    trained = theirs.config  # its TrainConfig, as a dict
+    problems = [f"{key} {getattr(theirs, key)!r} (the model's: {getattr(info, key)!r})"
                 for key in reading_differences(theirs, info)]
     if trained.get("holdout") != "refit":
         problems.append(f"--holdout {trained.get('holdout')} (a refit's specialist: --holdout refit)")
@@ -671,31 +673,32 @@ def copy_settings(model: str, source: str, specialists: dict[str, str] | None = 
     """
     model_path, source_path = os.path.abspath(resolve_model(model)), os.path.abspath(resolve_model(source))
     info, tuned = read_model_info(model_path), read_model_info(source_path)
-    settings = tuned.get("postprocess") or {}
-    if "tuned_on" not in settings:
+    settings = tuned.postprocess
+    if settings.tuned_on is None:
         raise ValueError(f"{source}: its run.json holds no tuned settings (run jobs/tune.py on it first)")
-    if tuned.get("config", {}).get("holdout") != "protocol":
+    if tuned.config.get("holdout") != "protocol":
         raise ValueError(f"{source}: settings must come from a --holdout protocol run (its tune split unseen)")
-    differ = recipe_differences(kept_weights_config(info), kept_weights_config(tuned))
+    differ = recipe_differences(info.kept_weights_config(), tuned.kept_weights_config())
     if differ:
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
-    info["postprocess"] = {**settings, "tuned_on": f"{settings['tuned_on']}, for {os.path.relpath(source_path)} "
-                                                   f"(same recipe, tune split unseen)"}
-    carried = specialist_files(source_path, tuned) if settings.get("specialists") else {}
+    info.postprocess = copy.deepcopy(settings)  # the same keys as the source's, in the same order
+    info.postprocess.tuned_on = (f"{settings.tuned_on}, for {os.path.relpath(source_path)} "
+                                 f"(same recipe, tune split unseen)")
+    carried = specialist_files(source_path, tuned) if settings.specialists else {}
     for kind, path in (specialists or {}).items():
         if kind not in carried:
             raise ValueError(f"--specialists {kind}=...: the settings of {source} were tuned without a {kind} "
                              f"specialist")
         _check_refit_specialist(kind, path, model_path, info)
         carried[kind] = os.path.abspath(path)
-        info["postprocess"]["tuned_on"] += f", with this refit's own {kind} specialist"
+        info.postprocess.tuned_on += f", with this refit's own {kind} specialist"
     if carried:  # the specialists those settings were tuned with, or the refit's own of the same recipe
-        info["postprocess"]["specialists"] = attach_specialists(model_path, info, carried)
-    fileio.write_text_atomic(info_path(model_path), json.dumps(info, indent=2))
+        info.postprocess.specialists = attach_specialists(model_path, info, carried)
+    info.write(info_path(model_path))
     tuning = os.path.join(os.path.dirname(source_path), "tuning.json")
     if os.path.isfile(tuning):
         with open(tuning, encoding="utf-8") as stream:
             log = json.load(stream)
         log["settings_for"] = {"model": model_path, "copied_from": source_path}
         fileio.write_text_atomic(os.path.join(os.path.dirname(model_path), "tuning.json"), json.dumps(log, indent=2))
-    return info["postprocess"]
+    return info.postprocess.to_dict()

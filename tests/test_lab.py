@@ -89,12 +89,12 @@ def test_repackaging_the_same_weights_keeps_the_file_and_a_new_model_replaces_it
     mtime = os.path.getmtime(shipped / "model.keras")
     (run / "run.json").write_text(json.dumps({"num_classes": 2, "postprocess": {"threshold": 0.7}}))
     second = package_model(str(run / "model.keras"), str(shipped))  # new settings, same weights
-    assert second["sha256"] == first["sha256"] and os.path.getmtime(shipped / "model.keras") == mtime
+    assert second.sha256 == first.sha256 and os.path.getmtime(shipped / "model.keras") == mtime
     assert json.loads((shipped / "run.json").read_text())["postprocess"]["threshold"] == 0.7
     save_for_inference(build_unet(64, 3, "none", encoder_width=0.35), str(run / "model.keras"))
     (run / "run.json").write_text(json.dumps({"num_classes": 3}))
     third = package_model(str(run / "model.keras"), str(shipped))  # other weights: the file is replaced
-    assert third["sha256"]["model.keras"] == sha256_of(str(shipped / "model.keras")) != first["sha256"]["model.keras"]
+    assert third.sha256["model.keras"] == sha256_of(str(shipped / "model.keras")) != first.sha256["model.keras"]
 
 
 def test_shipped_model_is_documented_small_and_checked():
@@ -104,8 +104,8 @@ def test_shipped_model_is_documented_small_and_checked():
     path = resolve_model("dsb2018")
     assert os.path.getsize(path) <= 25 * 2**20
     info = read_model_info(path)
-    assert info["sha256"]["model.keras"] and info["mode"] == "native" and info["num_classes"] == 3
+    assert info.sha256["model.keras"] and info.mode == "native" and info.num_classes == 3
     for specialist in specialist_files(path, info).values():  # checked against run.json's sha256 too
         assert os.path.getsize(specialist) <= 25 * 2**20
     card = open(os.path.join(MODELS_DIR, "dsb2018", "README.md"), encoding="utf-8").read()
-    assert info["sha256"]["model.keras"] in card and "test split" in card
+    assert info.sha256["model.keras"] in card and "test split" in card

@@ -151,13 +151,13 @@ def test_a_model_trained_with_a_removed_option_is_refused_in_one_line(tmp_path):
     from pipeline.registry import read_model_info, resolve_model
     from tests.test_config import OLD_OPTIONS_OFF
 
-    assert read_model_info(resolve_model("dsb2018"))["config"]["border"] == "all"
+    assert read_model_info(resolve_model("dsb2018")).config["border"] == "all"
     path = str(tmp_path / "model.keras")
     save_model(build_unet(64, 3, "none", encoder_width=0.35), path)
     config = {"loss": "ce+dice", **OLD_OPTIONS_OFF}
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"num_classes": 3, "fine_head": 0, "config": config}))
-    assert load_model(path)[1]["config"] == config
+    assert load_model(path)[1].config == config
     for change, named in (({"fine_head": 64}, "fine_head=64"),
                           ({"config": {**config, "loss": "ce+dice+lovasz"}}, "loss=ce+dice+lovasz"),
                           ({"config": {**config, "border": "touching"}}, "border=touching")):
@@ -239,6 +239,7 @@ def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model
     from pipeline.model import package_model, save_for_inference
     from pipeline.onnx_model import export_onnx
     from pipeline.registry import ModelFileError
+    from pipeline.runinfo import RunInfo
     from pipeline.tfkeras import tf
     from pipeline.tuning import attach_specialists
 
@@ -251,11 +252,12 @@ def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model
         (run / "run.json").write_text(json.dumps({"mode": "native", "num_classes": 3, "image_size": 64,
                                                   "postprocess": {"threshold": 0.6}}))
         paths[name] = str(run / "model.keras")
-    info = json.loads((tmp_path / "general" / "run.json").read_text())
-    info["postprocess"]["specialists"] = attach_specialists(paths["general"], info, {"stained": paths["stained"]})
-    (tmp_path / "general" / "run.json").write_text(json.dumps(info))
-    assert info["postprocess"]["specialists"] == {"stained": "specialist-stained.keras"}
-    assert "specialist-stained.keras" in info["sha256"]
+    info = RunInfo.read(str(tmp_path / "general" / "run.json"))
+    info.postprocess.specialists = attach_specialists(paths["general"], info, {"stained": paths["stained"]})
+    info.write(str(tmp_path / "general" / "run.json"))
+    written = json.loads((tmp_path / "general" / "run.json").read_text())
+    assert written["postprocess"] == {"threshold": 0.6, "specialists": {"stained": "specialist-stained.keras"}}
+    assert "specialist-stained.keras" in written["sha256"]
 
     image = np.random.default_rng(0).random((96, 64, 3)).astype(np.float32)
     alone = {name: Predictor(path, batch_size=1, threads=1).predict_whole(image) for name, path in paths.items()}
@@ -282,7 +284,7 @@ def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model
         stream.write(b"\0")
     with pytest.raises(ModelFileError, match="sha256 differs"):
         Predictor(str(shipped / "model.keras"), 1, 1)
-    info["postprocess"]["specialists"] = {"stained": "../stained/model.keras"}  # outside the model's folder
-    (tmp_path / "general" / "run.json").write_text(json.dumps(info))
+    info.postprocess.specialists = {"stained": "../stained/model.keras"}  # outside the model's folder
+    info.write(str(tmp_path / "general" / "run.json"))
     with pytest.raises(ModelFileError, match="a file beside the model"):
         Predictor(paths["general"], 1, 1)

@@ -43,7 +43,7 @@ def test_run_folder_holds_model_logs_and_snapshots(trained_run):
     assert glob.glob(os.path.join(config.output, "tensorboard", "**", "events.out.tfevents.*"), recursive=True)
     assert len(glob.glob(os.path.join(config.output, "snapshots", "epoch_*.png"))) >= config.epochs - 1
     model, run = load_model(os.path.join(config.output, "model.keras"))
-    assert run["image_size"] == 128 and run["num_classes"] == 2
+    assert run.image_size == 128 and run.num_classes == 2
     x = np.random.default_rng(0).random((2, 128, 128, 3)).astype(np.float32)
     again, _ = load_model(os.path.join(config.output, "model.keras"))
     assert np.array_equal(model.predict(x, verbose=0), again.predict(x, verbose=0))
