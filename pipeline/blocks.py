@@ -97,22 +97,33 @@ def shift_measurements(rows: dict, offset: int, top: int, left: int, pixel_size_
 
 
 class LabelCanvas:
-    """The whole image's labels in a memory-mapped file, filled block by block; a pixel two blocks' nuclei both
-    claim stays with the first."""
+    """The whole image's labels in a file on disk, filled block by block; a pixel two blocks' nuclei both claim
+    stays with the first. The file is mapped only while a block is pasted or a band of it written, so the
+    driver's memory follows the block, not the image."""
+
+    TILE = 512  # the label TIFF's tiles
 
     def __init__(self, path: str, height: int, width: int):
-        self.path = path
-        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(height, width))
+        self.path, self.shape = path, (height, width)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=self.shape).flush()
         self.nuclei = 0
         self.covered = 0
+
+    @property
+    def array(self) -> np.ndarray:
+        """The labels so far, mapped read-only."""
+        return np.load(self.path, mmap_mode="r")
 
     def paste(self, kept: np.ndarray, block: Block) -> int:
         """Add a block's kept nuclei (keep_core_nuclei) after those pasted so far; returns their label offset."""
         top, bottom, left, right = block.window
-        region = self.array[top:bottom, left:right]
+        array = np.load(self.path, mmap_mode="r+")
+        region = array[top:bottom, left:right]
         mask = (kept > 0) & (region == 0)
         offset = self.nuclei
         region[mask] = kept[mask].astype(np.uint32) + offset
+        array.flush()
+        del region, array  # unmapped: the pages go back to the page cache
         self.nuclei += int(kept.max(initial=0))
         self.covered += int(np.count_nonzero(mask))
         return offset
@@ -120,23 +131,34 @@ class LabelCanvas:
     def summary(self) -> dict:
         """The manifest's per-image summary (as pipeline.measure.image_summary), without reading the labels back."""
         return {"nuclei": self.nuclei, "mean_area": round(self.covered / self.nuclei, 2) if self.nuclei else 0.0,
-                "covered_fraction": round(self.covered / max(1, self.array.size), 6)}
+                "covered_fraction": round(self.covered / max(1, self.shape[0] * self.shape[1]), 6)}
+
+    def _tiles(self):
+        """The labels tile by tile in row-major order (edge tiles padded with 0), one band of rows mapped at a time."""
+        tile = self.TILE
+        height, width = self.shape
+        for top in range(0, height, tile):
+            band = np.array(np.load(self.path, mmap_mode="r")[top:top + tile])  # a copy: the map is dropped here
+            for left in range(0, width, tile):
+                part = band[:, left:left + tile]
+                if part.shape != (tile, tile):
+                    part = np.pad(part, ((0, tile - part.shape[0]), (0, tile - part.shape[1])))
+                yield np.ascontiguousarray(part)
 
     def write_tiff(self, path: str, pixel_size_um: float | None = None, ome: bool = False) -> None:
-        """The labels as a tiled, compressed 32-bit (OME-)TIFF, written tile by tile from the mapped file."""
+        """The labels as a tiled, compressed 32-bit (OME-)TIFF, written band by band from the file."""
         import tifffile
 
         metadata = {"axes": "YX"} if ome else None
         if ome and pixel_size_um:
             metadata.update(PhysicalSizeX=pixel_size_um, PhysicalSizeXUnit="µm", PhysicalSizeY=pixel_size_um,
                             PhysicalSizeYUnit="µm")
-        self.array.flush()
-        tifffile.imwrite(path, self.array, tile=(512, 512), compression="zlib", bigtiff=self.array.nbytes > 2 ** 31,
-                         ome=ome, metadata=metadata)
+        tifffile.imwrite(path, self._tiles(), shape=self.shape, dtype=np.uint32, tile=(self.TILE, self.TILE),
+                         compression="zlib", bigtiff=self.shape[0] * self.shape[1] * 4 > 2 ** 31, ome=ome,
+                         metadata=metadata)
 
     def close(self) -> None:
-        """Drop the mapped file."""
-        del self.array
+        """Remove the file."""
         if os.path.exists(self.path):
             os.unlink(self.path)
 

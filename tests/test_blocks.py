@@ -89,6 +89,8 @@ def test_every_nucleus_is_kept_once_and_whole_across_the_seams(tmp_path, block):
     assert canvas.nuclei == len(np.unique(labels)) - 1 == stitched.max()
     assert bijection(stitched, labels)
     assert canvas.summary()["covered_fraction"] == round(np.count_nonzero(labels) / labels.size, 6)
+    canvas.write_tiff(str(tmp_path / "labels.tif"))  # 512-pixel tiles, the edge ones cut back to the image
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "labels.tif"), stitched)
     canvas.close()
     assert not os.path.exists(tmp_path / "canvas.npy")
 
