@@ -33,11 +33,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
-from common import ROOT, PeakMemory, require_real_zip
+from common import ROOT, PeakMemory, require_real_zip, used_memory
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # csbdeep then takes tf-keras (tensorflow.keras), as the project
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,6 +56,8 @@ SEED = 42
 
 def need_stardist():
     """StarDist2D, or one line on how to install it."""
+    import pipeline.tfkeras  # noqa: F401 - TensorFlow imported once, quietly (its C++ start-up lines), with tf-keras
+
     try:
         from stardist.models import StarDist2D
     except ImportError as error:
@@ -134,7 +137,8 @@ def train(args, splits, started: float) -> dict:
     x_train, y_train = load_pairs(splits["train"])
     x_tune, y_tune = load_pairs(splits["tune"])
     loaded = time.monotonic() - started
-    print(f"StarDist training data: {len(x_train)} train, {len(x_tune)} tune images loaded in {loaded:.0f} s", flush=True)
+    print(f"StarDist training data: {len(x_train)} train, {len(x_tune)} tune images, ready after {loaded:.0f} s",
+          flush=True)
 
     config = Config2D(n_rays=N_RAYS, grid=GRID, n_channel_in=3, train_patch_size=PATCH, use_gpu=False,
                       train_tensorboard=False)
@@ -178,7 +182,7 @@ def train(args, splits, started: float) -> dict:
 
     ious = [0.3, 0.5, 0.7] if args.threshold_ious == "stardist" else [round(float(t), 2) for t in THRESHOLDS]
     began = time.monotonic()
-    thresholds = model.optimize_thresholds(x_tune, y_tune, iou_threshs=ious)
+    thresholds = model.optimize_thresholds(x_tune, y_tune, iou_threshs=ious, optimize_kwargs={"verbose": 0})
     thresholded = time.monotonic() - began
     total = time.monotonic() - started
     val_losses = [float(value) for value in history.history.get("val_loss", [])]
@@ -255,7 +259,8 @@ def accuracy(args, splits, kinds) -> dict:
             scores = image_scores(sample.labels, np.asarray(predict(sample.image)).astype(np.int32))
             rows[name].append({"image_id": ref.image_id, "kind": kinds[ref.image_id], "score": float(scores.mean()),
                                "score_iou50": float(scores[0])})
-    return {"images": len(refs), "thresholds": {key: float(value) for key, value in dict(model.thresholds._asdict()).items()},
+    thresholds = {key: float(value) for key, value in model.thresholds._asdict().items()}
+    return {"images": len(refs), "thresholds": thresholds,
             "table": {name: summarise(chosen) for name, chosen in rows.items()}}
 
 
@@ -297,21 +302,112 @@ def stardist_speed_child(args) -> None:
     seconds = time.perf_counter() - began
     print("RESULT " + json.dumps({"seconds": seconds, "load_seconds": loaded, "images": len(refs), "pixels": pixels,
                                   "nuclei": nuclei,
-                                  "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+                                  "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+          flush=True)
+
+
+def settle(limit: float = 60.0) -> None:
+    """Wait (at most `limit` seconds) until the machine's used memory stops moving (within 32 MiB over 2 s): the
+    processes of the run before (Ray's actors, StarDist's process) gone, so the next run's peak starts from a level."""
+    began = time.monotonic()
+    readings = [used_memory()]
+    while time.monotonic() - began < limit:
+        time.sleep(0.5)
+        readings = (readings + [used_memory()])[-5:]
+        if len(readings) == 5 and max(readings) - min(readings) < 32 * 2 ** 20:
+            return
+
+
+def _pss(pid: int) -> int:
+    """Proportional resident memory of a process in bytes (shared pages split among the processes sharing them)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as stream:
+            for line in stream:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as stream:
+            return stream.read()
+    except OSError:
+        return b""
+
+
+def _parent(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return int(stream.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def ray_workers():
+    """A function listing the worker processes (`ray::...`: actors, tasks, idle workers) of this driver's Ray on this
+    machine: the children of its raylet, not another Ray's on the same machine, nor Ray's daemons."""
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path().encode()
+    raylets = {int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+               and b"raylet" in _cmdline(pid).split(b"\0")[0] and session in _cmdline(pid)}
+
+    def select() -> list[int]:
+        return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).startswith(b"ray::")
+                and _parent(pid) in raylets]
+
+    return select
+
+
+class ProcessPeak:
+    """Peak of the summed PSS of the processes `select()` names, sampled every 0.2 s while a block runs: the memory
+    of the processes doing the work (StarDist's process; Ray's worker processes), shared libraries counted once."""
+
+    def __init__(self, select):
+        self.select = select
+        self.peak = 0
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, sum(_pss(pid) for pid in self.select()))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2 ** 20
 
 
 def time_stardist(args, folder: str, n_tiles_side: int) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--model-dir", args.model_dir, "--stardist-speed", folder,
                "--n-tiles-side", str(n_tiles_side)]
-    with PeakMemory() as memory:
-        began = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
-        wall = time.perf_counter() - began
+    settle()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        with PeakMemory() as memory:
+            began = time.perf_counter()
+            child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+            with ProcessPeak(lambda: [child.pid]) as processes:
+                child.wait()
+            wall = time.perf_counter() - began
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(command, child.returncode, out.read(), err.read())
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"StarDist's timing process failed ({done.returncode}): {done.stderr[-2000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    return {**result, "peak_mib": memory.mib, "process_seconds": wall}
+    return {**result, "peak_mib": memory.mib, "process_mib": processes.mib, "process_seconds": wall}
 
 
 def time_ours(args, folder: str, output: str, stored: bool) -> dict:
@@ -323,7 +419,8 @@ def time_ours(args, folder: str, output: str, stored: bool) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     settings = {} if stored else PLAIN
     config = SegmentConfig(model=args.model, input=folder, output=output, measurements=False, report=False, **settings)
-    with PeakMemory() as memory:
+    settle()
+    with PeakMemory() as memory, ProcessPeak(ray_workers()) as processes:
         began = time.perf_counter()
         result = run_segmentation(config, output)
         seconds = time.perf_counter() - began
@@ -331,12 +428,11 @@ def time_ours(args, folder: str, output: str, stored: bool) -> dict:
     if failed:
         raise RuntimeError(f"segment.py failed on {len(failed)} images, e.g. {failed[0]}")
     return {"seconds": seconds, "images": result.done, "nuclei": int(sum(row["nuclei"] for row in result.rows)),
-            "peak_mib": memory.mib}
+            "peak_mib": memory.mib, "process_mib": processes.mib}
 
 
 def speed(args) -> dict:
     """The two image sets, each timed for StarDist, ours plain and ours stored in --repeats interleaved turns."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from large_image import fluorescence_tiles, write_mosaic
     from segment import make_folder
 
@@ -371,6 +467,7 @@ def speed(args) -> dict:
                 sets[name][side] = {"seconds": seconds, "images": images, "images_per_s": images / seconds,
                                     "mpixel_per_s": pixels / 1e6 / seconds,
                                     "peak_mib": max(turn["peak_mib"] for turn in turns),
+                                    "process_mib": max(turn["process_mib"] for turn in turns),
                                     "nuclei": turns[0]["nuclei"], "turns": turns}
             print(format_speed({name: sets[name]}), flush=True)
     finally:
@@ -379,16 +476,23 @@ def speed(args) -> dict:
 
 
 def format_speed(sets: dict) -> str:
-    lines = [f"{'images':<16}{'side':<13}{'seconds':>9}{'images/s':>10}{'Mpixel/s':>10}{'peak MiB':>10}{'nuclei':>9}"]
+    """The speed table: per image set, StarDist and ours, then the ratios ours / StarDist."""
+    lines = [f"{'images':<14}{'side':<13}{'seconds':>9}{'images/s':>10}{'Mpixel/s':>10}{'machine MiB':>13}"
+             f"{'process MiB':>13}{'nuclei':>9}"]
     for name, sides in sets.items():
         for side, row in sides.items():
-            lines.append(f"{name:<16}{side:<13}{row['seconds']:>9.1f}{row['images_per_s']:>10.2f}"
-                         f"{row['mpixel_per_s']:>10.2f}{row['peak_mib']:>10.0f}{row['nuclei']:>9,}")
+            lines.append(f"{name:<14}{side:<13}{row['seconds']:>9.1f}{row['images_per_s']:>10.2f}"
+                         f"{row['mpixel_per_s']:>10.2f}{row['peak_mib']:>13.0f}{row['process_mib']:>13.0f}"
+                         f"{row['nuclei']:>9,}")
         theirs = sides["StarDist"]
         for side in ("ours plain", "ours stored"):
             ours = sides[side]
-            lines.append(f"{'':<16}ratio {side} / StarDist: speed {ours['images_per_s'] / theirs['images_per_s']:.2f}, "
-                         f"peak memory {ours['peak_mib'] / max(theirs['peak_mib'], 1):.2f}")
+            lines.append(f"{'':<14}ratio {side} / StarDist: speed {ours['images_per_s'] / theirs['images_per_s']:.2f}, "
+                         f"memory {ours['peak_mib'] / max(theirs['peak_mib'], 1):.2f} (machine), "
+                         f"{ours['process_mib'] / max(theirs['process_mib'], 1):.2f} (processes)")
+    lines.append("machine MiB: peak rise of the machine's used memory; process MiB: peak summed PSS of StarDist's "
+                 "process / of Ray's worker processes (Ray's daemons not counted); StarDist's seconds include its "
+                 "model load, ours its actors' start-up")
     return "\n".join(lines)
 
 
