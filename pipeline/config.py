@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -249,6 +250,8 @@ def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] 
     """Parse a command line into a config dataclass instance; `required` names fields that must be given."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     _add_arguments(parser, cls)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show TensorFlow's and Ray's own log lines (the console shows progress and results)")
     namespace = parser.parse_args(argv)
     preset = getattr(namespace, "preset", "")
     if preset:  # the preset's values become defaults, so flags given explicitly still override them
@@ -257,7 +260,9 @@ def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] 
     for name in required:
         if not getattr(namespace, name):
             parser.error(f"--{name.replace('_', '-')} is required")
-    config = cls(**vars(namespace))
+    if namespace.verbose:  # read where TensorFlow is imported and Ray started (pipeline.tfkeras, pipeline.data)
+        os.environ.update(NUCLEI_VERBOSE="1", NUCLEI_RAY_LOGS="1")
+    config = cls(**{key: value for key, value in vars(namespace).items() if key != "verbose"})
     if getattr(config, "image_size", 32) % 32:
         parser.error(f"--image-size must be a multiple of 32, got {config.image_size}")
     return config

@@ -224,3 +224,15 @@ def test_a_data_file_given_by_two_paths_is_the_same_recipe(tmp_path, monkeypatch
     other = recipe_differences({"data": "data/train.zip"}, {"data": "data/other.zip"})
     assert same == [] and other == ["data"]
     assert recipe_differences({"data": "s3://a/train.zip"}, {"data": "s3://b/train.zip"}) == ["data"]
+
+
+def test_verbose_is_a_flag_of_every_job_and_turns_the_libraries_logs_on(monkeypatch):
+    from pipeline.config import SegmentConfig, TrainConfig, TuneConfig, parse_args
+
+    for name in ("NUCLEI_VERBOSE", "NUCLEI_RAY_LOGS"):
+        monkeypatch.delenv(name, raising=False)
+    quiet = parse_args(SegmentConfig, ["--input", "x"])
+    assert isinstance(quiet, SegmentConfig) and "NUCLEI_VERBOSE" not in os.environ
+    assert isinstance(parse_args(TuneConfig, ["--model", "m"]), TuneConfig)
+    assert isinstance(parse_args(TrainConfig, ["--verbose"]), TrainConfig)
+    assert os.environ["NUCLEI_VERBOSE"] == os.environ["NUCLEI_RAY_LOGS"] == "1"
