@@ -40,11 +40,15 @@ def used_memory() -> int:
     return values["MemTotal"] - values["MemAvailable"]
 
 
-class PeakMemory:
-    """Peak rise of the machine's used memory (all processes: driver, Ray workers, object store) during a block."""
+class PeakOf:
+    """Peak of `measure()` (bytes), sampled every `interval` seconds while a block runs; `baseline` is its value at
+    the start."""
+
+    def __init__(self, measure, interval: float = 0.05):
+        self.measure, self.interval = measure, interval
 
     def __enter__(self):
-        self.baseline = used_memory()
+        self.baseline = self.measure()
         self.peak = self.baseline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -52,13 +56,16 @@ class PeakMemory:
         return self
 
     def _watch(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, used_memory())
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.measure())
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
 
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.baseline) / 2**20
+
+class PeakMemory(PeakOf):
+    """Peak rise of the machine's used memory (all processes: driver, Ray workers, object store) during a block."""
+
+    def __init__(self):
+        super().__init__(used_memory)

@@ -33,12 +33,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
-from common import ROOT, PeakMemory, require_real_zip, used_memory
+from common import ROOT, PeakMemory, PeakOf, require_real_zip, used_memory
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # csbdeep then takes tf-keras (tensorflow.keras), as the project
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -362,31 +361,10 @@ def ray_workers():
     return select
 
 
-class ProcessPeak:
+def process_peak(select) -> PeakOf:
     """Peak of the summed PSS of the processes `select()` names, sampled every 0.2 s while a block runs: the memory
     of the processes doing the work (StarDist's process; Ray's worker processes), shared libraries counted once."""
-
-    def __init__(self, select):
-        self.select = select
-        self.peak = 0
-
-    def __enter__(self):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, sum(_pss(pid) for pid in self.select()))
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def mib(self) -> float:
-        return self.peak / 2 ** 20
+    return PeakOf(lambda: sum(_pss(pid) for pid in select()), interval=0.2)
 
 
 def time_stardist(args, folder: str, n_tiles_side: int) -> dict:
@@ -397,7 +375,7 @@ def time_stardist(args, folder: str, n_tiles_side: int) -> dict:
         with PeakMemory() as memory:
             began = time.perf_counter()
             child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
-            with ProcessPeak(lambda: [child.pid]) as processes:
+            with process_peak(lambda: [child.pid]) as processes:
                 child.wait()
             wall = time.perf_counter() - began
         out.seek(0)
@@ -420,7 +398,7 @@ def time_ours(args, folder: str, output: str, stored: bool) -> dict:
     settings = {} if stored else PLAIN
     config = SegmentConfig(model=args.model, input=folder, output=output, measurements=False, report=False, **settings)
     settle()
-    with PeakMemory() as memory, ProcessPeak(ray_workers()) as processes:
+    with PeakMemory() as memory, process_peak(ray_workers()) as processes:
         began = time.perf_counter()
         result = run_segmentation(config, output)
         seconds = time.perf_counter() - began
