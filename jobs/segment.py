@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.inference import run_segmentation
 
         result = run_segmentation(config, config.output)
-        print(f"segmented {result.done} images ({result.failed} failed) in {result.seconds:.1f}s; "
-              f"manifest: {os.path.join(config.output, 'manifest.csv')}")
+        nuclei = sum(int(row.get("nuclei") or 0) for row in result.rows if row["status"] in ("done", "existing"))
+        print(f"segmented {result.done} images, {nuclei:,} nuclei ({result.failed} failed) in {result.seconds:.1f}s; "
+              f"outputs in {config.output} (manifest.csv, labels/, measurements/, report.png)")
 
     return run_job(work)
 
