@@ -47,6 +47,8 @@ def segment_block(image, block: Block, model_path: str, settings: dict, threads:
                   appearance: dict | None, image_id: str, measure: bool, outlines: bool) -> dict:
     """One block: its window read and segmented, the nuclei it answers for (labels 1..n, window-sized), their
     measurements and outlines in window coordinates. `image`: a TIFF's local path, or the decoded image."""
+    import ray
+
     from pipeline.exports import nucleus_outlines
     from pipeline.measure import measure_nuclei
 
@@ -54,8 +56,6 @@ def segment_block(image, block: Block, model_path: str, settings: dict, threads:
     window = reader.read(block.window)
     labels = _segmenter(model_path, settings, threads).segment(window, kind=kind, appearance=appearance)
     kept = keep_core_nuclei(labels, block, reader.height, reader.width)
-    import ray
-
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     return {"labels": kept.astype(np.uint16) if kept.max(initial=0) <= np.iinfo(np.uint16).max else kept, "node": node,
             "rows": measure_nuclei(kept, window, image_id) if measure else None,
@@ -93,7 +93,7 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
                            bool(set(exports) & {"geojson", "imagej-rois"})) for block in blocks]
     label_file = _label_candidates(output, ref.image_path)[".tif"]
     local = not fileio.is_uri(output)
-    folder = os.path.dirname(label_file) if local else tempfile.mkdtemp()
+    folder = os.path.dirname(label_file) if local else tempfile.gettempdir()  # the label file's own folder
     os.makedirs(folder, exist_ok=True)
     handle, canvas_path = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".tmp")
     os.close(handle)
