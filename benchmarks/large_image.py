@@ -3,12 +3,14 @@ same pixels segmented whole.
 
     cd benchmarks && python large_image.py                  # 20,000 x 20,000, blocks of 2048 (the default)
     cd benchmarks && python large_image.py --side 6000      # a quicker look
+    cd benchmarks && python large_image.py --folder F --compare-only   # the comparison again, on F's earlier run
 
 The image is a mosaic of 256-pixel tiles of the real DSB2018 fluorescence images (the commonest kind), written
 as a tiled, compressed TIFF without holding it in memory. `jobs/segment.py`'s library call segments it with the
 shipped model's stored settings; every Ray worker process's peak resident memory is read from /proc at the end.
-A centre crop that fits in memory is segmented whole (pipeline.api.Segmenter) and compared nucleus by nucleus
-with the blockwise labels of the same pixels: the nuclei inside the crop's inner part, their count and IoU.
+A centre crop that fits in memory is segmented whole, in one forward pass (pipeline.api.Segmenter), and compared
+nucleus by nucleus with the blockwise labels of the same pixels: the nuclei inside the crop's inner part, their
+count and IoU.
 """
 from __future__ import annotations
 
@@ -98,41 +100,51 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=2048, help="jobs/segment.py --block-size")
     parser.add_argument("--crop", type=int, default=4096, help="side of the centre crop segmented whole")
     parser.add_argument("--folder", default="", help="work folder (default: a temporary one, removed at the end)")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only the comparison, with the mosaic and blockwise labels an earlier run left in --folder")
     args = parser.parse_args()
 
     from pipeline.api import Segmenter, segment_folder
+    from pipeline.augment import fit_appearance
+    from pipeline.blocks import ALIGN, TiffWindows, sample_mosaic
     from pipeline.metric import matched_ious
+    from pipeline.protocol import image_kind
 
     folder = args.folder or tempfile.mkdtemp(prefix="large-image-")
     os.makedirs(os.path.join(folder, "in"), exist_ok=True)
     image_path = os.path.join(folder, "in", "slide.tif")
-    started = time.perf_counter()
-    write_mosaic(image_path, args.side, fluorescence_tiles(48))
-    print(f"mosaic {args.side} x {args.side} ({args.side ** 2 / 1e6:.0f} Mpixel), {os.path.getsize(image_path) / 1e6:.0f} MB "
-          f"tiled TIFF, written in {time.perf_counter() - started:.0f} s", flush=True)
-
     output = os.path.join(folder, "out")
-    others = frozenset(worker_peaks())  # Ray workers of other runs on this machine are not ours
-    with PeakMemory() as machine:
+    if not args.compare_only:
         started = time.perf_counter()
-        result = segment_folder(os.path.join(folder, "in"), output, block_size=args.block_size, report=False)
-        seconds = time.perf_counter() - started
-    row = result.rows[0]
-    assert row["status"] == "done", row
-    workers = worker_peaks(others)
-    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"blockwise: {seconds:.0f} s, {row['nuclei']:,} nuclei, {args.side ** 2 / 1e6 / seconds:.2f} Mpixel/s; "
-          f"peak memory: driver {driver / 2 ** 30:.2f} GiB, Ray workers "
-          + ", ".join(f"{peak / 2 ** 30:.2f}" for peak in sorted(workers.values(), reverse=True)[:4])
-          + f" GiB (largest of {len(workers)}); whole machine +{(machine.peak - machine.baseline) / 2 ** 30:.2f} GiB",
-          flush=True)
+        write_mosaic(image_path, args.side, fluorescence_tiles(48))
+        print(f"mosaic {args.side} x {args.side} ({args.side ** 2 / 1e6:.0f} Mpixel), "
+              f"{os.path.getsize(image_path) / 1e6:.0f} MB tiled TIFF, written in {time.perf_counter() - started:.0f} s",
+              flush=True)
+        others = frozenset(worker_peaks())  # Ray workers of other runs on this machine are not ours
+        with PeakMemory() as machine:
+            started = time.perf_counter()
+            result = segment_folder(os.path.join(folder, "in"), output, block_size=args.block_size, report=False)
+            seconds = time.perf_counter() - started
+        row = result.rows[0]
+        assert row["status"] == "done", row
+        workers = worker_peaks(others)
+        driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"blockwise: {seconds:.0f} s, {row['nuclei']:,} nuclei, {args.side ** 2 / 1e6 / seconds:.2f} Mpixel/s; "
+              f"peak memory: driver {driver / 2 ** 30:.2f} GiB, Ray workers "
+              + ", ".join(f"{peak / 2 ** 30:.2f}" for peak in sorted(workers.values(), reverse=True)[:4])
+              + f" GiB (largest of {len(workers)}); whole machine +{machine.mib / 1024:.2f} GiB", flush=True)
 
-    top = (args.side - args.crop) // 2
+    # The crop starts on the encoder's 32-pixel grid, as every block's window does, and is segmented with the
+    # kind and look the blockwise run measured on the whole slide: the same pixels, seen the same way, whole.
+    top = (args.side - args.crop) // 2 // ALIGN * ALIGN
     window = (slice(top, top + args.crop), slice(top, top + args.crop))
     crop = read_window(image_path, window)
     blockwise = read_window(os.path.join(output, "labels", "slide.tif"), window)
+    segmenter = Segmenter.load("dsb2018", tile=args.crop)  # whole: one forward pass, as each block is
+    sample = sample_mosaic(TiffWindows(image_path))
+    kind = image_kind(sample) if segmenter.needs_kind else ""
     started = time.perf_counter()
-    whole = Segmenter.load("dsb2018").segment(crop)
+    whole = segmenter.segment(crop, kind=kind, appearance=fit_appearance(sample, segmenter.info.appearance))
     whole_seconds = time.perf_counter() - started
     margin = 64
     inner_whole, inner_blocks = inner_nuclei(whole, margin), inner_nuclei(blockwise, margin)

@@ -4,8 +4,9 @@ The blocks' cores tile the image exactly; each block is read with a margin aroun
 keeps only the nuclei whose centre lies in its core and that no cut edge of the window truncates. With a margin
 wider than a nucleus, each nucleus is then kept whole by exactly one block: none is cut at a seam or counted
 twice. The image's label image is filled block by block in block order (`LabelCanvas`, memory-mapped on disk),
-so memory is bounded by the block size, not the image size. Windows of TIFF / OME-TIFF files are read tile by
-tile (tifffile's Zarr view) without decoding the whole image; other formats are decoded whole once.
+so memory is bounded by the block size, not the image size. Windows of TIFF / OME-TIFF files (tifffile's Zarr
+view) and of Zarr / OME-Zarr stores are read chunk by chunk without decoding the whole image; other formats are
+decoded whole once.
 Pure numpy, SciPy, tifffile and zarr: no Ray or TensorFlow (pipeline.blockwise runs the blocks on Ray).
 """
 from __future__ import annotations
@@ -16,10 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.units import TIFF_SUFFIXES
+
 BLOCK_MARGIN = 128  # pixels read around each block's core: wider than the largest nucleus the model outlines
 ALIGN = 32  # the encoder's total stride
 SAMPLE_GRID, SAMPLE_SIDE = 4, 256  # the whole-image sample: 4 x 4 windows of 256 pixels spread over the image
-TIFF_SUFFIXES = (".tif", ".tiff")
+ZARR_SUFFIX = ".zarr"
 
 
 @dataclass(frozen=True)
@@ -194,27 +197,94 @@ class TiffWindows:
         self._array = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
 
     def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
-        from pipeline.images import to_rgb_uint8
-
-        top, bottom, left, right = window
-        index = tuple(slice(top, bottom) if axis == "Y" else slice(left, right) if axis == "X"
-                      else slice(None) if axis in "SC" else 0 for axis in self.axes)
-        kept_axes = [axis for axis in self.axes if axis in "YXSC"]
-        data = np.asarray(self._array[index])
-        order = [kept_axes.index("Y"), kept_axes.index("X")] + [i for i, axis in enumerate(kept_axes) if axis in "SC"]
-        data = np.transpose(data, order)
-        if data.ndim == 4:  # both samples and channels: the first channel's samples
-            data = data[:, :, 0]
-        if data.ndim == 3 and data.shape[2] >= 3:
-            data = data[:, :, 2::-1]  # to_rgb_uint8 takes OpenCV's BGR order; TIFF's is RGB
-        return to_rgb_uint8(np.ascontiguousarray(data))
+        return read_window(self._array, self.axes, window)
 
 
-def local_tiff_path(ref) -> str | None:
-    """The local file of a ref when it is a TIFF on this machine's file system (windows can be read), else None."""
+class ZarrWindows:
+    """Windows of a Zarr store (v2 or v3), reading only the chunks a window covers: an OME-Zarr image (its
+    full-resolution level, axes from its `multiscales` metadata) or a plain 2-D / 3-D array (YX, YXC when the last
+    axis has at most 4 channels, else CYX). Channels and other axes as TiffWindows."""
+
+    def __init__(self, path: str):
+        import zarr
+
+        self.path = path
+        node = zarr.open(path, mode="r")
+        if isinstance(node, zarr.Array):
+            self._array = node
+            self.axes = _guess_axes(node.shape)
+        else:
+            multiscales = ome_multiscales(dict(node.attrs))
+            if not multiscales:
+                raise ValueError(f"{path}: a Zarr group without OME-Zarr `multiscales` metadata")
+            self._array = node[multiscales[0]["datasets"][0]["path"]]
+            self.axes = ome_axes(multiscales[0], self._array.ndim)
+        if "Y" not in self.axes or "X" not in self.axes:
+            raise ValueError(f"{path}: no y and x axes in {self.axes!r}")
+        self.height, self.width = (int(self._array.shape[self.axes.index(axis)]) for axis in "YX")
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        return read_window(self._array, self.axes, window)
+
+
+def ome_multiscales(attributes: dict) -> list:
+    """OME-Zarr's `multiscales` list (0.4: in the group's attributes; 0.5: under their `ome` key), or []."""
+    return list(attributes.get("ome", {}).get("multiscales") or attributes.get("multiscales") or [])
+
+
+def ome_axes(multiscale: dict, ndim: int) -> str:
+    """The axes of an OME-Zarr level as TiffWindows' letters (Y, X, C; anything else Q, read at its first plane)."""
+    names = [axis["name"] if isinstance(axis, dict) else str(axis) for axis in multiscale.get("axes", [])]
+    if len(names) != ndim:  # OME-Zarr before 0.3 has no axes: t, c, z, y, x
+        names = ["t", "c", "z", "y", "x"][-ndim:]
+    return "".join({"y": "Y", "x": "X", "c": "C"}.get(name.lower(), "Q") for name in names)
+
+
+def _guess_axes(shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3:
+        return "YXC" if shape[2] <= 4 else "CYX"
+    raise ValueError(f"a Zarr array of shape {shape}: give a 2-D (YX) or 3-D (YXC, CYX) array, or an OME-Zarr image")
+
+
+def read_window(array, axes: str, window: tuple[int, int, int, int]) -> np.ndarray:
+    """One window of an array-like (tifffile's or zarr's) with named axes, as RGB uint8: channels (S or C) kept, grey,
+    RGB(A) or the first three; any other axis at its first plane."""
+    from pipeline.images import to_rgb_uint8
+
+    top, bottom, left, right = window
+    index = tuple(slice(top, bottom) if axis == "Y" else slice(left, right) if axis == "X"
+                  else slice(None) if axis in "SC" else 0 for axis in axes)
+    kept_axes = [axis for axis in axes if axis in "YXSC"]
+    data = np.asarray(array[index])
+    order = [kept_axes.index("Y"), kept_axes.index("X")] + [i for i, axis in enumerate(kept_axes) if axis in "SC"]
+    data = np.transpose(data, order)
+    if data.ndim == 4:  # both samples and channels: the first channel's samples
+        data = data[:, :, 0]
+    if data.ndim == 3 and data.shape[2] == 1:
+        data = data[:, :, 0]
+    if data.ndim == 3 and data.shape[2] >= 3:
+        data = data[:, :, 2::-1]  # to_rgb_uint8 takes OpenCV's BGR order; TIFF's and Zarr's are RGB
+    return to_rgb_uint8(np.ascontiguousarray(data))
+
+
+def is_zarr(path: str) -> bool:
+    """Whether an input path names a Zarr store (a folder named *.zarr)."""
+    return path.rstrip("/").lower().endswith(ZARR_SUFFIX)
+
+
+def open_windows(path: str):
+    """The window reader of a local TIFF file or Zarr store."""
+    return ZarrWindows(path) if is_zarr(path) else TiffWindows(path)
+
+
+def local_window_path(ref) -> str | None:
+    """The local path of a ref whose windows can be read (a TIFF file or a Zarr store on this machine), else None."""
     from pipeline import fileio
 
-    if ref.kind != "file" or fileio.is_uri(ref.source) or not ref.image_path.lower().endswith(TIFF_SUFFIXES):
+    if ref.kind != "file" or fileio.is_uri(ref.source) or not (
+            ref.image_path.lower().endswith(TIFF_SUFFIXES) or is_zarr(ref.image_path)):
         return None
     return fileio.safe_join(ref.source, ref.image_path)
 
@@ -226,10 +296,10 @@ def image_shape(ref) -> tuple[int, int] | None:
 
     from pipeline import fileio
 
-    tiff = local_tiff_path(ref)
+    local = local_window_path(ref)
     try:
-        if tiff:
-            reader = TiffWindows(tiff)
+        if local:
+            reader = open_windows(local)
             return reader.height, reader.width
         from PIL import Image
 

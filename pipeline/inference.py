@@ -54,16 +54,19 @@ def write_exports(output: str, image_path: str, labels: np.ndarray, exports: tup
 
 
 def pixel_size_of(ref: SampleRef, given: float = 0.0) -> tuple[float | None, str]:
-    """(micrometres per pixel, its source) for an input: --pixel-size when given, else a TIFF's own metadata."""
+    """(micrometres per pixel, its source) for an input: --pixel-size when given, else a TIFF's or OME-Zarr's own
+    metadata."""
+    from pipeline.blocks import is_zarr, local_window_path
     from pipeline.sources import read_file
-    from pipeline.units import TIFF_SUFFIXES, pixel_size_from_tiff
+    from pipeline.units import TIFF_SUFFIXES, pixel_size_from_tiff, pixel_size_from_zarr
 
     if given > 0:
         return float(given), "--pixel-size"
+    local = local_window_path(ref)
+    if is_zarr(ref.image_path):
+        return pixel_size_from_zarr(local) if local else (None, "")
     if ref.image_path.lower().endswith(TIFF_SUFFIXES):
-        from pipeline.blocks import local_tiff_path
-
-        return pixel_size_from_tiff(local_tiff_path(ref) or read_file(ref, ref.image_path))  # a path: metadata only
+        return pixel_size_from_tiff(local or read_file(ref, ref.image_path))  # a path: metadata only
     return None, ""
 
 

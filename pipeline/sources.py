@@ -77,8 +77,15 @@ class Sample:
         return int(self.image.shape[1])
 
 
+ZARR_SUFFIX = ".zarr"  # a folder read as one image (Zarr / OME-Zarr store), on a local file system
+
+
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_input_name(name: str) -> bool:
+    return _is_image_name(name) or name.lower().endswith(ZARR_SUFFIX)
 
 
 def _strip_extension(path: str) -> str:
@@ -125,15 +132,16 @@ def list_images(source: str) -> Listing:
     labels, not inputs.
     """
     paths, problems, kind = _list_files(source)
+    paths = _zarr_stores_collapsed(paths, problems)
     listing = Listing(problems=problems)
     seen: dict[str, str] = {}
     for path in sorted(paths):
         parts = path.split("/")
         if len(parts) >= 3 and parts[-2] == "masks":
             continue  # Kaggle labels beside their image
-        if not _is_image_name(path):
+        if not _is_input_name(path):
             listing.problems.append((path, "not an image file (extension is not one of "
-                                           + ", ".join(IMAGE_EXTENSIONS) + ")"))
+                                           + ", ".join(IMAGE_EXTENSIONS + (ZARR_SUFFIX,)) + ")"))
             continue
         if len(parts) >= 3 and parts[-2] == "images":
             image_id = parts[-3]
@@ -145,6 +153,22 @@ def list_images(source: str) -> Listing:
         seen[image_id] = path
         listing.refs.append(SampleRef(image_id=image_id, kind=kind, source=source, image_path=path))
     return listing
+
+
+def _zarr_stores_collapsed(paths: list[str], problems: list[tuple[str, str]]) -> list[str]:
+    """Paths with the files inside a Zarr store (object storage, archives; a local walk lists the store itself)
+    replaced by one problem per store: stores are read from local folders only."""
+    kept, stores = [], set()
+    for path in paths:
+        parts = path.split("/")
+        inside = next((index for index, part in enumerate(parts[:-1]) if part.lower().endswith(ZARR_SUFFIX)), None)
+        if inside is None:
+            kept.append(path)
+        else:
+            stores.add("/".join(parts[:inside + 1]))
+    problems.extend((store, "a Zarr store in object storage or an archive: copy it to a local folder to read it")
+                    for store in sorted(stores))
+    return kept
 
 
 def _list_files(source: str) -> tuple[list[str], list[tuple[str, str]], str]:
@@ -177,7 +201,9 @@ def _list_local(source: str) -> tuple[list[str], list[tuple[str, str]]]:
             full = os.path.join(directory, name)
             if os.path.islink(full):
                 problems.append((os.path.relpath(full, root).replace(os.sep, "/"), "symlinked folder not followed"))
-        subdirectories.sort()
+            elif name.lower().endswith(ZARR_SUFFIX):  # a Zarr store is one image, not a tree of chunk files
+                paths.append(os.path.relpath(full, root).replace(os.sep, "/"))
+        subdirectories[:] = sorted(name for name in subdirectories if not name.lower().endswith(ZARR_SUFFIX))
         for name in sorted(files):
             full = os.path.join(directory, name)
             relative = os.path.relpath(full, root).replace(os.sep, "/")
@@ -263,7 +289,8 @@ def load_sample(ref: SampleRef, *, with_masks: bool = True, max_pixels: int = DE
         from pipeline.synthetic import render_sample
 
         return render_sample(int(ref.source), ref.index, with_masks=with_masks)
-    image = decode_image(read_file(ref, ref.image_path), max_pixels=max_pixels)
+    image = (_read_zarr(ref, max_pixels) if ref.image_path.lower().endswith(ZARR_SUFFIX)
+             else decode_image(read_file(ref, ref.image_path), max_pixels=max_pixels))
     if not with_masks:
         return Sample(ref.image_id, image, None, None, 0)
     if not ref.mask_paths:
@@ -279,6 +306,22 @@ def load_sample(ref: SampleRef, *, with_masks: bool = True, max_pixels: int = DE
                                 f"{labels.shape[1]}x{labels.shape[0]}")
         labels[nucleus] = number
     return Sample(ref.image_id, image, (labels > 0).astype(np.uint8), labels, len(ref.mask_paths))
+
+
+def _read_zarr(ref: SampleRef, max_pixels: int) -> np.ndarray:
+    """A Zarr store's whole image as RGB uint8 (pipeline.blocks.ZarrWindows), within the pixel limit."""
+    from pipeline.blocks import ZarrWindows
+
+    if ref.kind != "file" or fileio.is_uri(ref.source):
+        raise BadImageError("Zarr stores are read from local folders only")
+    try:
+        reader = ZarrWindows(fileio.safe_join(ref.source, ref.image_path))
+    except (OSError, ValueError, KeyError) as error:
+        raise BadImageError(f"unreadable Zarr store: {str(error).splitlines()[0] if str(error) else error!r}") from None
+    if reader.height * reader.width > max_pixels:
+        raise BadImageError(f"image is {reader.width}x{reader.height} = {reader.height * reader.width:,} pixels, over "
+                            f"the limit of {max_pixels:,}")
+    return reader.read((0, reader.height, 0, reader.width))
 
 
 def describe(ref: SampleRef) -> str:

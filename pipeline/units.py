@@ -1,6 +1,7 @@
-"""Physical pixel size of an image file, read from its own metadata (OME-TIFF, ImageJ TIFF, TIFF resolution tags).
+"""Physical pixel size of an image file, read from its own metadata (OME-TIFF, ImageJ TIFF, TIFF resolution tags,
+OME-Zarr).
 
-Pure: tifffile only. Sizes are micrometres per pixel along x; images with different x and y sizes are measured
+Pure: tifffile and zarr only. Sizes are micrometres per pixel along x; images with different x and y sizes are measured
 with x's (the measurements' micron columns say which size they used in the manifest).
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 MAX_MICROSCOPE_PIXEL_UM = 25.0  # larger "pixel sizes" from resolution tags are a default DPI, not a measurement
 # micrometres per unit
 _UNITS = {"m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3,
-          "\\u00B5m": 1.0, "μm": 1.0}
+          "\\u00B5m": 1.0, "μm": 1.0, "micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4,
+          "meter": 1e6}
 
 
 def pixel_size_from_tiff(data: bytes | str) -> tuple[float | None, str]:
@@ -58,3 +60,33 @@ def _ome_pixel_size(xml: str) -> float | None:
             unit = element.get("PhysicalSizeXUnit", "µm")
             return float(element.get("PhysicalSizeX")) * _UNITS.get(unit, 1.0)
     return None
+
+
+def pixel_size_from_zarr(path: str) -> tuple[float | None, str]:
+    """(micrometres per pixel, where it came from) of an OME-Zarr image: its full-resolution level's x scale
+    (times the multiscale's own, if any) in the x axis' unit; (None, "") for a plain array or no spatial unit."""
+    import zarr
+
+    from pipeline.blocks import ome_axes, ome_multiscales
+
+    try:
+        node = zarr.open(path, mode="r")
+        multiscales = [] if isinstance(node, zarr.Array) else ome_multiscales(dict(node.attrs))
+        if not multiscales:
+            return None, ""
+        multiscale = multiscales[0]
+        level = node[multiscale["datasets"][0]["path"]]
+        x = ome_axes(multiscale, level.ndim).index("X")
+        unit = next((axis.get("unit", "") for axis in multiscale.get("axes", [])
+                     if isinstance(axis, dict) and axis.get("name", "").lower() == "x"), "")
+        if unit not in _UNITS:
+            return None, ""
+        size = 1.0
+        for transforms in (multiscale["datasets"][0].get("coordinateTransformations", []),
+                           multiscale.get("coordinateTransformations", [])):
+            for transform in transforms:
+                if transform.get("type") == "scale":
+                    size *= float(transform["scale"][x])
+        return size * _UNITS[unit], "OME-Zarr scale"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None, ""

@@ -122,6 +122,58 @@ def test_tiff_windows_read_tiles_as_the_whole_image_holds_them(tmp_path):
     assert image_shape(SampleRef("wide", "zip", str(tmp_path / "in.zip"), "a/wide.png")) == (40, 3000)
 
 
+def write_ome_zarr(path, image, pixel_size_um=0.25, chunk=128):
+    """An RGB image as an OME-Zarr 0.5 image (Zarr v3): one level, axes c, y, x, the pixel size as its scale."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    level = root.create_array("0", shape=(3, *image.shape[:2]), chunks=(3, chunk, chunk), dtype="uint8")
+    level[:] = np.moveaxis(image, 2, 0)
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale",
+                                                                   "scale": [1.0, pixel_size_um, pixel_size_um]}]}]}]}
+
+
+def test_zarr_stores_are_listed_as_one_image_and_read_window_by_window(tmp_path):
+    """An OME-Zarr image (Zarr v3) and a plain Zarr v2 array: one input each (not their chunk files), windows equal
+    to the image, the header-only size, the whole image loaded, and OME-Zarr's pixel size."""
+    import zarr
+
+    from pipeline.blocks import ZarrWindows
+    from pipeline.inference import pixel_size_of
+    from pipeline.sources import list_images, load_sample
+
+    rgb = np.random.default_rng(1).integers(0, 255, (700, 900, 3), dtype=np.uint8)
+    (tmp_path / "in" / "plates").mkdir(parents=True)
+    write_ome_zarr(tmp_path / "in" / "slide.ome.zarr", rgb)
+    plain = zarr.open_array(str(tmp_path / "in" / "plates" / "well.zarr"), mode="w", shape=rgb.shape,
+                            chunks=(128, 128, 3), dtype="uint8", zarr_format=2)
+    plain[:] = rgb
+    listing = list_images(str(tmp_path / "in"))
+    assert [(ref.image_id, ref.image_path) for ref in listing.refs] == [
+        ("plates/well", "plates/well.zarr"), ("slide.ome", "slide.ome.zarr")] and listing.problems == []
+    window = (100, 333, 250, 900)
+    for ref in listing.refs:
+        reader = ZarrWindows(str(tmp_path / "in" / ref.image_path))
+        np.testing.assert_array_equal(reader.read(window), rgb[100:333, 250:900])
+        assert image_shape(ref) == (700, 900)
+        np.testing.assert_array_equal(load_sample(ref, with_masks=False).image, rgb)
+    assert pixel_size_of(listing.refs[1]) == (0.25, "OME-Zarr scale")
+    assert pixel_size_of(listing.refs[0]) == (None, "")
+    from pipeline.images import BadImageError
+
+    with pytest.raises(BadImageError, match="over the limit"):
+        load_sample(listing.refs[0], with_masks=False, max_pixels=1000)
+    with zipfile.ZipFile(tmp_path / "stores.zip", "w") as archive:
+        for name in ("a.png", "s.zarr/zarr.json", "s.zarr/0/c/0/0/0"):
+            archive.writestr(name, b"")
+    zipped = list_images(str(tmp_path / "stores.zip"))
+    assert [ref.image_path for ref in zipped.refs] == ["a.png"]
+    assert [path for path, _ in zipped.problems] == ["s.zarr"]
+
+
 def write_large_tiff(path, image, pixel_size_um=0.5):
     tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib", ome=True,
                      metadata={"axes": "YXS", "PhysicalSizeX": pixel_size_um, "PhysicalSizeY": pixel_size_um})
@@ -178,6 +230,24 @@ def test_a_large_image_block_by_block_agrees_with_the_whole_image_and_has_every_
     with tifffile.TiffFile(output / "labels" / "slide.ome.ome.tif") as ome:
         np.testing.assert_array_equal(ome.asarray(), labels)
         assert 'PhysicalSizeX="0.5"' in ome.ome_metadata
+
+
+@pytest.mark.slow
+def test_an_ome_zarr_image_is_segmented_block_by_block_as_the_same_tiff_is(tmp_path, ray_session):
+    """The same image as OME-Zarr and as OME-TIFF, each in 16 blocks: the same nuclei, and the Zarr's pixel size."""
+    from pipeline.api import segment_folder
+
+    image = fluorescence_mosaic(512, 640)
+    (tmp_path / "zarr").mkdir()
+    (tmp_path / "tiff").mkdir()
+    write_ome_zarr(tmp_path / "zarr" / "slide.zarr", image, pixel_size_um=0.25)
+    write_large_tiff(tmp_path / "tiff" / "slide.tif", image)
+    runs = {name: segment_folder(str(tmp_path / name), str(tmp_path / f"out-{name}"), block_size=160,
+                                 cpus_per_actor=1.0, report=False) for name in ("zarr", "tiff")}
+    labels = {name: tifffile.imread(tmp_path / f"out-{name}" / "labels" / "slide.tif") for name in runs}
+    assert runs["zarr"].rows[0]["status"] == "done" and labels["zarr"].max() > 50
+    assert bijection(labels["zarr"], labels["tiff"])
+    assert runs["zarr"].rows[0]["pixel_size_um"] == 0.25
 
 
 NODE_LOSS_SCRIPT = """
