@@ -7,13 +7,10 @@ scores.csv, summary.json and best/worst pictures to --output (default: RUN/evalu
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.cli import run_job  # noqa: E402
-from pipeline.config import EvaluateConfig, parse_args  # noqa: E402
+from pipeline.cli import run_job
+from pipeline.config import EvaluateConfig, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,10 @@ a .json beside the file; `segment.py --model dsb2018.onnx` then uses them as it 
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.cli import run_job  # noqa: E402
-from pipeline.config import ExportConfig, parse_args  # noqa: E402
+from pipeline.cli import run_job
+from pipeline.config import ExportConfig, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:

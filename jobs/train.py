@@ -7,39 +7,19 @@ split, as jobs/tune.py does, so segment.py, submit.py and evaluate.py give its b
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.cli import run_job  # noqa: E402
-from pipeline.config import TrainConfig, parse_args  # noqa: E402
+from pipeline.cli import run_job
+from pipeline.config import TrainConfig, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(TrainConfig, argv, description=__doc__)
 
     def work() -> None:
-        import dataclasses
+        from pipeline.api import train_with
 
-        from pipeline.training import run_training
-        from pipeline.tuning import describe, tune, untunable_reason, will_tune
-
-        skipped = untunable_reason(dataclasses.asdict(config)) if config.tune and not config.resume else ""
-        if skipped:
-            print(f"--tune: this run will not be tuned after training: {skipped}")
-        info = run_training(config)
-        model = os.path.join(os.path.abspath(config.output), "model.keras")
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(info["final_metrics"].items()) if isinstance(v, float))
-        print(f"model: {model} (weights of epoch {info['kept_epoch']} of {info['epochs_run']}, "
-              f"best {info['best_epoch']}; {metrics})")
-        trained = info["config"]  # a resumed run's own settings, not this command line's
-        if will_tune(trained):
-            print("choosing the inference settings on the tune split (--no-tune skips this; jobs/tune.py redoes it)",
-                  flush=True)
-            log = tune(model)
-            print(describe(log))
-            print(f"tuned in {log['seconds'] / 60:.1f} min; run.json holds the settings")
+        train_with(config)
 
     return run_job(work)
 

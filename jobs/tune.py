@@ -14,13 +14,10 @@ with the sibling's specialists, or with --specialists its own (the same recipe, 
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.cli import run_job  # noqa: E402
-from pipeline.config import TuneConfig, parse_args  # noqa: E402
+from pipeline.cli import run_job
+from pipeline.config import TuneConfig, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,10 +6,13 @@ bad file travels to the manifest instead of being dropped, and `image_kind` (flu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
+import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -36,12 +39,18 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
                  if k.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "NUCLEI_BACKBONE_WEIGHTS"))}
     quiet = dict(logging_level=logging.ERROR, log_to_driver=log_to_driver or os.environ.get("NUCLEI_RAY_LOGS") == "1",
                  runtime_env={"env_vars": {**WORKER_ENV, **forwarded}})
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-    else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # A given CPU count means a Ray of this process's own (tests), never a cluster found on the machine.
-        ray.init(address="local" if num_cpus else None, num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
+    verbose = os.environ.get("NUCLEI_VERBOSE") == "1"
+    if not verbose:
+        # Ray's C++ core logs internal notes at ERROR level on the console (e.g. every Ray Data actor "has
+        # constructor arguments in the object store", ray#57733); real failures still reach us as exceptions.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    with _console_lines_kept_unless_failed(quiet=not verbose):  # the C++ logger's own start-up line
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(**quiet)
+        else:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            # A given CPU count means a Ray of this process's own (tests), never a cluster found on the machine.
+            ray.init(address="local" if num_cpus else None, num_cpus=num_cpus, dashboard_host="127.0.0.1", **quiet)
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -52,6 +61,29 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     # Ray Data reserves half the CPUs per operator by default; on a small machine that leaves a
     # one-operator pipeline running one task at a time. Let every CPU work on whatever is ready.
     context.op_resource_reservation_enabled = False
+
+
+@contextlib.contextmanager
+def _console_lines_kept_unless_failed(quiet: bool):
+    """With `quiet`, what native code writes to stderr (file descriptor 2) inside the block is held back, and shown
+    only if the block fails."""
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def auto_blocks(count: int, requested: int = 0, per_block: int = 96) -> int:

@@ -154,18 +154,15 @@ def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic
     assert label_files(interrupted) == expected  # every image, and no temporary file left behind
 
 
-def test_submit_writes_a_valid_scored_submission(model_path, synthetic_folder, tmp_path):
-    output = tmp_path / "submission.csv"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "submit.py"), "--model", model_path,
-                           "--input", synthetic_folder, "--output", str(output), "--labels", synthetic_folder,
-                           "--cpus-per-actor", "0.5"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1].startswith("score=")
-    assert float(done.stdout.strip().splitlines()[-1][6:]) > 0.0
+def test_submit_writes_a_valid_scored_submission(model_path, synthetic_folder, tmp_path, ray_session):
+    from submission.api import submit
     from submission.validate import main as validate
 
-    assert validate([str(output), "--images", synthetic_folder]) == 0
+    done = submit(synthetic_folder, str(tmp_path / "submission.csv"), model=model_path, labels=synthetic_folder,
+                  cpus_per_actor=0.5)
+    assert done.images == len(os.listdir(synthetic_folder)) and done.failed == 0 and done.rows >= done.images
+    assert 0.0 < done.score.score <= 1.0 and len(done.score.per_image) == done.images
+    assert validate([done.path, "--images", synthetic_folder]) == 0
 
 
 def test_segment_real_images_at_original_size(model_path, real_zip, tmp_path, ray_session):
