@@ -63,6 +63,16 @@ class PeakOf:
         self._stop.set()
         self._thread.join()
 
+    @property
+    def mib(self) -> float:
+        """The peak's rise over the baseline, MiB."""
+        return (self.peak - self.baseline) / 2**20
+
+    @property
+    def peak_mib(self) -> float:
+        """The peak itself, MiB."""
+        return self.peak / 2**20
+
 
 class PeakMemory(PeakOf):
     """Peak rise of the machine's used memory (all processes: driver, Ray workers, object store) during a block."""

@@ -385,7 +385,7 @@ def time_stardist(args, folder: str, n_tiles_side: int) -> dict:
     if done.returncode or not lines:
         raise RuntimeError(f"StarDist's timing process failed ({done.returncode}): {done.stderr[-2000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    return {**result, "peak_mib": memory.mib, "process_mib": processes.mib, "process_seconds": wall}
+    return {**result, "peak_mib": memory.mib, "process_mib": processes.peak_mib, "process_seconds": wall}
 
 
 def time_ours(args, folder: str, output: str, stored: bool) -> dict:
@@ -406,7 +406,7 @@ def time_ours(args, folder: str, output: str, stored: bool) -> dict:
     if failed:
         raise RuntimeError(f"segment.py failed on {len(failed)} images, e.g. {failed[0]}")
     return {"seconds": seconds, "images": result.done, "nuclei": int(sum(row["nuclei"] for row in result.rows)),
-            "peak_mib": memory.mib, "process_mib": processes.mib}
+            "peak_mib": memory.mib, "process_mib": processes.peak_mib}
 
 
 def speed(args) -> dict:
