@@ -13,6 +13,9 @@ each. `--compare measurements`: segment.py end to end with and without per-nucle
 These compare with plain prediction (no flips, one scale), whatever the model's run.json chooses.
 `--compare stored`: segment.py with the model's stored settings (what it does with no flag) against plain
 prediction (no flips, scales, size normalisation, clump splitting, filter or refiner); ratio = plain / stored time.
+`--compare steps`: plain prediction, then clump splitting, the false-positive filter and the outline refiner added
+one at a time, then the stored settings: each step's cost in seconds per image. `--split tune` takes the images
+from the evaluation protocol's tune split, the images the tune step scored each step on.
 """
 from __future__ import annotations
 
@@ -27,13 +30,17 @@ import numpy as np
 from common import PeakMemory, REAL_ZIP
 
 
-def make_folder(count: int, folder: str) -> None:
-    """`count` test images in Kaggle's test layout: the real images (cycled), else synthetic ones."""
+def make_folder(count: int, folder: str, split: str = "") -> None:
+    """`count` test images in Kaggle's test layout: the real images (cycled; `split`: only the evaluation
+    protocol's tune or test split), else synthetic ones."""
+    from pipeline.data import protocol_refs
     from pipeline.images import encode_png
-    from pipeline.sources import list_kaggle, load_sample, read_file
+    from pipeline.sources import list_kaggle, read_file
     from pipeline.synthetic import render_sample
 
     refs = list_kaggle(REAL_ZIP).refs if os.path.isfile(REAL_ZIP) else []
+    if refs and split:
+        refs = protocol_refs(refs)[split]
     for index in range(count):
         image_id = f"img{index:06d}"
         target = os.path.join(folder, image_id, "images", image_id + ".png")
@@ -46,12 +53,24 @@ def make_folder(count: int, folder: str) -> None:
                 stream.write(encode_png(render_sample(0, index, with_masks=False).image))
 
 
+# --compare steps: the stored post-processing steps added one at a time, in the order jobs/tune.py keeps them.
+STEPS = (("plain prediction", {}), ("+ clump splitting", dict(split_clumps=True)),
+         ("+ false-positive filter", dict(instance_filter=True)), ("+ outline refiner", dict(refine_outlines=True)))
+
 # --compare modes that switch one post-processing step on and off: the SegmentConfig field, and its name.
 SWITCHES = {"outlines": ("refine_outlines", "the outline refiner"), "clumps": ("split_clumps", "clump splitting")}
 
 
 PLAIN = dict(tta=False, scales="1", nucleus_area=0)  # one forward pass per image, whatever run.json says
 BARE = dict(PLAIN, split_clumps=False, instance_filter=False, refine_outlines=False)  # and no post-processing step
+
+
+def cumulative_steps() -> dict[str, dict]:
+    """{side: segment.py's step switches} for --compare steps: each side has its step and every step above it."""
+    switches, sides = {key: value for key, value in BARE.items() if key not in PLAIN}, {}
+    for name, step in STEPS:
+        switches = sides[name] = {**switches, **step}
+    return sides
 
 
 def segment_seconds(model: str, folder: str, output: str, measurements: bool = True, stored: bool = False,
@@ -108,6 +127,22 @@ def compare(args, work: str, images: str, count: int) -> None:
               f"{count / plain:.2f} images/s ({plain:.1f} s), the model's stored settings {count / stored:.2f} "
               f"images/s ({stored:.1f} s); ratio={plain / stored:.2f}")
         return
+    if args.compare == "steps":
+        sides, seconds = cumulative_steps(), {}
+        for turn in range(args.repeats):
+            for name, switches in sides.items():
+                seconds.setdefault(name, []).append(
+                    segment_seconds(model, images, output, measurements=False, **switches)[0])
+            seconds.setdefault("stored settings", []).append(
+                segment_seconds(model, images, output, measurements=False, stored=True)[0])
+        plain = float(np.median(seconds["plain prediction"]))
+        print(f"segment.py over {count} images, medians of {args.repeats} interleaved runs (each step added to "
+              f"those above it):")
+        for name, values in seconds.items():
+            median = float(np.median(values))
+            print(f"  {name:24s} {median / count:.3f} s per image ({median:.1f} s), plain / this {plain / median:.2f}")
+        print(f"ratio={plain / float(np.median(seconds['stored settings'])):.2f}")
+        return
     if args.compare in SWITCHES:
         field, name = SWITCHES[args.compare]
         seconds = {}
@@ -150,16 +185,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="images for the rates and the first memory reading")
     parser.add_argument("--large", type=int, default=10000, help="image count for the second memory reading")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--compare", choices=("", "runtimes", "measurements", "stored", *SWITCHES), default="",
+    parser.add_argument("--compare", choices=("", "runtimes", "measurements", "stored", "steps", *SWITCHES),
+                        default="",
                         help="runtimes: TensorFlow vs ONNX Runtime; measurements / outlines / clumps: segment.py "
                              "with and without them (the model's outline refiner; clump splitting); stored: the "
-                             "model's stored settings against plain prediction")
+                             "model's stored settings against plain prediction; steps: plain prediction, then "
+                             "each post-processing step added in turn, then the stored settings")
+    parser.add_argument("--split", choices=("", "tune", "test"), default="",
+                        help="take the images from this split of the evaluation protocol (the shared 600 images)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved turns of each side (--compare)")
     args = parser.parse_args()
     if args.compare:
         work = tempfile.mkdtemp()
         images = os.path.join(work, "images")
-        make_folder(args.images, images)
+        make_folder(args.images, images, args.split)
         compare(args, work, images, args.images)
         shutil.rmtree(work, ignore_errors=True)
         return

@@ -64,6 +64,19 @@ class Throughput(keras.callbacks.Callback):
         logs["samples_per_second"] = self.rows * self.world / seconds
 
 
+class EncoderSchedule(keras.callbacks.Callback):
+    """Sets the encoder's step scale each epoch: 0 for the first `frozen_epochs`, then `scale` (optimizers without
+    one, plain Adam, are left alone)."""
+
+    def __init__(self, frozen_epochs: int, scale: float):
+        super().__init__()
+        self.frozen_epochs, self.scale = frozen_epochs, scale
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if hasattr(self.model.optimizer, "encoder_scale"):
+            self.model.optimizer.encoder_scale.assign(0.0 if epoch < self.frozen_epochs else self.scale)
+
+
 class TimeLimit(keras.callbacks.Callback):
     """Stops after the last epoch that can finish before `deadline` (epoch seconds; 0: none); rank 0 decides for
     every worker.
@@ -196,7 +209,7 @@ def make_callbacks(config, rank: int, world: int, state: dict, snapshot_images, 
                                             verbose=1 if rank == 0 else 0)
     plan = EpochPlan(config.epochs)
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, _: learning_rate_at(epoch, config, plan.epochs)),
-                 early_stopping, Throughput(train_rows, world),
+                 EncoderSchedule(config.frozen_encoder_epochs, config.encoder_lr_scale), early_stopping, Throughput(train_rows, world),
                  TimeLimit(deadline, plan, reserved_epochs, rank, world, config.time_limit)]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=os.path.join(output, "tensorboard"), write_graph=False,

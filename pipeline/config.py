@@ -53,6 +53,10 @@ class TrainConfig(DataConfig):
     decoder_width: float = option(1.0, "decoder filters as a fraction of the notebook's (512, 256, 128, 64); 0.5 "
                                        "trains ~1.4x faster on a CPU")
     freeze_encoder: bool = option(False, "keep the encoder's weights fixed (useful with imagenet weights)")
+    encoder_lr_scale: float = option(1.0, "the encoder's learning rate as a fraction of --learning-rate: pretrained "
+                                          "features move slower than the new decoder")
+    frozen_encoder_epochs: int = option(0, "the first epochs train the decoder alone (the encoder's weights fixed, "
+                                           "its batch statistics adapting), then everything trains")
     init_from: str = option("", "start from this trained model.keras's weights (fine-tuning) instead of a new model; "
                                 "its architecture flags must match (give the same --preset)")
     kinds: str = option("", "train and validate only on these kinds of image, comma-separated: fluorescence, stained, "
@@ -265,6 +269,8 @@ def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] 
     config = cls(**{key: value for key, value in vars(namespace).items() if key != "verbose"})
     if getattr(config, "image_size", 32) % 32:
         parser.error(f"--image-size must be a multiple of 32, got {config.image_size}")
+    if getattr(config, "encoder_lr_scale", 0) < 0 or getattr(config, "frozen_encoder_epochs", 0) < 0:
+        parser.error("--encoder-lr-scale and --frozen-encoder-epochs must be 0 or more")
     return config
 
 

@@ -214,17 +214,53 @@ class CrossEntropyDice(keras.losses.Loss):
         return {**super().get_config(), "num_classes": self.num_classes, "dice_weight": self.dice_weight}
 
 
-CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice}
+class EncoderScaledAdam(keras.optimizers.Adam):
+    """Adam whose steps for the encoder's variables are scaled by `encoder_scale` (0: held fixed), so pretrained
+    features move slower than the new decoder; a callback sets the scale each epoch (a frozen warm-up, then less).
+
+    The step is Adam's own, scaled after the fact: Adam divides out any scale of the gradient, so the gradient
+    cannot carry it. `scale_encoder(variables)` names the encoder's variables (again after loading a checkpoint).
+    """
+
+    def __init__(self, learning_rate=1e-3, encoder_scale: float = 1.0, name: str = "EncoderScaledAdam", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.encoder_scale = tf.Variable(float(encoder_scale), trainable=False, dtype=tf.float32,
+                                         name="encoder_scale")
+        self._encoder_keys: set = set()
+
+    def scale_encoder(self, variables) -> "EncoderScaledAdam":
+        self._encoder_keys = {self._var_key(variable) for variable in variables}
+        return self
+
+    def update_step(self, gradient, variable):
+        if self._var_key(variable) not in self._encoder_keys:
+            return super().update_step(gradient, variable)
+        before = tf.identity(variable)
+        super().update_step(gradient, variable)
+        variable.assign(before + tf.cast(self.encoder_scale, variable.dtype) * (variable - before))
+
+    def get_config(self):
+        return {**super().get_config(), "encoder_scale": float(self.encoder_scale.numpy())}
+
+
+CUSTOM_OBJECTS = {"NucleusIoU": NucleusIoU, "NucleusDice": NucleusDice, "CrossEntropyDice": CrossEntropyDice,
+                  "EncoderScaledAdam": EncoderScaledAdam}
 _LOSS_MAKERS = {"ce": lambda classes: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 "ce+dice": CrossEntropyDice}
 LOSSES = tuple(_LOSS_MAKERS)
 
 
-def compile_model(model: keras.Model, learning_rate: float, num_classes: int, loss: str = "ce") -> keras.Model:
-    """Adam and the chosen loss on logits: 'ce' (sparse categorical cross-entropy) or 'ce+dice'."""
+def compile_model(model: keras.Model, learning_rate: float, num_classes: int, loss: str = "ce",
+                  encoder_scale: float | None = None) -> keras.Model:
+    """Adam and the chosen loss on logits: 'ce' (sparse categorical cross-entropy) or 'ce+dice'. With
+    `encoder_scale`, the encoder's steps are scaled (EncoderScaledAdam)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if encoder_scale is not None:
+        optimizer = EncoderScaledAdam(learning_rate, encoder_scale).scale_encoder(
+            model.get_layer("encoder").trainable_weights)
+    model.compile(optimizer=optimizer,
                   loss=_LOSS_MAKERS[loss](num_classes),
                   metrics=["accuracy", NucleusIoU(num_classes), NucleusDice(num_classes)])
     return model

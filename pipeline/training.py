@@ -49,6 +49,13 @@ def learning_rate_at(epoch: int, config: TrainConfig, epochs: int | None = None)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def encoder_scale(config: TrainConfig) -> float | None:
+    """The encoder's step scale to start from (0 during a frozen warm-up), or None when it trains as the rest."""
+    if config.frozen_encoder_epochs <= 0 and config.encoder_lr_scale == 1.0:
+        return None
+    return 0.0 if config.frozen_encoder_epochs > 0 else config.encoder_lr_scale
+
+
 # Haematoxylin, eosin and DAB optical densities of one unit of each stain (Ruifrok & Johnston 2001, as
 # skimage.color.rgb_from_hed), rows normalised; their inverse turns a pixel's optical density into stain amounts.
 STAIN_VECTORS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -127,6 +134,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                 safe_mode=True)
                 with open(os.path.join(folder, "state.json"), encoding="utf-8") as stream:
                     state = json.load(stream)
+                if hasattr(model.optimizer, "scale_encoder"):
+                    model.optimizer.scale_encoder(model.get_layer("encoder").trainable_weights)
                 best_path = os.path.join(folder, "best_weights.npz")
                 if os.path.exists(best_path):
                     with np.load(best_path) as saved:
@@ -136,12 +145,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _truncate_history(config.output, int(state.get("epoch", 0)))
         elif config.init_from:  # fine-tuning: the given model's weights are the starting point
             model = compile_model(load_model(config.init_from)[0], config.learning_rate, config.num_classes,
-                                  config.loss)
+                                  config.loss, encoder_scale(config))
         else:
             model = compile_model(build_unet(config.image_size, config.num_classes, config.backbone_weights,
                                              config.encoder_width, config.freeze_encoder, config.bn_momentum,
                                              decoder_width=config.decoder_width),
-                                  config.learning_rate, config.num_classes, config.loss)
+                                  config.learning_rate, config.num_classes, config.loss, encoder_scale(config))
             if rank == 0:  # where the encoder's weights came from, for run.json (the driver cannot tell)
                 write_text_atomic(os.path.join(os.path.abspath(config.output), BACKBONE_FILE),
                                   json.dumps({"backbone_init": model.backbone_source}))

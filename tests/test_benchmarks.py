@@ -41,3 +41,12 @@ def test_the_peer_tables_print_each_side_and_the_ratios():
                             "table": {"StarDist": kinds, "ours plain": kinds,
                                       "ours stored": [{**kinds[0], "score": 0.6}]}})
     assert "ours stored - StarDist" in text and "+0.100" in text
+
+
+def test_the_steps_comparison_adds_one_post_processing_step_at_a_time():
+    from segment import cumulative_steps
+
+    sides = list(cumulative_steps().values())
+    switched_on = [sorted(name for name, on in side.items() if on) for side in sides]
+    assert switched_on == [[], ["split_clumps"], ["instance_filter", "split_clumps"],
+                           ["instance_filter", "refine_outlines", "split_clumps"]]

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.callbacks import EpochPlan, ResumableEarlyStopping, Snapshots, Throughput, TimeLimit
+from pipeline.callbacks import EncoderSchedule, EpochPlan, ResumableEarlyStopping, Snapshots, Throughput, TimeLimit
 from pipeline.tfkeras import keras
 
 
@@ -43,6 +43,19 @@ def test_throughput_counts_the_steps_and_samples_of_each_epoch():
     assert history.history["steps"] == [5, 5]
     seconds = np.asarray(history.history["epoch_seconds"])
     np.testing.assert_allclose(history.history["samples_per_second"], 80 / seconds)
+
+
+def test_encoder_schedule_holds_the_encoder_for_the_frozen_epochs_then_scales_it():
+    from pipeline.model import EncoderScaledAdam
+
+    model = tiny_model()
+    model.compile(optimizer=EncoderScaledAdam(1e-3, 0.0).scale_encoder(model.trainable_weights),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    scales = []
+    record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: scales.append(
+        float(model.optimizer.encoder_scale.numpy())))
+    model.fit(*data(), epochs=4, verbose=0, callbacks=[EncoderSchedule(2, 0.25), record])
+    assert scales == [0.0, 0.0, 0.25, 0.25]
 
 
 def test_early_stopping_resumes_with_its_saved_best_and_patience():

@@ -1,5 +1,4 @@
 """The Ray Data pipeline: shapes, ranges, reproducible split, lenient rows for bad files."""
-import os
 
 import numpy as np
 

@@ -1,8 +1,6 @@
 """For labs: per-nucleus measurements, labels past 65,535, the run report, shipped models and their checksum."""
-import io
 import json
 import os
-import shutil
 
 import cv2
 import numpy as np

@@ -127,6 +127,34 @@ def test_a_model_compiled_with_the_dice_loss_saves_and_loads(tmp_path):
         compile_model(model, 1e-3, 3, "dice")
 
 
+def test_the_encoder_steps_are_scaled_and_a_frozen_encoder_does_not_move(tmp_path):
+    from pipeline.model import CUSTOM_OBJECTS, compile_model
+    from pipeline.tfkeras import keras
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((4, 64, 64, 3)).astype(np.float32), rng.integers(0, 3, (4, 64, 64, 1))
+
+    def one_step(scale):
+        """How far one training step moves the encoder and the logits layer from the same start."""
+        keras.utils.set_random_seed(1)
+        model = build_unet(64, 3, "none", encoder_width=0.35, decoder_width=0.25)
+        encoder, head = model.get_layer("encoder").trainable_weights, model.get_layer("logits").kernel
+        before = [variable.numpy() for variable in encoder] + [head.numpy()]
+        compile_model(model, 1e-2, 3, "ce+dice", scale).fit(x, y, epochs=1, batch_size=4, verbose=0)
+        moved = [np.abs(variable.numpy() - start).sum() for variable, start in zip(encoder + [head], before)]
+        return model, sum(moved[:-1]), moved[-1]
+
+    _, encoder_moved, head_moved = one_step(None)
+    for scale in (0.5, 0.0):
+        model, encoder_scaled, head_scaled = one_step(scale)
+        assert encoder_scaled == pytest.approx(scale * encoder_moved, rel=1e-3, abs=1e-6)
+        assert head_scaled == pytest.approx(head_moved, rel=1e-5)  # the decoder steps as with plain Adam
+    path = str(tmp_path / "model.keras")
+    save_model(model, path)
+    restored = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, safe_mode=True)  # resume's load
+    assert type(restored.optimizer).__name__ == "EncoderScaledAdam"
+
+
 def test_save_load_round_trip_and_mismatch_errors(tmp_path):
     model = build_unet(64, 2, "none", encoder_width=0.35)
     path = str(tmp_path / "model.keras")

@@ -1,5 +1,4 @@
 """Readers: Kaggle layout from folder and zip, image trees, strict errors, unsafe members, real data."""
-import io
 import os
 import zipfile
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, TINY, free_port
+from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 
