@@ -65,16 +65,16 @@ class Throughput(keras.callbacks.Callback):
 
 
 class EncoderSchedule(keras.callbacks.Callback):
-    """Sets the encoder's step scale each epoch: 0 for the first `frozen_epochs`, then `scale` (optimizers without
-    one, plain Adam, are left alone)."""
+    """Sets the encoder's step scale each epoch to `scale_at(epoch)` (optimizers without one, plain Adam, are left
+    alone)."""
 
-    def __init__(self, frozen_epochs: int, scale: float):
+    def __init__(self, scale_at):
         super().__init__()
-        self.frozen_epochs, self.scale = frozen_epochs, scale
+        self.scale_at = scale_at
 
     def on_epoch_begin(self, epoch, logs=None):
         if hasattr(self.model.optimizer, "encoder_scale"):
-            self.model.optimizer.encoder_scale.assign(0.0 if epoch < self.frozen_epochs else self.scale)
+            self.model.optimizer.encoder_scale.assign(self.scale_at(epoch))
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -199,7 +199,7 @@ def make_callbacks(config, rank: int, world: int, state: dict, snapshot_images, 
                    deadline: float, reserved_epochs: float, checkpoint_prefix: str):
     """One worker's callbacks in order (LR schedule, early stopping, throughput, time limit, TensorBoard on rank 0,
     snapshots, checkpoint reports) and its early stopping (whose best epoch the final report gives)."""
-    from pipeline.training import learning_rate_at
+    from pipeline.training import encoder_scale_at, learning_rate_at
 
     output = os.path.abspath(config.output)
     keep_best = config.keep == "best"  # "last": the callback only records the best epoch; it never stops nor restores
@@ -209,7 +209,8 @@ def make_callbacks(config, rank: int, world: int, state: dict, snapshot_images, 
                                             verbose=1 if rank == 0 else 0)
     plan = EpochPlan(config.epochs)
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, _: learning_rate_at(epoch, config, plan.epochs)),
-                 EncoderSchedule(config.frozen_encoder_epochs, config.encoder_lr_scale), early_stopping, Throughput(train_rows, world),
+                 EncoderSchedule(lambda epoch: encoder_scale_at(epoch, config)), early_stopping,
+                 Throughput(train_rows, world),
                  TimeLimit(deadline, plan, reserved_epochs, rank, world, config.time_limit)]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=os.path.join(output, "tensorboard"), write_graph=False,

@@ -49,11 +49,16 @@ def learning_rate_at(epoch: int, config: TrainConfig, epochs: int | None = None)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def encoder_scale_at(epoch: int, config: TrainConfig) -> float:
+    """The encoder's step as a fraction of the decoder's: 0 during a frozen warm-up, then --encoder-lr-scale."""
+    return 0.0 if epoch < config.frozen_encoder_epochs else config.encoder_lr_scale
+
+
 def encoder_scale(config: TrainConfig) -> float | None:
-    """The encoder's step scale to start from (0 during a frozen warm-up), or None when it trains as the rest."""
+    """The first epoch's encoder scale, or None when the encoder trains as the rest (plain Adam)."""
     if config.frozen_encoder_epochs <= 0 and config.encoder_lr_scale == 1.0:
         return None
-    return 0.0 if config.frozen_encoder_epochs > 0 else config.encoder_lr_scale
+    return encoder_scale_at(0, config)
 
 
 # Haematoxylin, eosin and DAB optical densities of one unit of each stain (Ruifrok & Johnston 2001, as

@@ -46,7 +46,9 @@ def test_throughput_counts_the_steps_and_samples_of_each_epoch():
 
 
 def test_encoder_schedule_holds_the_encoder_for_the_frozen_epochs_then_scales_it():
+    from pipeline.config import TrainConfig
     from pipeline.model import EncoderScaledAdam
+    from pipeline.training import encoder_scale_at
 
     model = tiny_model()
     model.compile(optimizer=EncoderScaledAdam(1e-3, 0.0).scale_encoder(model.trainable_weights),
@@ -54,7 +56,9 @@ def test_encoder_schedule_holds_the_encoder_for_the_frozen_epochs_then_scales_it
     scales = []
     record = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: scales.append(
         float(model.optimizer.encoder_scale.numpy())))
-    model.fit(*data(), epochs=4, verbose=0, callbacks=[EncoderSchedule(2, 0.25), record])
+    config = TrainConfig(frozen_encoder_epochs=2, encoder_lr_scale=0.25)
+    schedule = EncoderSchedule(lambda epoch: encoder_scale_at(epoch, config))
+    model.fit(*data(), epochs=4, verbose=0, callbacks=[schedule, record])
     assert scales == [0.0, 0.0, 0.25, 0.25]
 
 
