@@ -127,6 +127,7 @@ def _run_json(folder, holdout, postprocess, **config):
 
 
 def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
+    import hashlib
     import json
 
     from pipeline.tuning import copy_settings, tune
@@ -138,8 +139,12 @@ def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
                       colour_augment=False)  # an option newer than the sibling's run: its default matches
     with pytest.raises(ValueError, match="--settings-from"):
         tune(str(refit))  # tuning on images it trained on would flatter it
+    recorded = json.loads((tmp_path / "sibling" / "run.json").read_text())
+    recorded["sha256"] = {"model.keras": hashlib.sha256(b"not read").hexdigest()}
+    (tmp_path / "sibling" / "run.json").write_text(json.dumps(recorded))
     settings = copy_settings(str(refit), str(sibling))
     assert settings["threshold"] == 0.7 and settings["tta"] is True and "same recipe" in settings["tuned_on"]
+    assert f"sha256 {hashlib.sha256(b'not read').hexdigest()[:12]}" in settings["tuned_on"]  # the source, by content
     assert json.loads((tmp_path / "refit" / "run.json").read_text())["postprocess"] == settings
     untuned = _run_json(tmp_path / "untuned", "protocol", {"threshold": 0.6})
     with pytest.raises(ValueError, match="no tuned settings"):
