@@ -32,11 +32,11 @@ def test_the_shipped_models_run_json_round_trips_key_for_key():
     assert json.dumps(info.to_dict(), indent=2) == text  # so a rewrite changes nothing
     # typed: the values readers use, without .get(key, default)
     assert (info.format, info.mode, info.appearance, info.image_size, info.num_classes) == \
-        ("nuclei-unet/1", "native", "colour", 128, 3)
+        (FORMAT, "native", "colour", 128, 3)
     assert info.postprocess.thresholds == (0.7, 0.4, 30) and info.postprocess.tta is False
     assert info.postprocess.instance_filter["kind"] == "logistic" and info.postprocess.by_kind["bright-field"]
     assert info.config["preset"] == "dsb2018" and info.sha256["model.keras"]
-    assert info.extra == {"fine_head": 0}  # a key this version has no field for, kept
+    assert info.extra == {} and info.config["holdout"] == "refit"  # every key has its field; shipped as a refit
     assert re.fullmatch(r"runs/[\w-]+/model\.keras", info.packaged_from) and info.effective_tile == 1024
 
 
