@@ -683,9 +683,9 @@ def copy_settings(model: str, source: str, specialists: dict[str, str] | None = 
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info.postprocess = copy.deepcopy(settings)  # the same keys as the source's, in the same order
     digest = (tuned.sha256 or {}).get("model.keras")  # names the source after it is replaced on disk
+    by_content = f"model.keras sha256 {digest[:12]}, " if digest else ""
     info.postprocess.tuned_on = (f"{settings.tuned_on}, for {os.path.relpath(source_path)} "
-                                 f"({f'model.keras sha256 {digest[:12]}, ' if digest else ''}"
-                                 f"same recipe, tune split unseen)")
+                                 f"({by_content}same recipe, tune split unseen)")
     carried = specialist_files(source_path, tuned) if settings.specialists else {}
     for kind, path in (specialists or {}).items():
         if kind not in carried:
