@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -18,6 +20,30 @@ REAL_ZIP = os.path.join(ROOT, "..", "shared", "data", "dsb2018", "stage1_train.z
 
 # Small but real: every training test uses the same architecture at a size CPUs train in seconds.
 TINY = dict(image_size=128, encoder_width=0.35, batch_size=4, backbone_weights="none")
+
+
+def pytest_configure(config):
+    """Ray's files of this test process and of the jobs it starts, among them the address file that a plain
+    `ray.init()` joins, in a folder of their own: a Ray the machine already runs, or another test process'
+    simulated cluster, is never joined. A short path: Ray's socket paths must fit in 107 bytes."""
+    config.ray_tmpdir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.ray_tmpdir, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Every test of the session's trained model runs in one test process (pytest-xdist's --dist loadgroup), so
+    it is trained once; those tests come first, then the other slow ones, so that two test processes end together."""
+    def uses_the_trained_model(item) -> bool:
+        return "run_with_a_killed_worker" in getattr(item, "fixturenames", ())
+
+    for item in items:
+        if uses_the_trained_model(item):
+            item.add_marker(pytest.mark.xdist_group("trained_run"))
+    items.sort(key=lambda item: 0 if uses_the_trained_model(item) else 1 if item.get_closest_marker("slow") else 2)
 
 
 @pytest.fixture(scope="session")
