@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray for the whole session, synthetic data, the real DSB2018 zip, a tiny model."""
+"""Shared fixtures: one local Ray per test process, synthetic data, the real DSB2018 zip, a tiny model."""
 from __future__ import annotations
 
 import os
@@ -55,7 +55,7 @@ def real_zip() -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A single local Ray instance (2 CPUs) shared by every test that needs Ray."""
+    """One local Ray instance (2 CPUs) per test process, shared by every test of that process that needs Ray."""
     from pipeline.data import ensure_ray
     import ray
 
