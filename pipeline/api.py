@@ -49,20 +49,20 @@ class Segmenter:
         config = dataclasses.replace(SegmentConfig(model=model), **settings)
         return cls(os.path.abspath(resolve_model(model)), config, threads)
 
-    def segment(self, image: np.ndarray, kind: str | None = None, appearance: dict | None = None) -> np.ndarray:
+    def segment(self, image: np.ndarray, kind: str | None = None, appearance: dict | None = None,
+                channel: str | int = "", axes: str = "") -> np.ndarray:
         """Nucleus labels (int32, the image's own height and width; 0 background, 1..N nuclei) of an RGB, RGBA or
-        grey image of any integer or float type.
+        grey image of any integer or float type, or a channel stack (`axes` in tifffile's letters, e.g. 'CYX';
+        guessed when not given): `channel` names or numbers its nuclear channel, as --nuclear-channel does.
 
         For a block of a larger image, `kind` (pipeline.protocol.image_kind) and `appearance`
         (pipeline.augment.fit_appearance) measured on the whole image make every block segmented alike."""
         from pipeline.augment import apply_appearance
-        from pipeline.images import normalise, resize_image, to_rgb_uint8
+        from pipeline.images import image_from_array, normalise, resize_image
         from pipeline.inference import labels_at_original_size, settings_for_kind
         from pipeline.protocol import image_kind
 
-        array = np.asarray(image)
-        # to_rgb_uint8 takes OpenCV's BGR(A) order; this API takes RGB(A), as scikit-image and PIL give it.
-        rgb = to_rgb_uint8(np.ascontiguousarray(array[..., 2::-1]) if array.ndim == 3 and array.shape[2] >= 3 else array)
+        rgb = image_from_array(np.asarray(image), axes, channel=str(channel)).image  # RGB(A) order, as PIL gives
         if kind is None:
             kind = image_kind(rgb) if self.needs_kind else ""
         prepared = apply_appearance(rgb, self.info.appearance, appearance)

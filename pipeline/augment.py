@@ -15,7 +15,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from pipeline.protocol import STAINED_COLOURFULNESS, colourfulness
+from pipeline.protocol import is_stained
 
 APPEARANCES = ("rgb", "standardised", "colour")
 
@@ -46,7 +46,7 @@ def fit_appearance(image: np.ndarray, appearance: str) -> dict | None:
         raise ValueError(f"unknown appearance {appearance!r}; choose one of {APPEARANCES}")
     image = np.ascontiguousarray(image)
     lookup, invert = _stretch_lookup(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY),
-                                     stained=colourfulness(image) > STAINED_COLOURFULNESS)
+                                     stained=is_stained(image))
     return {"lookup": lookup, "invert": invert}
 
 
@@ -198,13 +198,16 @@ def median_nucleus_area(probabilities: np.ndarray, threshold: float = 0.5, seed_
 
 
 def size_normalising_zoom(median_area: float, nucleus_area: float,
-                          limits: tuple[float, float] = ZOOM_LIMITS) -> float:
+                          limits: tuple[float, float] = ZOOM_LIMITS, band: float = 1.0) -> float:
     """The zoom that brings an image's median nucleus to `nucleus_area` pixels, within `limits`.
 
     DSB2018's images differ tenfold in nucleus size; several top teams rescaled each image so its nuclei
-    had about the size the model knows best. 1.0 when there is nothing to measure or no target.
+    had about the size the model knows best. 1.0 when there is nothing to measure or no target, or when the
+    median is within `band` times the target either way (an image in range pays nothing).
     """
     if median_area <= 0 or nucleus_area <= 0:
+        return 1.0
+    if max(nucleus_area / median_area, median_area / nucleus_area) <= band:
         return 1.0
     return float(np.clip(np.sqrt(nucleus_area / median_area), *limits))
 
@@ -232,7 +235,8 @@ def predict_scales(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray
         first = predict_full_image(image, forward, tile, overlap, False)
         measured = median_nucleus_area(first, size_normalisation.get("threshold", 0.5),
                                        size_normalisation.get("seed_threshold"), size_normalisation.get("min_size", 10))
-        zoom = size_normalising_zoom(measured, size_normalisation["nucleus_area"])
+        zoom = size_normalising_zoom(measured, size_normalisation["nucleus_area"],
+                                     band=float(size_normalisation.get("band", 1.0)))
         scales = tuple(scale * zoom for scale in scales)
     total = None
     for scale in scales:

@@ -180,32 +180,76 @@ class ArrayWindows:
         return np.ascontiguousarray(self.image[top:bottom, left:right])
 
 
-class TiffWindows:
-    """Windows of a TIFF / OME-TIFF file (its first series, full resolution), decoding only the tiles or strips a
-    window covers. Channels: grey, RGB(A) or the first three; other axes (time, z): their first plane."""
+class _FileWindows:
+    """What TIFF and Zarr windows share: the nuclear plane of each window (pipeline.channels), its values mapped to
+    0-255 by levels measured once over the whole image, so that every block has the same look."""
 
-    def __init__(self, path: str):
+    _array = None
+    axes = ""
+    names: list = []
+
+    def _fit(self, channel: str, levels: tuple[float, float] | None) -> None:
+        from pipeline.channels import select_plane
+        from pipeline.images import intensity_levels
+
+        self.channel, self.levels = channel, levels
+        if levels is None and np.dtype(self._array.dtype) != np.uint8:
+            side = SAMPLE_SIDE
+            parts = [select_plane(self._raw((int(y), int(y) + side, int(x), int(x) + side)), self._raw_axes,
+                                  self.names, channel)[0].ravel()
+                     for y in np.linspace(0, max(0, self.height - side), SAMPLE_GRID).round()
+                     for x in np.linspace(0, max(0, self.width - side), SAMPLE_GRID).round()]
+            self.levels = intensity_levels(np.concatenate(parts))
+        self.notes = self.read_decoded((0, min(self.height, 64), 0, min(self.width, 64)))
+
+    def _raw(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        top, bottom, left, right = window
+        index = tuple(slice(top, bottom) if axis == "Y" else slice(left, right) if axis == "X" else slice(None)
+                      for axis in self.axes)
+        return np.asarray(self._array[index])
+
+    @property
+    def _raw_axes(self) -> str:
+        return self.axes
+
+    def read_decoded(self, window: tuple[int, int, int, int]):
+        """The window as pipeline.images.Decoded (the image and what reading chose)."""
+        from pipeline.images import image_from_array
+
+        return image_from_array(self._raw(window), self.axes, self.names, self.channel, self.levels)
+
+    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        return self.read_decoded(window).image
+
+
+class TiffWindows(_FileWindows):
+    """Windows of a TIFF / OME-TIFF file (its first series, full resolution), decoding only the tiles or strips a
+    window covers. `channel`: --nuclear-channel; `levels`: the whole image's intensity levels (measured here when
+    not given)."""
+
+    def __init__(self, path: str, channel: str = "", levels: tuple[float, float] | None = None):
         import tifffile
         import zarr
+
+        from pipeline.images import channel_names
 
         self.path = path
         with tifffile.TiffFile(path) as tiff:
             series = tiff.series[0]
             self.axes = series.axes
             shape = series.levels[0].shape if series.levels else series.shape
+            self.names = channel_names(tiff, series)
         self.height, self.width = int(shape[self.axes.index("Y")]), int(shape[self.axes.index("X")])
         self._array = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
-
-    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
-        return read_window(self._array, self.axes, window)
+        self._fit(channel, levels)
 
 
-class ZarrWindows:
+class ZarrWindows(_FileWindows):
     """Windows of a Zarr store (v2 or v3), reading only the chunks a window covers: an OME-Zarr image (its
-    full-resolution level, axes from its `multiscales` metadata) or a plain 2-D / 3-D array (YX, YXC when the last
+    full-resolution level, axes from its `multiscales` metadata, channel names from its `omero` ones) or a plain 2-D / 3-D array (YX, YXC when the last
     axis has at most 4 channels, else CYX). Channels and other axes as TiffWindows."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, channel: str = "", levels: tuple[float, float] | None = None):
         import zarr
 
         self.path = path
@@ -219,12 +263,11 @@ class ZarrWindows:
                 raise ValueError(f"{path}: a Zarr group without OME-Zarr `multiscales` metadata")
             self._array = node[multiscales[0]["datasets"][0]["path"]]
             self.axes = ome_axes(multiscales[0], self._array.ndim)
+            self.names = ome_channel_names(dict(node.attrs))
         if "Y" not in self.axes or "X" not in self.axes:
             raise ValueError(f"{path}: no y and x axes in {self.axes!r}")
         self.height, self.width = (int(self._array.shape[self.axes.index(axis)]) for axis in "YX")
-
-    def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
-        return read_window(self._array, self.axes, window)
+        self._fit(channel, levels)
 
 
 def ome_multiscales(attributes: dict) -> list:
@@ -233,11 +276,17 @@ def ome_multiscales(attributes: dict) -> list:
 
 
 def ome_axes(multiscale: dict, ndim: int) -> str:
-    """The axes of an OME-Zarr level as TiffWindows' letters (Y, X, C; anything else Q, read at its first plane)."""
+    """The axes of an OME-Zarr level as TiffWindows' letters (Y, X, C, Z, T; anything else Q, read at its first plane)."""
     names = [axis["name"] if isinstance(axis, dict) else str(axis) for axis in multiscale.get("axes", [])]
     if len(names) != ndim:  # OME-Zarr before 0.3 has no axes: t, c, z, y, x
         names = ["t", "c", "z", "y", "x"][-ndim:]
-    return "".join({"y": "Y", "x": "X", "c": "C"}.get(name.lower(), "Q") for name in names)
+    return "".join({"y": "Y", "x": "X", "c": "C", "z": "Z", "t": "T"}.get(name.lower(), "Q") for name in names)
+
+
+def ome_channel_names(attributes: dict) -> list[str]:
+    """The channel labels of an OME-Zarr image (`omero.channels[].label`, 0.4 and 0.5), or []."""
+    omero = attributes.get("ome", {}).get("omero") or attributes.get("omero") or {}
+    return [str(channel.get("label", "")) for channel in omero.get("channels", []) if isinstance(channel, dict)]
 
 
 def _guess_axes(shape: tuple[int, ...]) -> str:
@@ -248,35 +297,15 @@ def _guess_axes(shape: tuple[int, ...]) -> str:
     raise ValueError(f"a Zarr array of shape {shape}: give a 2-D (YX) or 3-D (YXC, CYX) array, or an OME-Zarr image")
 
 
-def read_window(array, axes: str, window: tuple[int, int, int, int]) -> np.ndarray:
-    """One window of an array-like (tifffile's or zarr's) with named axes, as RGB uint8: channels (S or C) kept, grey,
-    RGB(A) or the first three; any other axis at its first plane."""
-    from pipeline.images import to_rgb_uint8
-
-    top, bottom, left, right = window
-    index = tuple(slice(top, bottom) if axis == "Y" else slice(left, right) if axis == "X"
-                  else slice(None) if axis in "SC" else 0 for axis in axes)
-    kept_axes = [axis for axis in axes if axis in "YXSC"]
-    data = np.asarray(array[index])
-    order = [kept_axes.index("Y"), kept_axes.index("X")] + [i for i, axis in enumerate(kept_axes) if axis in "SC"]
-    data = np.transpose(data, order)
-    if data.ndim == 4:  # both samples and channels: the first channel's samples
-        data = data[:, :, 0]
-    if data.ndim == 3 and data.shape[2] == 1:
-        data = data[:, :, 0]
-    if data.ndim == 3 and data.shape[2] >= 3:
-        data = data[:, :, 2::-1]  # to_rgb_uint8 takes OpenCV's BGR order; TIFF's and Zarr's are RGB
-    return to_rgb_uint8(np.ascontiguousarray(data))
-
-
 def is_zarr(path: str) -> bool:
     """Whether an input path names a Zarr store (a folder named *.zarr)."""
     return path.rstrip("/").lower().endswith(ZARR_SUFFIX)
 
 
-def open_windows(path: str):
-    """The window reader of a local TIFF file or Zarr store."""
-    return ZarrWindows(path) if is_zarr(path) else TiffWindows(path)
+def open_windows(path: str, channel: str = "", levels: tuple[float, float] | None = None):
+    """The window reader of a local TIFF file or Zarr store (`channel`: --nuclear-channel; `levels`: the whole image's
+    intensity levels, measured when not given)."""
+    return (ZarrWindows if is_zarr(path) else TiffWindows)(path, channel, levels)
 
 
 def local_window_path(ref) -> str | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.images import READING_COLUMNS
 from pipeline.blocks import (ALIGN, ArrayWindows, Block, LabelCanvas, keep_core_nuclei, local_window_path, open_windows,
                              plan_blocks, sample_mosaic, shift_measurements)
 
@@ -39,8 +40,8 @@ def _segmenter(model_path: str, settings: dict, threads: int):
     return _SEGMENTERS[key]
 
 
-def _windows(image):
-    return open_windows(image) if isinstance(image, str) else ArrayWindows(image)
+def _windows(image, channel: str = "", levels=None):
+    return open_windows(image, channel, levels) if isinstance(image, str) else ArrayWindows(image)
 
 
 def block_tile(blocks: list[Block]) -> int:
@@ -50,16 +51,17 @@ def block_tile(blocks: list[Block]) -> int:
 
 
 def segment_block(image, block: Block, model_path: str, settings: dict, threads: int, kind: str,
-                  appearance: dict | None, image_id: str, measure: bool, outlines: bool) -> dict:
+                  appearance: dict | None, image_id: str, measure: bool, outlines: bool, reading: tuple = ("", None)
+                  ) -> dict:
     """One block: its window read and segmented, the nuclei it answers for (labels 1..n, window-sized), their
     measurements and outlines in window coordinates. `image`: a TIFF's or Zarr store's local path, or the decoded
-    image."""
+    image; `reading`: (--nuclear-channel, the whole image's intensity levels) for a path."""
     import ray
 
     from pipeline.exports import nucleus_outlines
     from pipeline.measure import measure_nuclei
 
-    reader = _windows(image)
+    reader = _windows(image, *reading)
     window = reader.read(block.window)
     labels = _segmenter(model_path, settings, threads).segment(window, kind=kind, appearance=appearance)
     kept = keep_core_nuclei(labels, block, reader.height, reader.width)
@@ -87,8 +89,12 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
     local = local_window_path(ref)
     # A TIFF or Zarr store is read in windows by every task; any other format is decoded once and shared through
     # the object store.
-    image = local or ray.put(load_sample(ref, with_masks=False, max_pixels=config.max_pixels).image)
-    reader = open_windows(local) if local else ArrayWindows(ray.get(image))
+    channel = config.nuclear_channel
+    whole = None if local else load_sample(ref, with_masks=False, max_pixels=config.max_pixels, channel=channel)
+    image = local or ray.put(whole.image)
+    reader = open_windows(local, channel) if local else ArrayWindows(ray.get(image))
+    notes = reader.notes if local else whole.reading
+    reading = (channel, reader.levels) if local else ("", None)
     sample = sample_mosaic(reader)
     kind = image_kind(sample) if needs_image_kind(postprocess_settings(config, info), model_path, info) else ""
     appearance = fit_appearance(sample, info.appearance)
@@ -101,7 +107,7 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
     threads = max(1, math.ceil(config.cpus_per_actor * 2))
     task = ray.remote(segment_block).options(num_cpus=config.cpus_per_actor, max_retries=3)
     pending = [task.remote(image, block, model_path, settings, threads, kind, appearance, ref.image_id, measure,
-                           bool(set(exports) & {"geojson", "imagej-rois"})) for block in blocks]
+                           bool(set(exports) & {"geojson", "imagej-rois"}), reading) for block in blocks]
     label_file = _label_candidates(output, ref.image_path)[".tif"]
     local = not fileio.is_uri(output)
     folder = os.path.dirname(label_file) if local else tempfile.gettempdir()  # the label file's own folder
@@ -128,7 +134,8 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
         row = {"image_id": ref.image_id, "path": ref.image_path, "height": reader.height, "width": reader.width,
                **canvas.summary(), "labels": _relative_label_path(output, label_file),
                "pixel_size_um": np.nan if pixel_size[0] is None else pixel_size[0],
-               "pixel_size_source": pixel_size[1], "status": "done", "error": ""}
+               "pixel_size_source": pixel_size[1], **{name: getattr(notes, name) for name in READING_COLUMNS},
+               "status": "done", "error": ""}
     finally:
         canvas.close()
     print(f"{ref.image_id}: {reader.height}x{reader.width} in {len(blocks)} blocks on {len(nodes)} node(s), "

@@ -228,6 +228,9 @@ class SegmentConfig(DataConfig):
     measurements: bool = option(True, "measure every nucleus (area, shape, intensity on the original image) into "
                                       "OUTPUT/measurements/, a Parquet dataset")
     report: bool = option(True, "draw OUTPUT/report.png at the end of the run (counts, areas, failures, overlays)")
+    nuclear_channel: str = option("", "the nuclear channel of multi-channel images (a name such as DAPI, or an index "
+                                      "from 0; for RGB: red, green or blue); default: the channel whose name is a "
+                                      "nuclear stain (DAPI, Hoechst, ...), else 0, said in the manifest")
     pixel_size: float = option(0.0, "micrometres per pixel, for the measurements' _um columns and the OME-TIFF "
                                     "export (0: each TIFF / OME-TIFF's own metadata, else unknown)")
     export: str = option("", "also write, beside each label image, comma-separated: geojson (QuPath detections with "

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from pipeline.images import BadImageError, normalise, resize_image, resize_mask
+from pipeline.images import READING_COLUMNS, BadImageError, normalise, resize_image, resize_mask
 from pipeline.sources import SampleRef, describe, list_kaggle, load_sample
 from pipeline.synthetic import synthetic_refs
 
@@ -222,12 +222,13 @@ def preprocess_training(batch: dict, image_size: int, max_pixels: int, num_class
 
 
 def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: str = "resize",
-                         appearance: str = "rgb", kinds: bool = True) -> dict:
+                         appearance: str = "rgb", kinds: bool = True, channel: str = "") -> dict:
     """Ray Data UDF: decode images for prediction; lenient (a bad file becomes ok=False + error).
 
     mode 'resize': image_size x image_size arrays, written in place into one batch array; mode 'native': each
     image at its own size (ragged). `kinds`: classify each image (pipeline.protocol.image_kind), which only a
-    model with per-kind settings or a specialist needs; otherwise the column is left empty.
+    model with per-kind settings or a specialist needs; otherwise the column is left empty. `channel`:
+    --nuclear-channel; the channel, plane and intensity columns say what reading each file chose.
     """
     from pipeline.augment import apply_appearance
     from pipeline.protocol import image_kind
@@ -238,9 +239,10 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
                                                                                 np.float32)
     heights, widths = np.zeros(count, np.int64), np.zeros(count, np.int64)
     ok, errors, kind_of = np.zeros(count, bool), [""] * count, [""] * count
+    readings = {name: [""] * count for name in READING_COLUMNS}
     for row, ref in enumerate(_refs(batch)):
         try:
-            sample = load_sample(ref, with_masks=False, max_pixels=max_pixels)
+            sample = load_sample(ref, with_masks=False, max_pixels=max_pixels, channel=channel)
         except Exception as error:  # noqa: BLE001 - lenient: every failure is reported, none stops the run
             errors[row] = str(error).splitlines()[0] or type(error).__name__
             continue
@@ -250,6 +252,8 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
         else:
             normalise(resize_image(image, image_size), out=images[row])
         heights[row], widths[row], ok[row] = sample.height, sample.width, True
+        for name in READING_COLUMNS:
+            readings[name][row] = getattr(sample.reading, name, "")
         if kinds:
             kind_of[row] = image_kind(sample.image)  # stained / bright-field images may have their own settings
     if native:
@@ -259,7 +263,8 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
     return {"image": images, "image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["image_path"]),
             "source": np.asarray(batch["source"]), "kind": np.asarray(batch["kind"]),
             "image_kind": np.asarray(kind_of), "height": heights, "width": widths, "ok": ok,
-            "error": np.asarray(errors, dtype=object)}
+            "error": np.asarray(errors, dtype=object),
+            **{name: np.asarray(values, dtype=object) for name, values in readings.items()}}
 
 
 def _refs(batch: dict) -> list[SampleRef]:
@@ -290,10 +295,10 @@ def training_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, nu
 
 
 def inference_dataset(refs: list[SampleRef], image_size: int, max_pixels: int, blocks: int = 0, *,
-                      mode: str = "resize", appearance: str = "rgb", kinds: bool = True):
+                      mode: str = "resize", appearance: str = "rgb", kinds: bool = True, channel: str = ""):
     """Streaming (lazy) dataset of decoded images for prediction (resized, or at native size); `kinds`: fill the
     image_kind column (preprocess_inference)."""
     return refs_dataset(refs, blocks, per_block=24 if mode == "native" else 96).map_batches(
         preprocess_inference, batch_size=None, batch_format="numpy",
         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "mode": mode, "appearance": appearance,
-                   "kinds": kinds})
+                   "kinds": kinds, "channel": channel})

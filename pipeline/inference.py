@@ -19,12 +19,13 @@ import pyarrow.fs as pafs
 
 from pipeline import fileio
 from pipeline.config import SegmentConfig
+from pipeline.images import READING_COLUMNS
 from pipeline.labelfiles import LABEL_SUFFIXES, decode_labels_file, encode_labels_file
 from pipeline.sources import SampleRef, list_images
 from pipeline.instances import DEFAULT_CLUMP_SPLIT
 from pipeline.runinfo import DEFAULT_TILE, RunInfo
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "mean_area", "covered_fraction", "labels",
-                    "pixel_size_um", "pixel_size_source", "status", "error")
+                    "pixel_size_um", "pixel_size_source", *READING_COLUMNS, "status", "error")
 MEASUREMENTS = "measurements"  # OUTPUT/measurements/: the per-nucleus Parquet dataset, one part per block
 
 
@@ -247,7 +248,7 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 max_pixels: int, encoder=None, seed_threshold: float | None = None, measure: bool = False,
                 instance_filter: dict | None = None, by_kind: dict | None = None,
                 outline_refiner: dict | None = None, clump_split: dict | None = None,
-                exports: tuple[str, ...] = (), pixel_size: float = 0.0) -> dict:
+                exports: tuple[str, ...] = (), pixel_size: float = 0.0, channel: str = "") -> dict:
     """Ray Data UDF: labels at original size, written atomically; returns manifest fields (+ RLE rows).
 
     `by_kind` (from jobs/tune.py) gives stained or bright-field images their own thresholds and minimum size.
@@ -255,7 +256,8 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
     With `measure`, the block's nuclei are measured on the original images and written as one Parquet part
     (after the label files: an image whose labels exist but whose rows do not is redone by the next run).
     `exports` (pipeline.exports.EXPORTS) are written beside each label image, before it. `pixel_size` (micrometres,
-    0: each TIFF's own) gives the measurements' micron columns and the OME-TIFF its physical size.
+    0: each TIFF's own) gives the measurements' micron columns and the OME-TIFF its physical size. `channel`:
+    --nuclear-channel, for the image read again here.
     """
     from pipeline.measure import image_summary, measure_nuclei
     from pipeline.images import encode_png
@@ -274,7 +276,8 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
                 ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]), source=str(batch["source"][row]),
                                 image_path=path)
-                image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image if outline_refiner else None
+                image = load_sample(ref, with_masks=False, max_pixels=max_pixels,
+                                    channel=channel).image if outline_refiner else None
                 # the TIFF is read again for its metadata only where the size is used
                 size = pixel_size_of(ref, pixel_size) if measure or "ome-tiff" in exports else (None, "")
                 labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
@@ -283,7 +286,7 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                 rows, measuring = None, (measure or "geojson" in exports) and labels.max()
                 if image_id in overlay_ids or measuring:
                     if image is None:
-                        image = load_sample(ref, with_masks=False, max_pixels=max_pixels).image
+                        image = load_sample(ref, with_masks=False, max_pixels=max_pixels, channel=channel).image
                     if image_id in overlay_ids:
                         fileio.write_bytes_atomic(output_paths(output, path)[1], encode_png(overlay(image, labels)))
                     if measuring:
@@ -311,6 +314,8 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
             "labels": np.asarray(label_files, dtype=object),
             "pixel_size_um": np.asarray([np.nan if um is None else um for um, _ in sizes], np.float64),
             "pixel_size_source": np.asarray([source for _, source in sizes], dtype=object),
+            **{name: np.asarray(batch[name] if name in batch else [""] * count, dtype=object)
+               for name in READING_COLUMNS},
             "status": np.asarray(status), "error": np.asarray(errors, dtype=object),
             "rles": np.asarray(rles, dtype=object)}
 
@@ -499,7 +504,7 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
         post = postprocess_settings(config, info)
         dataset = inference_dataset(todo, image_size, config.max_pixels, config.blocks,
                                     mode=info.mode, appearance=info.appearance,
-                                    kinds=needs_image_kind(post, model_path, info))
+                                    kinds=needs_image_kind(post, model_path, info), channel=config.nuclear_channel)
         dataset = dataset.map_batches(
             Predictor, batch_size=config.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
@@ -513,7 +518,7 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
             postprocess, batch_size=8, batch_format="numpy",
             fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output),
                        **post, "overlay_ids": overlay_ids, "exports": parse_exports(config.export),
-                       "pixel_size": config.pixel_size,
+                       "pixel_size": config.pixel_size, "channel": config.nuclear_channel,
                        "max_pixels": config.max_pixels, "encoder": encoder, "measure": config.measurements})
         for row in dataset.iter_rows():
             rles = str(row.pop("rles") or "")
@@ -522,7 +527,8 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
     write_manifest(_output_file(output, "manifest.csv"), result.rows)
     if config.report:  # pictures of images that fit in memory only
         pictured = [ref for ref in listing.refs if ref.image_id not in large]
-        write_report(output, result.rows, pictured, config.max_pixels, title=f"{config.input} -> {output}")
+        write_report(output, result.rows, pictured, config.max_pixels, title=f"{config.input} -> {output}",
+                     channel=config.nuclear_channel)
     result.seconds = time.time() - started
     return result
 
@@ -575,7 +581,8 @@ def measured_areas(output: str) -> np.ndarray:
     return pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=["area"]).column("area").to_numpy()
 
 
-def write_report(output: str, rows: list[dict], refs: list[SampleRef], max_pixels: int, title: str = "") -> None:
+def write_report(output: str, rows: list[dict], refs: list[SampleRef], max_pixels: int, title: str = "",
+                 channel: str = "") -> None:
     """OUTPUT/report.png (pipeline.report) for a run's manifest rows; pictures of at most three images."""
     from pipeline.report import draw_report
     from pipeline.sources import load_sample
@@ -586,7 +593,8 @@ def write_report(output: str, rows: list[dict], refs: list[SampleRef], max_pixel
         ref, label_path = by_path.get(row["path"]), find_labels(output, str(row["path"]))
         if ref is None or label_path is None:
             return None
-        return overlay(load_sample(ref, with_masks=False, max_pixels=max_pixels).image, read_labels(label_path))
+        return overlay(load_sample(ref, with_masks=False, max_pixels=max_pixels, channel=channel).image,
+                       read_labels(label_path))
 
     fileio.write_bytes_atomic(_output_file(output, "report.png"),
                               draw_report(rows, measured_areas(output), overlay_of, title=title))

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from pipeline import fileio
-from pipeline.images import IMAGE_EXTENSIONS, DEFAULT_MAX_PIXELS, BadImageError, decode_image, decode_mask
+from pipeline.images import IMAGE_EXTENSIONS, DEFAULT_MAX_PIXELS, BadImageError, Decoded, decode_mask, read_image
 
 MAX_MEMBER_BYTES = 1 << 30  # an archive member larger than this is refused (zip bombs)
 SYNTHETIC = "synthetic"
@@ -67,6 +67,7 @@ class Sample:
     mask: np.ndarray | None  # HxW uint8 in {0, 1}: union of the nuclei
     labels: np.ndarray | None  # HxW int32: 0 background, 1..N one label per nucleus
     nuclei: int  # number of mask files
+    reading: Decoded | None = None  # what reading the file chose (channel, plane, intensity), for the manifest
 
     @property
     def height(self) -> int:
@@ -88,7 +89,13 @@ def _is_input_name(name: str) -> bool:
     return _is_image_name(name) or name.lower().endswith(ZARR_SUFFIX)
 
 
+OME_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.zarr")  # one suffix each: the image id drops it whole
+
+
 def _strip_extension(path: str) -> str:
+    for suffix in OME_SUFFIXES:
+        if path.lower().endswith(suffix):
+            return path[:-len(suffix)]
     root, _ = posixpath.splitext(path)
     return root
 
@@ -280,8 +287,10 @@ def read_file(ref: SampleRef, path: str) -> bytes:
         raise BadImageError(f"unreadable file: {reason}") from error
 
 
-def load_sample(ref: SampleRef, *, with_masks: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
-    """Decode a ref: the RGB image and, when asked, the merged mask and instance labels.
+def load_sample(ref: SampleRef, *, with_masks: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                channel: str = "") -> Sample:
+    """Decode a ref: the RGB image and, when asked, the merged mask and instance labels. `channel`: the nuclear
+    channel asked for (--nuclear-channel; pipeline.channels).
 
     Raises BadImageError naming what is wrong (the caller adds the file path).
     """
@@ -289,10 +298,11 @@ def load_sample(ref: SampleRef, *, with_masks: bool = True, max_pixels: int = DE
         from pipeline.synthetic import render_sample
 
         return render_sample(int(ref.source), ref.index, with_masks=with_masks)
-    image = (_read_zarr(ref, max_pixels) if ref.image_path.lower().endswith(ZARR_SUFFIX)
-             else decode_image(read_file(ref, ref.image_path), max_pixels=max_pixels))
+    reading = (_read_zarr(ref, max_pixels, channel) if ref.image_path.lower().endswith(ZARR_SUFFIX)
+               else read_image(read_file(ref, ref.image_path), max_pixels=max_pixels, channel=channel))
+    image = reading.image
     if not with_masks:
-        return Sample(ref.image_id, image, None, None, 0)
+        return Sample(ref.image_id, image, None, None, 0, reading)
     if not ref.mask_paths:
         raise BadImageError("no masks/ folder (or it holds no mask files)")
     labels = np.zeros(image.shape[:2], np.int32)
@@ -305,23 +315,25 @@ def load_sample(ref: SampleRef, *, with_masks: bool = True, max_pixels: int = DE
             raise BadImageError(f"{mask_path}: mask is {nucleus.shape[1]}x{nucleus.shape[0]} but the image is "
                                 f"{labels.shape[1]}x{labels.shape[0]}")
         labels[nucleus] = number
-    return Sample(ref.image_id, image, (labels > 0).astype(np.uint8), labels, len(ref.mask_paths))
+    return Sample(ref.image_id, image, (labels > 0).astype(np.uint8), labels, len(ref.mask_paths), reading)
 
 
-def _read_zarr(ref: SampleRef, max_pixels: int) -> np.ndarray:
-    """A Zarr store's whole image as RGB uint8 (pipeline.blocks.ZarrWindows), within the pixel limit."""
+def _read_zarr(ref: SampleRef, max_pixels: int, channel: str = "") -> Decoded:
+    """A Zarr store's whole image (pipeline.blocks.ZarrWindows), within the pixel limit."""
     from pipeline.blocks import ZarrWindows
 
     if ref.kind != "file" or fileio.is_uri(ref.source):
         raise BadImageError("Zarr stores are read from local folders only")
     try:
-        reader = ZarrWindows(fileio.safe_join(ref.source, ref.image_path))
+        reader = ZarrWindows(fileio.safe_join(ref.source, ref.image_path), channel)
+    except BadImageError:
+        raise
     except (OSError, ValueError, KeyError) as error:
         raise BadImageError(f"unreadable Zarr store: {str(error).splitlines()[0] if str(error) else error!r}") from None
     if reader.height * reader.width > max_pixels:
         raise BadImageError(f"image is {reader.width}x{reader.height} = {reader.height * reader.width:,} pixels, over "
                             f"the limit of {max_pixels:,}")
-    return reader.read((0, reader.height, 0, reader.width))
+    return reader.read_decoded((0, reader.height, 0, reader.width))
 
 
 def describe(ref: SampleRef) -> str:

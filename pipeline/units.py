@@ -26,8 +26,10 @@ def pixel_size_from_tiff(data: bytes | str) -> tuple[float | None, str]:
         with tifffile.TiffFile(io.BytesIO(data) if isinstance(data, bytes) else data) as tiff:
             if tiff.is_ome and tiff.ome_metadata:
                 size = _ome_pixel_size(tiff.ome_metadata)
-                if size:
+                if size is not None and plausible_pixel_size(size):
                     return size, "OME-TIFF PhysicalSizeX"
+                if size is not None:
+                    return None, f"ignored: OME-TIFF PhysicalSizeX of {size:g} µm describes no microscope"
             page = tiff.pages.first
             tag = page.tags.get("XResolution")
             if tag is None:
@@ -38,17 +40,26 @@ def pixel_size_from_tiff(data: bytes | str) -> tuple[float | None, str]:
                 return None, ""
             unit = str((tiff.imagej_metadata or {}).get("unit", "")).strip()
             if unit in _UNITS:
-                return _UNITS[unit] / per_unit, f"ImageJ TIFF ({unit})"
+                size = _UNITS[unit] / per_unit
+                if not plausible_pixel_size(size):
+                    return None, f"ignored: ImageJ pixel size of {size:g} µm describes no microscope"
+                return size, f"ImageJ TIFF ({unit})"
             resolution_unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 2
-            units = {2: (25_400.0, "inch"), 3: (10_000.0, "cm")}
+            units = {2: (25_400.0, "inch"), 3: (10_000.0, "cm"), 4: (1_000.0, "mm"), 5: (1.0, "µm")}
             if resolution_unit in units:
                 size = units[resolution_unit][0] / per_unit
                 # A screen's or scanner's 72-300 dots per inch (85-350 µm) describe no microscope.
                 if size <= MAX_MICROSCOPE_PIXEL_UM:
                     return size, f"TIFF resolution ({units[resolution_unit][1]})"
+                return None, f"ignored: TIFF resolution of {size:g} µm per pixel describes no microscope"
     except (tifffile.TiffFileError, ValueError, KeyError, ZeroDivisionError):
         return None, ""
     return None, ""
+
+
+def plausible_pixel_size(size_um: float) -> bool:
+    """Whether a pixel size read from metadata can be a microscope's (a default of 0, 1 inch or 1e6 is not)."""
+    return 1e-3 <= size_um <= MAX_MICROSCOPE_PIXEL_UM
 
 
 def _ome_pixel_size(xml: str) -> float | None:
@@ -87,6 +98,9 @@ def pixel_size_from_zarr(path: str) -> tuple[float | None, str]:
             for transform in transforms:
                 if transform.get("type") == "scale":
                     size *= float(transform["scale"][x])
-        return size * _UNITS[unit], "OME-Zarr scale"
+        size *= _UNITS[unit]
+        if not plausible_pixel_size(size):
+            return None, f"ignored: OME-Zarr scale of {size:g} µm per pixel describes no microscope"
+        return size, "OME-Zarr scale"
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None, ""
