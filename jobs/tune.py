@@ -7,7 +7,8 @@ flips and scales cost 2-13 forward passes per image: they are tried only within 
 costlier way of predicting is kept only where it gains 0.005 over the cheaper one.
 Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
 evaluate.py use them with no flag.
-A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
+Images whose nuclei are outside the sizes the model trained on are zoomed towards them (`--size-range` stores only
+that). A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
 with the sibling's specialists, or with --specialists its own (the same recipe, --holdout refit, --init-from the refit).
 `--specialists stained=ST/model.keras` routes stained images to a model fine-tuned for them (jobs/train.py
 --init-from RUN/model.keras --kinds stained), if it beats this model on the tune split's stained images.
@@ -24,8 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(TuneConfig, argv, description=__doc__, required=("model",))
 
     def work() -> None:
-        from pipeline.tuning import FITTED, copy_settings, describe, parse_specialists, tune
+        from pipeline.tuning import FITTED, copy_settings, describe, parse_specialists, store_size_range, tune
 
+        if config.size_range:
+            stored = store_size_range(config.model, config.data)
+            print(f"size normalisation stored: images whose median nucleus is outside {stored['within'][0]:g}-"
+                  f"{stored['within'][1]:g} pixels are zoomed towards {stored['nucleus_area']:g}")
+            return
         if config.settings_from:
             settings = copy_settings(config.model, config.settings_from, parse_specialists(config.specialists))
             shown = {key: value for key, value in settings.items() if key not in FITTED}

@@ -59,23 +59,26 @@ class Segmenter:
         (pipeline.augment.fit_appearance) measured on the whole image make every block segmented alike."""
         from pipeline.augment import apply_appearance
         from pipeline.images import image_from_array, normalise, resize_image
-        from pipeline.inference import labels_at_original_size, settings_for_kind
+        from pipeline.inference import labels_at_zoom, settings_for_kind
         from pipeline.protocol import image_kind
 
         rgb = image_from_array(np.asarray(image), axes, channel=str(channel)).image  # RGB(A) order, as PIL gives
         if kind is None:
             kind = image_kind(rgb) if self.needs_kind else ""
         prepared = apply_appearance(rgb, self.info.appearance, appearance)
+        zoom = 1.0
         if self.info.mode == "native":
-            probabilities = self.predictor.predict_whole(normalise(prepared), kind)
+            probabilities, zoom = self.predictor.predict_whole(normalise(prepared), kind, keep_zoom=True)
         else:
             size = self.info.image_size or 128
             probabilities = self.predictor.predict(normalise(resize_image(prepared, size))[None])[0]
         threshold, seed_threshold, min_size = settings_for_kind(
             self.post["threshold"], self.post["seed_threshold"], self.post["min_size"], self.post["by_kind"], kind)
-        return labels_at_original_size(probabilities, rgb.shape[0], rgb.shape[1], threshold, min_size, seed_threshold,
-                                       self.post["instance_filter"], self.post["outline_refiner"], rgb,
-                                       self.post["clump_split"]).astype(np.int32)
+        return labels_at_zoom(probabilities, rgb.shape[0], rgb.shape[1], zoom, rgb, threshold=threshold,
+                              min_size=min_size, seed_threshold=seed_threshold,
+                              instance_filter=self.post["instance_filter"],
+                              outline_refiner=self.post["outline_refiner"],
+                              clump_split=self.post["clump_split"]).astype(np.int32)
 
 
 def segment_folder(input: str, output: str, model: str = "dsb2018", **settings):

@@ -198,16 +198,16 @@ def median_nucleus_area(probabilities: np.ndarray, threshold: float = 0.5, seed_
 
 
 def size_normalising_zoom(median_area: float, nucleus_area: float,
-                          limits: tuple[float, float] = ZOOM_LIMITS, band: float = 1.0) -> float:
+                          limits: tuple[float, float] = ZOOM_LIMITS, within: tuple[float, float] | None = None) -> float:
     """The zoom that brings an image's median nucleus to `nucleus_area` pixels, within `limits`.
 
     DSB2018's images differ tenfold in nucleus size; several top teams rescaled each image so its nuclei
     had about the size the model knows best. 1.0 when there is nothing to measure or no target, or when the
-    median is within `band` times the target either way (an image in range pays nothing).
+    median is `within` (low, high) pixels: the sizes the model was trained on, which it segments as they are.
     """
     if median_area <= 0 or nucleus_area <= 0:
         return 1.0
-    if max(nucleus_area / median_area, median_area / nucleus_area) <= band:
+    if within and within[0] <= median_area <= within[1]:
         return 1.0
     return float(np.clip(np.sqrt(nucleus_area / median_area), *limits))
 
@@ -221,32 +221,42 @@ def true_median_area(labels: np.ndarray) -> float:
 
 def predict_scales(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray], scales: tuple[float, ...] = (1.0,),
                    tile: int = 1024, overlap: int = 64, flips: bool = False,
-                   size_normalisation: dict | None = None) -> np.ndarray:
+                   size_normalisation: dict | None = None, keep_zoom: bool = False):
     """Multi-scale test-time augmentation: the mean of `predict_full_image` over the image resized by each scale.
 
     Each scale's probabilities are resized back to the image's size before averaging (2nd and 3rd place of
     DSB2018 averaged scales); (1.0,) is plain whole-image prediction. With `size_normalisation`
-    ({nucleus_area, threshold, seed_threshold, min_size}), a first plain pass measures the image's median
-    nucleus with those settings and every scale is multiplied by the zoom that brings it to `nucleus_area`.
+    ({nucleus_area, threshold, seed_threshold, min_size, within}), a first plain pass measures the image's median
+    nucleus with those settings and every scale is multiplied by the zoom that brings it to `nucleus_area` (none
+    when it is `within` [low, high] pixels); its `diameter` (pixels) gives the image's nucleus size instead, without
+    the first pass.
+    `keep_zoom`: return (probabilities at the zoomed size, zoom), for post-processing at the size the model knows.
     """
     height, width = image.shape[:2]
-    first = None
+    first, zoom = None, 1.0
     if size_normalisation and size_normalisation.get("nucleus_area", 0) > 0:
-        first = predict_full_image(image, forward, tile, overlap, False)
-        measured = median_nucleus_area(first, size_normalisation.get("threshold", 0.5),
-                                       size_normalisation.get("seed_threshold"), size_normalisation.get("min_size", 10))
+        diameter = float(size_normalisation.get("diameter") or 0.0)
+        if diameter > 0:
+            measured, within = np.pi * diameter ** 2 / 4, None
+        else:
+            first = predict_full_image(image, forward, tile, overlap, False)
+            measured = median_nucleus_area(first, size_normalisation.get("threshold", 0.5),
+                                           size_normalisation.get("seed_threshold"),
+                                           size_normalisation.get("min_size", 10))
+            within = size_normalisation.get("within")
         zoom = size_normalising_zoom(measured, size_normalisation["nucleus_area"],
-                                     band=float(size_normalisation.get("band", 1.0)))
-        scales = tuple(scale * zoom for scale in scales)
+                                     within=tuple(within) if within else None)
+    out_h, out_w = (max(1, round(height * zoom)), max(1, round(width * zoom))) if keep_zoom else (height, width)
     total = None
     for scale in scales:
-        view = image if scale == 1.0 else cv2.resize(
-            image, (max(1, round(width * scale)), max(1, round(height * scale))),
-            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        reuse = first is not None and scale == 1.0 and not flips
+        factor = scale * zoom
+        view = image if factor == 1.0 else cv2.resize(
+            image, (max(1, round(width * factor)), max(1, round(height * factor))),
+            interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        reuse = first is not None and factor == 1.0 and not flips
         probabilities = first if reuse else predict_full_image(view, forward, tile, overlap, flips)
-        if scale != 1.0:
-            probabilities = cv2.resize(probabilities, (width, height), interpolation=cv2.INTER_LINEAR)
-            probabilities = probabilities.reshape(height, width, -1)
+        if probabilities.shape[:2] != (out_h, out_w):
+            probabilities = cv2.resize(probabilities, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+            probabilities = probabilities.reshape(out_h, out_w, -1)
         total = probabilities if total is None else total + probabilities
-    return total / len(scales)
+    return (total / len(scales), zoom) if keep_zoom else total / len(scales)

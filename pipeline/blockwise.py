@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from pipeline.runinfo import RunInfo
 
 # The SegmentConfig fields a block's Segmenter takes (the stored settings they override).
-SEGMENTER_SETTINGS = ("threshold", "seed_threshold", "min_size", "tta", "scales", "nucleus_area", "instance_filter",
+SEGMENTER_SETTINGS = ("threshold", "seed_threshold", "min_size", "tta", "scales", "nucleus_area", "diameter",
+                      "instance_filter",
                       "split_clumps", "refine_outlines", "tile", "overlap")
 _SEGMENTERS: dict = {}  # one model per worker process, reused by every block it runs
 

@@ -20,7 +20,7 @@ NUCLEAR_STAIN = re.compile(r"dapi|hoechst|h\s*-?\s*33[0-9]{3}|\bhst\b|draq|nuc|s
 COLOURS = ("red", "green", "blue")
 LIVE_CHANNEL = 0.05  # a colour channel whose spread is under this fraction of the widest one's carries no signal
 SAME_SIGNAL_R2 = 0.98  # colour channels that are one signal times a factor (a pseudo-colour lookup table)
-GREY_DISTANCE = 2.0  # mean distance from grey (0-255) under which an RGB image is grey already
+GREY_DISTANCE = 2.0  # mean distance from grey (0-255, for a full-range image) under which RGB is grey already
 
 
 def guess_axes(shape: tuple[int, ...]) -> str:
@@ -84,7 +84,9 @@ def single_colour(rgb: np.ndarray) -> tuple[np.ndarray | None, str]:
     """(grey image, note) when an RGB image's signal is in one colour (or one signal in several, as a lookup table
     draws it), else (None, ''): grey and colour images stay as they are."""
     sample = rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 20000)].astype(np.float32)
-    if float(np.abs(sample - sample.mean(axis=1, keepdims=True)).mean()) <= GREY_DISTANCE:
+    distance = float(np.abs(sample - sample.mean(axis=1, keepdims=True)).mean())
+    top = float(np.percentile(sample.max(axis=1), 99.5)) if distance else 0.0
+    if distance * 255.0 <= GREY_DISTANCE * max(top, 1.0):  # grey already, for its brightness
         return None, ""
     live, one_signal = _live_colours(rgb)
     if not live or not one_signal:

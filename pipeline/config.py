@@ -207,6 +207,9 @@ class SegmentConfig(DataConfig):
     nucleus_area: float = option(None, "native-mode models: zoom each image so its median nucleus (measured by a "
                                        "first plain pass) has about this many pixels, within 0.5x-2x; 0 = off "
                                        "(default: the model's run.json, else off)")
+    diameter: float = option(0.0, "native-mode models: the images' typical nucleus diameter in pixels; each image is "
+                                  "zoomed so its nuclei have the size the model knows (0: measured by a first pass "
+                                  "where the model stores a nucleus size)")
     instance_filter: bool = option(None, "drop predicted objects the model's fitted false-positive filter rejects "
                                          "(default: on when the model's run.json has one)")
     split_clumps: bool = option(None, "cut predicted objects that look like merged nuclei (large, non-convex) at "
@@ -309,6 +312,9 @@ class TuneConfig:
     model: str = option("", "model.keras of a run trained with --holdout protocol")
     data: str = option("", "its training data (default: where its run.json says)")
     dry_run: bool = option(False, "write tuning.json only, leave run.json as it is")
+    size_range: bool = option(False, "only measure the nucleus sizes the model trained on and store the size "
+                                     "normalisation that zooms images outside them (run.json), every other setting "
+                                     "kept; tuning stores it too")
     settings_from: str = option("", "copy the settings tuned for this run (model.keras of the same recipe trained "
                                     "with --holdout protocol) instead of tuning: for a --holdout refit model, "
                                     "which has trained on the tune split")

@@ -153,12 +153,13 @@ class Predictor:
             outputs.append(probabilities[:len(chunk)])
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
-    def predict_whole(self, image: np.ndarray, kind: str = "") -> np.ndarray:
-        """Probabilities of one image at its own size (native-mode models), by its kind's specialist if it has one."""
+    def predict_whole(self, image: np.ndarray, kind: str = "", keep_zoom: bool = False):
+        """Probabilities of one image at its own size (native-mode models), by its kind's specialist if it has one;
+        `keep_zoom`: (probabilities at the size normalisation's zoom, the zoom), for labels_at_zoom."""
         from pipeline.augment import predict_scales
 
         return predict_scales(np.asarray(image, np.float32), self.forward_for(kind), self.scales, self.tile,
-                              self.overlap, self.tta, self.size_normalisation)
+                              self.overlap, self.tta, self.size_normalisation, keep_zoom=keep_zoom)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], bool)
@@ -166,16 +167,38 @@ class Predictor:
         classes = self.classes
         if self.native:
             probabilities = np.empty(len(ok), dtype=object)
+            zooms = np.ones(len(ok), np.float64)
             kinds = batch["image_kind"] if "image_kind" in batch else [""] * len(ok)
             for row in range(len(ok)):
-                probabilities[row] = (self.predict_whole(batch["image"][row], str(kinds[row])).astype(np.float16)
-                                      if ok[row] else np.zeros((1, 1, classes), np.float16))
+                if ok[row]:
+                    found, zooms[row] = self.predict_whole(batch["image"][row], str(kinds[row]), keep_zoom=True)
+                    probabilities[row] = found.astype(np.float16)
+                else:
+                    probabilities[row] = np.zeros((1, 1, classes), np.float16)
+            result["zoom"] = zooms
         else:
             probabilities = np.zeros((len(ok), *batch["image"].shape[1:3], classes), np.float16)
             if ok.any():
                 probabilities[ok] = self.predict(np.asarray(batch["image"])[ok]).astype(np.float16)
         result["probabilities"] = probabilities
         return result
+
+
+def labels_at_zoom(probabilities: np.ndarray, height: int, width: int, zoom: float, image: np.ndarray | None,
+                   **settings) -> np.ndarray:
+    """Labels of an image whose probabilities were predicted at `zoom` (size normalisation): nuclei made at that
+    size, where they have the sizes the post-processing was tuned on, then brought to the image's own size."""
+    import cv2
+    from skimage.segmentation import relabel_sequential
+
+    if zoom == 1.0:
+        return labels_at_original_size(probabilities, height, width, image=image, **settings)
+    zoomed_h, zoomed_w = probabilities.shape[:2]
+    if image is not None:
+        image = cv2.resize(image, (zoomed_w, zoomed_h), interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR)
+    labels = labels_at_original_size(probabilities, zoomed_h, zoomed_w, image=image, **settings)
+    labels = cv2.resize(labels.astype(np.int32), (int(width), int(height)), interpolation=cv2.INTER_NEAREST)
+    return relabel_sequential(labels)[0]
 
 
 def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, threshold: float,
@@ -280,9 +303,11 @@ def postprocess(batch: dict, output: str, threshold: float, min_size: int, overl
                                     channel=channel).image if outline_refiner else None
                 # the TIFF is read again for its metadata only where the size is used
                 size = pixel_size_of(ref, pixel_size) if measure or "ome-tiff" in exports else (None, "")
-                labels = labels_at_original_size(batch["probabilities"][row], batch["height"][row],
-                                                 batch["width"][row], own_threshold, own_min_size, own_seed,
-                                                 instance_filter, outline_refiner, image, clump_split)
+                zoom = float(batch["zoom"][row]) if "zoom" in batch else 1.0
+                labels = labels_at_zoom(batch["probabilities"][row], batch["height"][row], batch["width"][row], zoom,
+                                        image, threshold=own_threshold, min_size=own_min_size,
+                                        seed_threshold=own_seed, instance_filter=instance_filter,
+                                        outline_refiner=outline_refiner, clump_split=clump_split)
                 rows, measuring = None, (measure or "geojson" in exports) and labels.max()
                 if image_id in overlay_ids or measuring:
                     if image is None:
@@ -371,10 +396,18 @@ def prediction_settings(config: SegmentConfig, info: RunInfo | dict) -> dict:
         raise ValueError(f"--nucleus-area: pixels (0 = off), got {config.nucleus_area}")
     if nucleus_area and not info.mode == "native":
         raise ValueError("--nucleus-area: only native-mode models predict whole images at any size")
+    if config.diameter and not nucleus_area:
+        raise ValueError("--diameter: this model stores no nucleus size to zoom to; give --nucleus-area too")
+    if config.diameter < 0:
+        raise ValueError(f"--diameter: pixels (0 = measured), got {config.diameter}")
     size_normalisation = None
-    if nucleus_area:
+    if nucleus_area:  # a target given on the command line zooms every image; the stored one only out of its band
         size_normalisation = {"threshold": saved.threshold, "seed_threshold": saved.seed_threshold,
                               "min_size": saved.min_size, **stored, "nucleus_area": nucleus_area}
+        if config.nucleus_area is not None:
+            size_normalisation.pop("within", None)
+        if config.diameter:
+            size_normalisation["diameter"] = float(config.diameter)
     return {"tta": saved.tta if config.tta is None else config.tta, "scales": scales,
             "size_normalisation": size_normalisation}
 

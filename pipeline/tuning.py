@@ -287,7 +287,8 @@ def prediction_passes(flips: bool, scales, size_normalised: bool = False) -> flo
 
 def stored_passes(saved: Postprocess) -> float:
     """prediction_passes of stored settings (run.json's postprocess)."""
-    return prediction_passes(saved.tta, saved.scales, bool(saved.size_normalisation))
+    zooms_all = bool(saved.size_normalisation) and "within" not in saved.size_normalisation  # else in-range: one
+    return prediction_passes(saved.tta, saved.scales, zooms_all)
 
 
 def worth_its_cost(scores: dict[str, float], costs: dict[str, float], min_gain: float) -> str:
@@ -596,6 +597,53 @@ def write_tuning(run: TuneRun, settings: dict, write: bool) -> None:
     info.write(info_path(run.model_path))
 
 
+SIZE_RANGE_PERCENTILES = (2, 98)  # the nucleus sizes a model knows: 96% of its training images' median sizes
+
+
+def trained_refs(info: RunInfo, data: str = "") -> list:
+    """The labelled images a model trained on: the protocol's train split, train + tune for a refit, else the
+    random split's training part."""
+    from pipeline.data import protocol_refs, split_refs, training_refs
+
+    trained = info.config
+    refs = training_refs(data or trained.get("data", ""), int(trained.get("synthetic_count", 96)),
+                         int(trained.get("seed", 42)))
+    holdout = trained.get("holdout", "random")
+    if holdout in ("protocol", "refit"):
+        splits = protocol_refs(refs)
+        return splits["train"] + (splits["tune"] if holdout == "refit" else [])
+    return split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))[0]
+
+
+def size_range(info: RunInfo, data: str = "") -> dict:
+    """Size normalisation that zooms only images whose median nucleus is outside the sizes the model trained on
+    (the 2nd-98th percentiles of its training images' median true nucleus areas), towards their median: on the
+    tune split, x0.5 images 0.473 -> 0.566 with the plain images unchanged (docs/accuracy-trials.md)."""
+    from pipeline.augment import true_median_area
+    from pipeline.sources import load_sample
+
+    refs = trained_refs(info, data)
+    areas = [true_median_area(load_sample(ref).labels) for ref in refs]
+    saved = info.postprocess
+    low, high = (round(float(np.percentile(areas, q)), 1) for q in SIZE_RANGE_PERCENTILES)
+    return {"threshold": saved.threshold, "seed_threshold": saved.seed_threshold, "min_size": saved.min_size,
+            "nucleus_area": round(float(np.median(areas)), 1), "within": [low, high],
+            "measured_on": f"median true nucleus areas of the {len(refs)} images it trained on"}
+
+
+def store_size_range(model: str, data: str = "") -> dict:
+    """Write size_range into a model's run.json, unless the tune step chose a size normalisation of its own."""
+    model_path = os.path.abspath(resolve_model(model))
+    info = read_model_info(model_path)
+    stored = info.postprocess.size_normalisation
+    if stored and "within" not in stored:
+        raise ValueError(f"{model}: its run.json zooms every image to {stored.get('nucleus_area')} pixels (chosen "
+                         "on the tune split); --nucleus-area 0 turns that off, or retune")
+    info.postprocess.size_normalisation = size_range(info, data)
+    info.write(info_path(model_path))
+    return info.postprocess.size_normalisation
+
+
 def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_GAIN,
          predictions: tuple[str, ...] = tuple(PREDICTIONS), specialists: dict[str, str] | None = None,
          max_cost: float = MAX_COST) -> dict:
@@ -607,6 +655,8 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_G
     for step in STEPS:
         step(run)
     settings = run.log["settings"] = tuned_settings(run)
+    if not settings["size_normalisation"]:
+        settings["size_normalisation"] = size_range(run.info, data)
     if keeps_stored(run, settings):
         write = False
     run.log["seconds"] = round(time.time() - run.started, 1)

@@ -51,7 +51,6 @@ def pixel_size_from_tiff(data: bytes | str) -> tuple[float | None, str]:
                 # A screen's or scanner's 72-300 dots per inch (85-350 µm) describe no microscope.
                 if size <= MAX_MICROSCOPE_PIXEL_UM:
                     return size, f"TIFF resolution ({units[resolution_unit][1]})"
-                return None, f"ignored: TIFF resolution of {size:g} µm per pixel describes no microscope"
     except (tifffile.TiffFileError, ValueError, KeyError, ZeroDivisionError):
         return None, ""
     return None, ""

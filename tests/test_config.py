@@ -139,6 +139,14 @@ def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
         "size_normalisation"] == {"nucleus_area": 150, "threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}
     with pytest.raises(ValueError, match="native-mode"):
         prediction_settings(parse_args(SegmentConfig, ["--nucleus-area", "150"]), {"mode": "resize"})
+    ranged = {"mode": "native", "postprocess": {"size_normalisation": {**stored, "within": [60, 2000]}}}
+    assert prediction_settings(SegmentConfig(), ranged)["size_normalisation"]["within"] == [60, 2000]
+    assert "within" not in prediction_settings(parse_args(SegmentConfig, ["--nucleus-area", "150"]), ranged)[
+        "size_normalisation"]  # a target given zooms every image
+    assert prediction_settings(parse_args(SegmentConfig, ["--diameter", "40"]), ranged)[
+        "size_normalisation"]["diameter"] == 40
+    with pytest.raises(ValueError, match="stores no nucleus size"):
+        prediction_settings(parse_args(SegmentConfig, ["--diameter", "40"]), {"mode": "native"})
     assert postprocess_settings(SegmentConfig(), saved)["instance_filter"] == fitted
     assert postprocess_settings(flags, saved)["instance_filter"] is None
     refined = {"postprocess": {**saved["postprocess"], "outline_refiner": fitted}}

@@ -119,3 +119,26 @@ def test_ome_tiff_ids_drop_the_whole_suffix(tmp_path):
     (tmp_path / "well_A1.ome.tif").write_bytes(tiff(np.zeros((2, 8, 8), np.uint16), ome=True,
                                                      metadata={"axes": "CYX"}))
     assert [ref.image_id for ref in list_images(str(tmp_path)).refs] == ["well_A1"]
+
+
+def test_the_shipped_model_finds_the_same_nuclei_in_16_bit_one_colour_and_stack_files(real_zip):
+    """Real test-split images written as a lab's files (pipeline.shifts): each variant, read from its bytes, scores
+    within 0.01 of the plain 8-bit image with the shipped model and its stored settings."""
+    from pipeline.api import Segmenter
+    from pipeline.data import protocol_refs
+    from pipeline.metric import image_score
+    from pipeline.shifts import channel_stack, one_colour, sixteen_bit
+    from pipeline.sources import list_kaggle, load_sample, read_file
+
+    refs = protocol_refs(list_kaggle(real_zip).refs)["test"][::15]  # 8 images, fluorescence and stained
+    samples = [load_sample(ref) for ref in refs]
+    segmenter = Segmenter.load("dsb2018")
+
+    def mean_score(files) -> float:
+        return float(np.mean([image_score(sample.labels, segmenter.segment(read_image(data).image))
+                              for sample, data in zip(samples, files)]))
+
+    plain = mean_score([read_file(ref, ref.image_path) for ref in refs])
+    for shift in (sixteen_bit, one_colour, channel_stack):
+        shifted = mean_score([shift(sample.image, sample.labels)[1] for sample in samples])
+        assert abs(shifted - plain) <= 0.01, (shift.__name__, shifted, plain)

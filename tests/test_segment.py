@@ -58,6 +58,16 @@ def bad_corpus(tmp_path_factory, synthetic_folder):
     Image.fromarray(picture).convert("P", palette=Image.ADAPTIVE).save(odd / "palette.png")
     Image.new("CMYK", (48, 36), (0, 255, 255, 0)).save(odd / "cmyk.jpg")
     Image.new("L", (8000, 8000), 0).save(odd / "huge 8000.png")  # 64 Mpixel: over the tests' 50 Mpixel limit
+    grey = picture[..., 0].astype(np.uint16) * 16  # files as microscopes write them, broken metadata included
+    tifffile.imwrite(odd / "stack.ome.tif", np.stack([4095 - grey, grey]), ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["Actin", "DAPI"]}, "PhysicalSizeX": 1e6})
+    tifffile.imwrite(odd / "unnamed.ome.tif", np.stack([grey, grey]), ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["GFP", "RFP"]}})
+    tifffile.imwrite(odd / "five_d.tif", np.broadcast_to(grey, (2, 3, 1, 40, 50)).copy(), imagej=True,
+                     metadata={"axes": "TZCYX"})
+    with_nan = picture[..., 0].astype(np.float32)
+    with_nan[0, :5] = np.nan
+    tifffile.imwrite(odd / "nan.tif", with_nan)
     if os.geteuid() != 0:  # root reads anything: the permission case only exists for other users
         (odd / "no access.png").write_bytes(png(picture))
         (odd / "no access.png").chmod(0)
@@ -76,7 +86,12 @@ def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
     result = run_segmentation(config, output)
     manifest = read_manifest(output)
     good = [row for row in manifest.values() if row["status"] == "done"]
-    assert len(good) == 12 + 8  # synthetic + the odd-but-valid files
+    assert len(good) == 12 + 12  # synthetic + the odd-but-valid files
+    assert manifest["odd dir ü/stack.ome.tif"]["channel"] == "channel 1 'DAPI' of 2 (nuclear stain by name)"
+    assert manifest["odd dir ü/stack.ome.tif"]["pixel_size_source"].startswith("ignored:")
+    assert "no name is a nuclear stain" in manifest["odd dir ü/unnamed.ome.tif"]["channel"]
+    assert manifest["odd dir ü/five_d.tif"]["plane"] == "t: first of 2; z: maximum of 3 planes"
+    assert "5 NaN" in manifest["odd dir ü/nan.tif"]["intensity"]
     assert manifest["odd dir ü/cmyk.jpg"]["width"] == "48" and manifest["odd dir ü/palette.png"]["height"] == "40"
     if os.geteuid() != 0:
         assert "Permission denied" in manifest["odd dir ü/no access.png"]["error"]
@@ -100,7 +115,7 @@ def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
     assert result.failed == 4 + (os.geteuid() != 0)
 
     rerun = run_segmentation(config, output)  # everything finished is skipped
-    assert sum(row["status"] == "existing" for row in rerun.rows) == 20
+    assert sum(row["status"] == "existing" for row in rerun.rows) == 24
 
 
 def test_submit_lists_every_test_image_of_a_mixed_folder(model_path, bad_corpus, tmp_path):

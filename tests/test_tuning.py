@@ -80,6 +80,8 @@ def test_size_normalisation_zooms_an_image_so_its_median_nucleus_has_the_target_
     assert size_normalising_zoom(800, 200) == pytest.approx(0.5)
     assert size_normalising_zoom(5000, 200) == 0.5 and size_normalising_zoom(5, 200) == 2.0  # within 0.5x-2x
     assert size_normalising_zoom(0, 200) == 1.0 and size_normalising_zoom(100, 0) == 1.0  # nothing found / off
+    assert size_normalising_zoom(100, 200, within=(50, 400)) == 1.0  # sizes the model knows: as they are
+    assert size_normalising_zoom(25, 200, within=(50, 400)) == 2.0
     seen = []
 
     def forward(batch):  # bright pixels are nucleus; records the size of every view it is shown
@@ -92,6 +94,11 @@ def test_size_normalisation_zooms_an_image_so_its_median_nucleus_has_the_target_
     zoomed = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200})
     assert seen == [(96, 96), (192, 192)]  # a first pass measures the nuclei, then the image is predicted at 2x
     assert zoomed.shape == (96, 96, 3) and (zoomed[labels > 0, 0] < 0.5).mean() > 0.9
+    at_zoom, zoom = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200}, keep_zoom=True)
+    assert zoom == 2.0 and at_zoom.shape == (192, 192, 3)  # for post-processing at the size the model knows
+    seen.clear()
+    kept = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200, "within": (40, 60)})
+    assert seen == [(96, 96)] and kept.shape == (96, 96, 3)  # in range: the measuring pass is the prediction
     seen.clear()
     assert np.array_equal(predict_scales(image, forward, (1.0,)), forward(image[None])[0])  # off: one pass as is
     assert seen == [(96, 96), (96, 96)]
@@ -453,3 +460,18 @@ def test_cross_validation_leaves_objects_alone_when_its_targets_hold_one_class()
     assert all(all(np.array_equal(a, b) for a, b in zip(kept, labels)) for kept in filtered["filtered"].values())
     refined = refiner_cross_validation(truths, labels, probabilities, images)
     assert len(refined["all_targets"]) > 0 and set(refined["by_cutoff"].values()) == {0.0}
+
+
+def test_labels_made_at_the_zoom_come_back_at_the_images_size():
+    import cv2
+
+    from pipeline.inference import labels_at_zoom
+
+    labels, _ = blobs(np.random.default_rng(3), 4, 4, 0.9)
+    zoomed = cv2.resize(labels.astype(np.int32), (labels.shape[1] * 2, labels.shape[0] * 2),
+                        interpolation=cv2.INTER_NEAREST)
+    nucleus = (zoomed > 0).astype(np.float32)[..., None]
+    probabilities = np.concatenate([1 - nucleus, nucleus * 0.9, nucleus * 0.1], axis=-1)
+    found = labels_at_zoom(probabilities, *labels.shape, 2.0, None, threshold=0.5, min_size=10, seed_threshold=0.5)
+    assert found.shape == labels.shape and found.max() == labels.max()
+    assert sorted(np.unique(found)) == list(range(labels.max() + 1))  # 1..N, nothing lost in the way back
