@@ -18,9 +18,12 @@ BBBC039 = os.path.join(ROOT, "..", "shared", "data", "bbbc039", "bbbc039.zip")
 
 
 def earlier_reader(data: bytes) -> str:
-    """The reader before 2026-12-06 for an 8-bit PNG: decode, to RGB, the kind from colourfulness and the median."""
+    """The reader before 2026-12-06 for an 8-bit PNG: header check, decode, to RGB, the kind from colourfulness and
+    the median."""
+    from pipeline.images import image_dimensions
     from pipeline.protocol import STAINED_COLOURFULNESS, _distance_from_grey, _sampled_pixels
 
+    image_dimensions(data)  # the pixel-limit check before decoding, as then
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)

@@ -109,7 +109,7 @@ def main() -> None:
             if not os.path.isfile(location):
                 print(f"skipped {name}: {os.path.normpath(location)} not found")
                 continue
-            extra = list_kaggle(location).refs
+            extra = [ref for ref in list_kaggle(location).refs if ref.has_masks]  # as submission/score.py scores
             extra = extra[:args.limit] if args.limit else extra
             items = [(ref.image_id, os.path.splitext(ref.image_path)[1], read_file(ref, ref.image_path))
                      for ref in extra]

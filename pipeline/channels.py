@@ -58,9 +58,14 @@ def choose_channel(names: list[str], count: int, asked: str = "") -> tuple[int, 
     return 0, f"channel {label(0)} of {count} ({why}: --nuclear-channel picks another)"
 
 
-def _live_colours(rgb: np.ndarray) -> tuple[list[int], bool]:
-    """(colour channels that carry signal, whether they carry one signal times a factor) of an RGB image."""
-    pixels = rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 20000)].astype(np.float32)
+def _sample(rgb: np.ndarray, count: int = 20000) -> np.ndarray:
+    """About `count` pixels of an RGB image on a regular grid, as float32 rows (no copy of the whole image)."""
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / count)))
+    return rgb[::step, ::step].reshape(-1, rgb.shape[-1]).astype(np.float32)
+
+
+def _live_colours(pixels: np.ndarray) -> tuple[list[int], bool]:
+    """(colour channels that carry signal, whether they carry one signal times a factor) of sampled RGB pixels."""
     low, high = np.percentile(pixels, [0.5, 99.5], axis=0)
     spread = high - low
     if spread.max() <= 0:
@@ -83,12 +88,18 @@ def _live_colours(rgb: np.ndarray) -> tuple[list[int], bool]:
 def single_colour(rgb: np.ndarray) -> tuple[np.ndarray | None, str]:
     """(grey image, note) when an RGB image's signal is in one colour (or one signal in several, as a lookup table
     draws it), else (None, ''): grey and colour images stay as they are."""
-    sample = rgb.reshape(-1, 3)[:: max(1, rgb.shape[0] * rgb.shape[1] // 20000)].astype(np.float32)
-    distance = float(np.abs(sample - sample.mean(axis=1, keepdims=True)).mean())
-    top = float(np.percentile(sample.max(axis=1), 99.5)) if distance else 0.0
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 20000)))
+    grid = rgb[::step, ::step]
+    if np.array_equal(grid[..., 0], grid[..., 1]) and np.array_equal(grid[..., 1], grid[..., 2]):
+        return None, ""  # grey (most microscopy RGB files): nothing to measure
+    sample = _sample(rgb, 5000)
+    red, green, blue = sample.T
+    grey = (red + green + blue) / 3
+    distance = float((np.abs(red - grey) + np.abs(green - grey) + np.abs(blue - grey)).mean() / 3)
+    top = float(sample.max())
     if distance * 255.0 <= GREY_DISTANCE * max(top, 1.0):  # grey already, for its brightness
         return None, ""
-    live, one_signal = _live_colours(rgb)
+    live, one_signal = _live_colours(sample)
     if not live or not one_signal:
         return None, ""
     if len(live) == 1:

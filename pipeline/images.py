@@ -123,8 +123,11 @@ def from_opencv(image: np.ndarray, channel: str = "") -> Decoded:
     """An OpenCV-decoded array (BGR(A) order, grey + alpha, any depth) as a Decoded image."""
     if image.ndim == 3 and image.shape[2] == 2:  # grey + alpha
         image = image[:, :, 0]
-    elif image.ndim == 3 and image.shape[2] in (3, 4):
-        image = image[:, :, 2::-1]  # BGR(A) -> RGB
+    elif image.ndim == 3 and image.shape[2] in (3, 4):  # BGR(A) -> RGB, in one pass where OpenCV has the depth
+        if image.dtype in (np.uint8, np.uint16, np.float32):
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        else:
+            image = image[:, :, 2::-1]
     return image_from_array(image, channel=channel)
 
 

@@ -46,6 +46,8 @@ def _stained(pixels: np.ndarray) -> bool:
     distance = _distance_from_grey(pixels)
     if distance > STAINED_COLOURFULNESS:
         return True
+    if distance == 0:  # grey
+        return False
     top = float(np.percentile(pixels.max(axis=1), 99))  # a dim stained image is as colourful for its brightness
     return 0 < top < DIM_TOP and distance * 255.0 / top > STAINED_COLOURFULNESS
 
