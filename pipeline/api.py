@@ -50,10 +50,11 @@ class Segmenter:
         return cls(os.path.abspath(resolve_model(model)), config, threads)
 
     def segment(self, image: np.ndarray, kind: str | None = None, appearance: dict | None = None,
-                channel: str | int = "", axes: str = "") -> np.ndarray:
+                channel: str | int = "", axes: str = "", names: list[str] | None = None) -> np.ndarray:
         """Nucleus labels (int32, the image's own height and width; 0 background, 1..N nuclei) of an RGB, RGBA or
         grey image of any integer or float type, or a channel stack (`axes` in tifffile's letters, e.g. 'CYX';
-        guessed when not given): `channel` names or numbers its nuclear channel, as --nuclear-channel does.
+        guessed when not given; `names`: its channels' names): `channel` names or numbers its nuclear channel, as
+        --nuclear-channel does, else the channel named as a nuclear stain, else channel 0.
 
         For a block of a larger image, `kind` (pipeline.protocol.image_kind) and `appearance`
         (pipeline.augment.fit_appearance) measured on the whole image make every block segmented alike."""
@@ -62,7 +63,9 @@ class Segmenter:
         from pipeline.inference import labels_at_zoom, settings_for_kind
         from pipeline.protocol import image_kind
 
-        rgb = image_from_array(np.asarray(image), axes, channel=str(channel)).image  # RGB(A) order, as PIL gives
+        # RGB(A) order, as PIL gives; a block of a larger image (`appearance` given) was read by its whole image's rules
+        rgb = image_from_array(np.asarray(image), axes, names, str(channel),
+                               colours="keep" if appearance is not None else "auto").image
         if kind is None:
             kind = image_kind(rgb) if self.needs_kind else ""
         prepared = apply_appearance(rgb, self.info.appearance, appearance)

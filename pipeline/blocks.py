@@ -189,17 +189,23 @@ class _FileWindows:
     names: list = []
 
     def _fit(self, channel: str, levels: tuple[float, float] | None) -> None:
-        from pipeline.channels import select_plane
+        """What every window shares, measured once on a sample of windows: whether an RGB image is one colour, and
+        the intensity levels (`levels` when given)."""
+        from pipeline.channels import colour_choice, select_plane
         from pipeline.images import intensity_levels
 
-        self.channel, self.levels = channel, levels
+        self.channel, self.levels, self.colours = channel, levels, "keep"
+        side = SAMPLE_SIDE
+        parts = [select_plane(self._raw((int(y), int(y) + side, int(x), int(x) + side)), self.axes, self.names,
+                              channel, "keep")[0]
+                 for y in np.linspace(0, max(0, self.height - side), SAMPLE_GRID).round()
+                 for x in np.linspace(0, max(0, self.width - side), SAMPLE_GRID).round()]
+        if parts[0].ndim == 3:
+            self.colours = colour_choice(np.concatenate([part.reshape(-1, 1, 3) for part in parts]))
         if levels is None and np.dtype(self._array.dtype) != np.uint8:
-            side = SAMPLE_SIDE
-            parts = [select_plane(self._raw((int(y), int(y) + side, int(x), int(x) + side)), self._raw_axes,
-                                  self.names, channel)[0].ravel()
-                     for y in np.linspace(0, max(0, self.height - side), SAMPLE_GRID).round()
-                     for x in np.linspace(0, max(0, self.width - side), SAMPLE_GRID).round()]
-            self.levels = intensity_levels(np.concatenate(parts))
+            self.levels = intensity_levels(np.concatenate([
+                select_plane(part, "YXS" if part.ndim == 3 else "YX", colours=self.colours)[0].ravel()
+                for part in parts]))
         self.notes = self.read_decoded((0, min(self.height, 64), 0, min(self.width, 64)))
 
     def _raw(self, window: tuple[int, int, int, int]) -> np.ndarray:
@@ -208,15 +214,11 @@ class _FileWindows:
                       for axis in self.axes)
         return np.asarray(self._array[index])
 
-    @property
-    def _raw_axes(self) -> str:
-        return self.axes
-
     def read_decoded(self, window: tuple[int, int, int, int]):
         """The window as pipeline.images.Decoded (the image and what reading chose)."""
         from pipeline.images import image_from_array
 
-        return image_from_array(self._raw(window), self.axes, self.names, self.channel, self.levels)
+        return image_from_array(self._raw(window), self.axes, self.names, self.channel, self.levels, self.colours)
 
     def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
         return self.read_decoded(window).image

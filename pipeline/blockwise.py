@@ -102,6 +102,7 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
     pixel_size = pixel_size_of(ref, config.pixel_size) if measure or exports else (None, "")
     blocks = plan_blocks(reader.height, reader.width, config.block_size)
     settings = {name: getattr(config, name) for name in SEGMENTER_SETTINGS}
+    settings.update(_whole_image_size(sample, model_path, config, info, kind, appearance, settings))
     # Each window in one forward pass, not in tiles: the model then sees every block as it sees the whole image (a
     # tile grid of its own in each block moved 0.8% of the nuclei of a 20k x 20k mosaic), and faster.
     settings["tile"] = config.tile or block_tile(blocks)
@@ -142,6 +143,40 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
     print(f"{ref.image_id}: {reader.height}x{reader.width} in {len(blocks)} blocks on {len(nodes)} node(s), "
           f"{row['nuclei']} nuclei, {time.time() - started:.1f} s", flush=True)
     return row, measured, rles
+
+
+def measure_nucleus_area(sample: np.ndarray, model_path: str, settings: dict, threads: int, kind: str,
+                         appearance: dict | None, measured_with: dict) -> float:
+    """Median nucleus area (pixels) of a large image's sample mosaic, by one plain forward pass (a Ray task)."""
+    from pipeline.augment import apply_appearance, median_nucleus_area
+    from pipeline.images import normalise
+
+    segmenter = _segmenter(model_path, {**settings, "nucleus_area": 0, "diameter": 0}, threads)
+    probabilities = segmenter.predictor.predict_whole(
+        normalise(apply_appearance(sample, segmenter.info.appearance, appearance)), kind)
+    return median_nucleus_area(probabilities, measured_with.get("threshold", 0.5), measured_with.get("seed_threshold"),
+                               measured_with.get("min_size", 10))
+
+
+def _whole_image_size(sample, model_path: str, config, info: RunInfo, kind: str, appearance: dict | None,
+                      settings: dict) -> dict:
+    """The size normalisation every block of an image shares (its own measurement would differ block by block): the
+    stored range measured once on the image's sample mosaic, then given to the blocks as a diameter, or turned off."""
+    import ray
+
+    from pipeline.augment import size_normalising_zoom
+    from pipeline.inference import prediction_settings
+
+    size = prediction_settings(config, info)["size_normalisation"]
+    if not size or config.diameter:
+        return {}
+    task = ray.remote(measure_nucleus_area).options(num_cpus=config.cpus_per_actor)
+    area = ray.get(task.remote(sample, model_path, settings, max(1, math.ceil(config.cpus_per_actor * 2)), kind,
+                               appearance, size))
+    within = size.get("within")
+    if size_normalising_zoom(area, size["nucleus_area"], within=tuple(within) if within else None) == 1.0:
+        return {"nucleus_area": 0}
+    return {"diameter": 2 * math.sqrt(area / math.pi)}
 
 
 def _concatenate(parts: list[dict]) -> dict:

@@ -85,27 +85,33 @@ def _live_colours(pixels: np.ndarray) -> tuple[list[int], bool]:
     return live, True
 
 
-def single_colour(rgb: np.ndarray) -> tuple[np.ndarray | None, str]:
-    """(grey image, note) when an RGB image's signal is in one colour (or one signal in several, as a lookup table
-    draws it), else (None, ''): grey and colour images stay as they are."""
+def colour_choice(rgb: np.ndarray) -> str:
+    """'keep' for a grey or colour RGB image, else the colours that carry its one signal ('blue', 'green+blue')."""
     step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 20000)))
     grid = rgb[::step, ::step]
     if np.array_equal(grid[..., 0], grid[..., 1]) and np.array_equal(grid[..., 1], grid[..., 2]):
-        return None, ""  # grey (most microscopy RGB files): nothing to measure
+        return "keep"  # grey (most microscopy RGB files): nothing to measure
     sample = _sample(rgb, 5000)
     red, green, blue = sample.T
     grey = (red + green + blue) / 3
     distance = float((np.abs(red - grey) + np.abs(green - grey) + np.abs(blue - grey)).mean() / 3)
-    top = float(sample.max())
-    if distance * 255.0 <= GREY_DISTANCE * max(top, 1.0):  # grey already, for its brightness
-        return None, ""
+    if distance * 255.0 <= GREY_DISTANCE * max(float(sample.max()), 1.0):  # grey already, for its brightness
+        return "keep"
     live, one_signal = _live_colours(sample)
-    if not live or not one_signal:
+    return "+".join(COLOURS[c] for c in live) if live and one_signal else "keep"
+
+
+def single_colour(rgb: np.ndarray, choice: str = "auto") -> tuple[np.ndarray | None, str]:
+    """(grey image, note) when an RGB image's signal is in one colour (or one signal in several, as a lookup table
+    draws it), else (None, ''): grey and colour images stay as they are. `choice`: colour_choice's answer made on
+    the whole image, for a window of it ('auto': decide on this array)."""
+    choice = colour_choice(rgb) if choice == "auto" else choice
+    if choice == "keep":
         return None, ""
+    live = [COLOURS.index(colour) for colour in choice.split("+")]
     if len(live) == 1:
-        return np.ascontiguousarray(rgb[..., live[0]]), f"{COLOURS[live[0]]} of RGB (the signal is in one colour)"
-    names = "+".join(COLOURS[c] for c in live)
-    return rgb[..., live].max(axis=-1), f"{names} of RGB (one signal in a colour lookup table)"
+        return np.ascontiguousarray(rgb[..., live[0]]), f"{choice} of RGB (the signal is in one colour)"
+    return rgb[..., live].max(axis=-1), f"{choice} of RGB (one signal in a colour lookup table)"
 
 
 def _reduce_other_axes(array: np.ndarray, axes: str) -> tuple[np.ndarray, str, str]:
@@ -126,10 +132,11 @@ def _reduce_other_axes(array: np.ndarray, axes: str) -> tuple[np.ndarray, str, s
 
 
 def select_plane(array: np.ndarray, axes: str = "", names: list[str] | None = None,
-                 asked: str = "") -> tuple[np.ndarray, str, str]:
+                 asked: str = "", colours: str = "auto") -> tuple[np.ndarray, str, str]:
     """(YX grey or YX3 RGB array, channel note, plane note) of an array with named axes, values untouched.
 
-    `names`: the channel axis' names from the file's metadata; `asked`: --nuclear-channel (a name or an index)."""
+    `names`: the channel axis' names from the file's metadata; `asked`: --nuclear-channel (a name or an index);
+    `colours`: an RGB image's colour_choice, made on the whole image for a window of it ('auto': made here)."""
     array = np.asarray(array)
     axes = (axes or guess_axes(array.shape)).upper()
     if len(axes) != array.ndim or "Y" not in axes or "X" not in axes:
@@ -167,7 +174,7 @@ def select_plane(array: np.ndarray, axes: str = "", names: list[str] | None = No
     if axes.replace("S", "") == "XY":
         array = np.swapaxes(array, 0, 1)
     if array.ndim == 3:
-        grey, colour_note = single_colour(array)
+        grey, colour_note = single_colour(array, colours)
         if grey is not None:
             return grey, colour_note, plane
     return np.ascontiguousarray(array), note, plane

@@ -132,12 +132,12 @@ def from_opencv(image: np.ndarray, channel: str = "") -> Decoded:
 
 
 def image_from_array(array: np.ndarray, axes: str = "", names: list[str] | None = None, channel: str = "",
-                     levels: tuple[float, float] | None = None) -> Decoded:
+                     levels: tuple[float, float] | None = None, colours: str = "auto") -> Decoded:
     """Any array (axes in tifffile's letters, guessed when not given; RGB order) -> the model's RGB uint8 image:
-    the nuclear plane (pipeline.channels.select_plane), then intensity_to_uint8 (`levels`: a whole image's, for a
-    window of it)."""
+    the nuclear plane (pipeline.channels.select_plane), then intensity_to_uint8 (`levels` and `colours`: the whole
+    image's, for a window of it)."""
     try:
-        plane, channel_note, plane_note = select_plane(array, axes, names, channel)
+        plane, channel_note, plane_note = select_plane(array, axes, names, channel, colours)
     except ValueError as error:
         raise BadImageError(str(error).splitlines()[0]) from None
     image, intensity = intensity_to_uint8(plane, levels)

@@ -48,8 +48,10 @@ def _stained(pixels: np.ndarray) -> bool:
         return True
     if distance == 0:  # grey
         return False
-    top = float(np.percentile(pixels.max(axis=1), 99))  # a dim stained image is as colourful for its brightness
-    return 0 < top < DIM_TOP and distance * 255.0 / top > STAINED_COLOURFULNESS
+    # a dim stained image is as colourful for its brightness, and its background is its light part
+    brightest = pixels.max(axis=1)
+    top = float(np.percentile(brightest, 99))
+    return 0 < top < DIM_TOP and distance * 255.0 / top > STAINED_COLOURFULNESS and float(np.median(brightest)) > top / 2
 
 
 def is_stained(image: np.ndarray) -> bool:
