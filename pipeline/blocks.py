@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.channels import colour_choice, select_plane
+from pipeline.images import channel_names, image_from_array, intensity_levels
 from pipeline.units import TIFF_SUFFIXES
 
 BLOCK_MARGIN = 128  # pixels read around each block's core: wider than the largest nucleus the model outlines
@@ -191,9 +193,6 @@ class _FileWindows:
     def _fit(self, channel: str, levels: tuple[float, float] | None) -> None:
         """What every window shares, measured once on a sample of windows: whether an RGB image is one colour, and
         the intensity levels (`levels` when given)."""
-        from pipeline.channels import colour_choice, select_plane
-        from pipeline.images import intensity_levels
-
         self.channel, self.levels, self.colours = channel, levels, "keep"
         side = SAMPLE_SIDE
         parts = [select_plane(self._raw((int(y), int(y) + side, int(x), int(x) + side)), self.axes, self.names,
@@ -216,8 +215,6 @@ class _FileWindows:
 
     def read_decoded(self, window: tuple[int, int, int, int]):
         """The window as pipeline.images.Decoded (the image and what reading chose)."""
-        from pipeline.images import image_from_array
-
         return image_from_array(self._raw(window), self.axes, self.names, self.channel, self.levels, self.colours)
 
     def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
@@ -232,8 +229,6 @@ class TiffWindows(_FileWindows):
     def __init__(self, path: str, channel: str = "", levels: tuple[float, float] | None = None):
         import tifffile
         import zarr
-
-        from pipeline.images import channel_names
 
         self.path = path
         with tifffile.TiffFile(path) as tiff:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.images import READING_COLUMNS
+from pipeline.augment import apply_appearance, median_nucleus_area, size_normalising_zoom
 from pipeline.blocks import (ALIGN, ArrayWindows, Block, LabelCanvas, keep_core_nuclei, local_window_path, open_windows,
                              plan_blocks, sample_mosaic, shift_measurements)
+from pipeline.images import READING_COLUMNS, normalise
 
 if TYPE_CHECKING:
     from pipeline.runinfo import RunInfo
@@ -148,9 +149,6 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
 def measure_nucleus_area(sample: np.ndarray, model_path: str, settings: dict, threads: int, kind: str,
                          appearance: dict | None, measured_with: dict) -> float:
     """Median nucleus area (pixels) of a large image's sample mosaic, by one plain forward pass (a Ray task)."""
-    from pipeline.augment import apply_appearance, median_nucleus_area
-    from pipeline.images import normalise
-
     segmenter = _segmenter(model_path, {**settings, "nucleus_area": 0, "diameter": 0}, threads)
     probabilities = segmenter.predictor.predict_whole(
         normalise(apply_appearance(sample, segmenter.info.appearance, appearance)), kind)
@@ -164,8 +162,7 @@ def _whole_image_size(sample, model_path: str, config, info: RunInfo, kind: str,
     stored range measured once on the image's sample mosaic, then given to the blocks as a diameter, or turned off."""
     import ray
 
-    from pipeline.augment import size_normalising_zoom
-    from pipeline.inference import prediction_settings
+    from pipeline.inference import prediction_settings  # inference imports this module: a circle at the top
 
     size = prediction_settings(config, info)["size_normalisation"]
     if not size or config.diameter:

@@ -558,6 +558,10 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
             result.rows.append({key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()})
             result.rles[str(row["image_id"])] = rles.split("\n") if rles else []
     write_manifest(_output_file(output, "manifest.csv"), result.rows)
+    guessed = [row for row in result.rows if "--nuclear-channel picks another" in str(row.get("channel", ""))]
+    if guessed:
+        print(f"{len(guessed)} multi-channel files name no nuclear stain, e.g. {guessed[0]['path']}: "
+              f"{guessed[0]['channel']} (manifest.csv's channel column says which each used)", flush=True)
     if config.report:  # pictures of images that fit in memory only
         pictured = [ref for ref in listing.refs if ref.image_id not in large]
         write_report(output, result.rows, pictured, config.max_pixels, title=f"{config.input} -> {output}",

@@ -29,11 +29,14 @@ import numpy as np
 
 from pipeline import fileio
 from pipeline.config import SegmentConfig, recipe_differences
+from pipeline.augment import true_median_area
+from pipeline.data import protocol_refs, split_refs, training_refs
 from pipeline.evaluation import held_out_refs
 from pipeline.protocol import KINDS, image_kind
 from pipeline.registry import (info_path, read_model_info, reading_differences, resolve_model, sha256_of,
                                specialist_files)
 from pipeline.runinfo import Postprocess, RunInfo
+from pipeline.sources import load_sample
 from pipeline.instance_filter import (apply_filter, fit_filter, instance_features, keep_probability,
                                         true_positive_targets)
 from pipeline.metric import image_score
@@ -603,8 +606,6 @@ SIZE_RANGE_PERCENTILES = (2, 98)  # the nucleus sizes a model knows: 96% of its 
 def trained_refs(info: RunInfo, data: str = "") -> list:
     """The labelled images a model trained on: the protocol's train split, train + tune for a refit, else the
     random split's training part."""
-    from pipeline.data import protocol_refs, split_refs, training_refs
-
     trained = info.config
     refs = training_refs(data or trained.get("data", ""), int(trained.get("synthetic_count", 96)),
                          int(trained.get("seed", 42)))
@@ -619,9 +620,6 @@ def size_range(info: RunInfo, data: str = "") -> dict:
     """Size normalisation that zooms only images whose median nucleus is outside the sizes the model trained on
     (the 2nd-98th percentiles of its training images' median true nucleus areas), towards their median: on the
     tune split, x0.5 images 0.473 -> 0.566 with the plain images unchanged (docs/accuracy-trials.md)."""
-    from pipeline.augment import true_median_area
-    from pipeline.sources import load_sample
-
     refs = trained_refs(info, data)
     areas = [true_median_area(load_sample(ref).labels) for ref in refs]
     saved = info.postprocess
