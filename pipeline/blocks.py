@@ -184,28 +184,48 @@ class ArrayWindows:
 
 class _FileWindows:
     """What TIFF and Zarr windows share: the nuclear plane of each window (pipeline.channels), its values mapped to
-    0-255 by levels measured once over the whole image, so that every block has the same look."""
+    0-255 by levels and an RGB image's colour choice made once for the whole image, so that every block has the
+    same look. Measured on a sample of windows at the first read that needs them, unless given (a block's task gets
+    its image's)."""
 
     _array = None
     axes = ""
-    names: list = []
+    names: tuple = ()  # the channel names its metadata gives
 
-    def _fit(self, channel: str, levels: tuple[float, float] | None) -> None:
-        """What every window shares, measured once on a sample of windows: whether an RGB image is one colour, and
-        the intensity levels (`levels` when given)."""
-        self.channel, self.levels, self.colours = channel, levels, "keep"
+    def _setup(self, channel: str, levels: tuple[float, float] | None, colours: str | None) -> None:
+        self.channel, self._levels, self._colours = channel, levels, colours
+
+    @property
+    def levels(self) -> tuple[float, float] | None:
+        self._measure()
+        return self._levels
+
+    @property
+    def colours(self) -> str:
+        self._measure()
+        return self._colours
+
+    def _measure(self) -> None:
+        needs_levels = self._levels is None and np.dtype(self._array.dtype) != np.uint8
+        if self._colours is not None and not needs_levels:
+            return
         side = SAMPLE_SIDE
         parts = [select_plane(self._raw((int(y), int(y) + side, int(x), int(x) + side)), self.axes, self.names,
-                              channel, "keep")[0]
+                              self.channel, "keep")[0]
                  for y in np.linspace(0, max(0, self.height - side), SAMPLE_GRID).round()
                  for x in np.linspace(0, max(0, self.width - side), SAMPLE_GRID).round()]
-        if parts[0].ndim == 3:
-            self.colours = colour_choice(np.concatenate([part.reshape(-1, 1, 3) for part in parts]))
-        if levels is None and np.dtype(self._array.dtype) != np.uint8:
-            self.levels = intensity_levels(np.concatenate([
-                select_plane(part, "YXS" if part.ndim == 3 else "YX", colours=self.colours)[0].ravel()
+        if self._colours is None:
+            self._colours = (colour_choice(np.concatenate([part.reshape(-1, 1, 3) for part in parts]))
+                             if parts[0].ndim == 3 else "keep")
+        if needs_levels:
+            self._levels = intensity_levels(np.concatenate([
+                select_plane(part, "YXS" if part.ndim == 3 else "YX", colours=self._colours)[0].ravel()
                 for part in parts]))
-        self.notes = self.read_decoded((0, min(self.height, 64), 0, min(self.width, 64)))
+
+    @property
+    def notes(self):
+        """What reading the image chose (pipeline.images.Decoded's notes), from a corner of it."""
+        return self.read_decoded((0, min(self.height, 64), 0, min(self.width, 64)))
 
     def _raw(self, window: tuple[int, int, int, int]) -> np.ndarray:
         top, bottom, left, right = window
@@ -217,16 +237,21 @@ class _FileWindows:
         """The window as pipeline.images.Decoded (the image and what reading chose)."""
         return image_from_array(self._raw(window), self.axes, self.names, self.channel, self.levels, self.colours)
 
+    def read_whole(self):
+        """The whole image as pipeline.images.Decoded, its levels and colours measured on all of it."""
+        return image_from_array(self._raw((0, self.height, 0, self.width)), self.axes, self.names, self.channel)
+
     def read(self, window: tuple[int, int, int, int]) -> np.ndarray:
         return self.read_decoded(window).image
 
 
 class TiffWindows(_FileWindows):
     """Windows of a TIFF / OME-TIFF file (its first series, full resolution), decoding only the tiles or strips a
-    window covers. `channel`: --nuclear-channel; `levels`: the whole image's intensity levels (measured here when
-    not given)."""
+    window covers. `channel`: --nuclear-channel; `levels`, `colours`: the whole image's intensity levels and colour
+    choice (measured when first needed if not given)."""
 
-    def __init__(self, path: str, channel: str = "", levels: tuple[float, float] | None = None):
+    def __init__(self, path: str, channel: str = "", levels: tuple[float, float] | None = None,
+                 colours: str | None = None):
         import tifffile
         import zarr
 
@@ -238,15 +263,17 @@ class TiffWindows(_FileWindows):
             self.names = channel_names(tiff, series)
         self.height, self.width = int(shape[self.axes.index("Y")]), int(shape[self.axes.index("X")])
         self._array = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
-        self._fit(channel, levels)
+        self._setup(channel, levels, colours)
 
 
 class ZarrWindows(_FileWindows):
     """Windows of a Zarr store (v2 or v3), reading only the chunks a window covers: an OME-Zarr image (its
-    full-resolution level, axes from its `multiscales` metadata, channel names from its `omero` ones) or a plain 2-D / 3-D array (YX, YXC when the last
-    axis has at most 4 channels, else CYX). Channels and other axes as TiffWindows."""
+    full-resolution level, axes from its `multiscales` metadata, channel names from its `omero` ones) or a plain
+    2-D / 3-D array (YX, YXC when the last axis has at most 4 channels, else CYX). Channels and other axes as
+    TiffWindows."""
 
-    def __init__(self, path: str, channel: str = "", levels: tuple[float, float] | None = None):
+    def __init__(self, path: str, channel: str = "", levels: tuple[float, float] | None = None,
+                 colours: str | None = None):
         import zarr
 
         self.path = path
@@ -264,7 +291,7 @@ class ZarrWindows(_FileWindows):
         if "Y" not in self.axes or "X" not in self.axes:
             raise ValueError(f"{path}: no y and x axes in {self.axes!r}")
         self.height, self.width = (int(self._array.shape[self.axes.index(axis)]) for axis in "YX")
-        self._fit(channel, levels)
+        self._setup(channel, levels, colours)
 
 
 def ome_multiscales(attributes: dict) -> list:
@@ -299,10 +326,10 @@ def is_zarr(path: str) -> bool:
     return path.rstrip("/").lower().endswith(ZARR_SUFFIX)
 
 
-def open_windows(path: str, channel: str = "", levels: tuple[float, float] | None = None):
-    """The window reader of a local TIFF file or Zarr store (`channel`: --nuclear-channel; `levels`: the whole image's
-    intensity levels, measured when not given)."""
-    return (ZarrWindows if is_zarr(path) else TiffWindows)(path, channel, levels)
+def open_windows(path: str, channel: str = "", levels: tuple[float, float] | None = None, colours: str | None = None):
+    """The window reader of a local TIFF file or Zarr store (`channel`: --nuclear-channel; `levels`, `colours`: the
+    whole image's intensity levels and colour choice, measured when first needed if not given)."""
+    return (ZarrWindows if is_zarr(path) else TiffWindows)(path, channel, levels, colours)
 
 
 def local_window_path(ref) -> str | None:

@@ -42,8 +42,8 @@ def _segmenter(model_path: str, settings: dict, threads: int):
     return _SEGMENTERS[key]
 
 
-def _windows(image, channel: str = "", levels=None):
-    return open_windows(image, channel, levels) if isinstance(image, str) else ArrayWindows(image)
+def _windows(image, channel: str = "", levels=None, colours=None):
+    return open_windows(image, channel, levels, colours) if isinstance(image, str) else ArrayWindows(image)
 
 
 def block_tile(blocks: list[Block]) -> int:
@@ -53,11 +53,11 @@ def block_tile(blocks: list[Block]) -> int:
 
 
 def segment_block(image, block: Block, model_path: str, settings: dict, threads: int, kind: str,
-                  appearance: dict | None, image_id: str, measure: bool, outlines: bool, reading: tuple = ("", None)
-                  ) -> dict:
+                  appearance: dict | None, image_id: str, measure: bool, outlines: bool,
+                  reading: tuple = ("", None, None)) -> dict:
     """One block: its window read and segmented, the nuclei it answers for (labels 1..n, window-sized), their
     measurements and outlines in window coordinates. `image`: a TIFF's or Zarr store's local path, or the decoded
-    image; `reading`: (--nuclear-channel, the whole image's intensity levels) for a path."""
+    image; `reading`: (--nuclear-channel, the whole image's intensity levels and colour choice) for a path."""
     import ray
 
     from pipeline.exports import nucleus_outlines
@@ -96,7 +96,7 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
     image = local or ray.put(whole.image)
     reader = open_windows(local, channel) if local else ArrayWindows(ray.get(image))
     notes = reader.notes if local else whole.reading
-    reading = (channel, reader.levels) if local else ("", None)
+    reading = (channel, reader.levels, reader.colours) if local else ("", None, None)
     sample = sample_mosaic(reader)
     kind = image_kind(sample) if needs_image_kind(postprocess_settings(config, info), model_path, info) else ""
     appearance = fit_appearance(sample, info.appearance)

@@ -401,7 +401,7 @@ def prediction_settings(config: SegmentConfig, info: RunInfo | dict) -> dict:
     if config.diameter < 0:
         raise ValueError(f"--diameter: pixels (0 = measured), got {config.diameter}")
     size_normalisation = None
-    if nucleus_area:  # a target given on the command line zooms every image; the stored one only out of its band
+    if nucleus_area:  # a target given on the command line zooms every image; the stored one only out of its range
         size_normalisation = {"threshold": saved.threshold, "seed_threshold": saved.seed_threshold,
                               "min_size": saved.min_size, **stored, "nucleus_area": nucleus_area}
         if config.nucleus_area is not None:

@@ -333,7 +333,7 @@ def _read_zarr(ref: SampleRef, max_pixels: int, channel: str = "") -> Decoded:
     if reader.height * reader.width > max_pixels:
         raise BadImageError(f"image is {reader.width}x{reader.height} = {reader.height * reader.width:,} pixels, over "
                             f"the limit of {max_pixels:,}")
-    return reader.read_decoded((0, reader.height, 0, reader.width))
+    return reader.read_whole()
 
 
 def describe(ref: SampleRef) -> str:

@@ -100,7 +100,7 @@ def test_one_colour_exports_are_fluorescence_and_colour_stays_colour():
     assert plane.shape == stained.shape and note == ""
 
 
-def test_pixel_sizes_in_micrometres_and_millimetres_and_implausible_ones_said(tmp_path):
+def test_pixel_sizes_in_micrometres_and_millimetres_and_implausible_ones_said():
     from pipeline.units import pixel_size_from_tiff
 
     image = np.zeros((8, 8), np.uint8)
