@@ -72,7 +72,7 @@ def gpu_forwards(model_path: str, specialists: dict, cpu_forward, device: str) -
     """('runtime', {'': forward, kind: forward}) on the GPU, checked against the CPU on one real-sized input."""
     import onnxruntime as ort
 
-    from pipeline.onnx_model import OnnxModel
+    from pipeline.model.onnx import OnnxModel
 
     paths = {"": model_path, **specialists}
     if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -91,10 +91,10 @@ def gpu_forwards(model_path: str, specialists: dict, cpu_forward, device: str) -
 
 def load_images(folder: str, appearance: str, limit: int) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
     """(image id, original RGB uint8, model input in [0, 1], kind) of the first `limit` images of `folder`."""
-    from pipeline.augment import apply_appearance
-    from pipeline.images import normalise
-    from pipeline.protocol import image_kind
-    from pipeline.sources import list_images, load_sample
+    from pipeline.data.augment import apply_appearance
+    from pipeline.io.images import normalise
+    from pipeline.data.protocol import image_kind
+    from pipeline.io.sources import list_images, load_sample
 
     refs = list_images(folder).refs[:limit]
     images = []
@@ -145,9 +145,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import SegmentConfig
-    from pipeline.inference import (Predictor, labels_at_original_size, postprocess_settings, prediction_settings,
-                                    settings_for_kind)
-    from pipeline.registry import read_model_info, specialist_files
+    from pipeline.segment.postprocess import labels_at_original_size, postprocess_settings, prediction_settings
+    from pipeline.segment.predictor import Predictor
+    from pipeline.model.registry import read_model_info, specialist_files
 
     cores = os.cpu_count() or 1
     info = read_model_info(args.model)
@@ -181,11 +181,7 @@ def main() -> None:
     started = time.perf_counter()
     objects = 0
     for (_, original, _, kind), probabilities in zip(images, results["gpu"]):
-        threshold, seed, min_size = settings_for_kind(post["threshold"], post["seed_threshold"], post["min_size"],
-                                                      post["by_kind"], kind)
-        labels = labels_at_original_size(probabilities, *original.shape[:2], threshold, min_size, seed,
-                                         post["instance_filter"], post["outline_refiner"], original,
-                                         post["clump_split"])
+        labels = labels_at_original_size(probabilities, *original.shape[:2], post.for_kind(kind), original)
         objects += int(labels.max())
     post_seconds = time.perf_counter() - started
     largest = max(float(np.abs(a - b).max()) for a, b in zip(results["cpu"], results["gpu"]))

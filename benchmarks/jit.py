@@ -21,8 +21,8 @@ def main() -> None:
     import numpy as np
 
     from pipeline.config import TRAIN_PRESETS
-    from pipeline.model import build_unet, compile_model
-    from pipeline.tfkeras import keras
+    from pipeline.model.network import build_unet, compile_model
+    from pipeline.model.tfkeras import keras
 
     preset = TRAIN_PRESETS["dsb2018"]
     size, classes, batch = preset["image_size"], preset["num_classes"], preset["batch_size"]

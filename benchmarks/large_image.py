@@ -32,8 +32,8 @@ def fluorescence_tiles(count: int, seed: int = 0) -> list[np.ndarray]:
     """256 x 256 crops of `count` real fluorescence images of the shared zip."""
     import random
 
-    from pipeline.protocol import image_kind
-    from pipeline.sources import list_kaggle, load_sample
+    from pipeline.data.protocol import image_kind
+    from pipeline.io.sources import list_kaggle, load_sample
 
     refs = list_kaggle(require_real_zip()).refs
     random.Random(seed).shuffle(refs)
@@ -105,10 +105,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.api import Segmenter, segment_folder
-    from pipeline.augment import fit_appearance
-    from pipeline.blocks import ALIGN, TiffWindows, sample_mosaic
-    from pipeline.metric import matched_ious
-    from pipeline.protocol import image_kind
+    from pipeline.data.augment import fit_appearance
+    from pipeline.io.blocks import ALIGN, TiffWindows, sample_mosaic
+    from pipeline.labels.metric import matched_ious
+    from pipeline.data.protocol import image_kind
 
     folder = args.folder or tempfile.mkdtemp(prefix="large-image-")
     os.makedirs(os.path.join(folder, "in"), exist_ok=True)

@@ -1,4 +1,4 @@
-"""The competition metric's speed: `pipeline.metric.image_score` against the same score computed with
+"""The competition metric's speed: `pipeline.labels.metric.image_score` against the same score computed with
 np.unique (the implementation it replaced), side by side on the same label images.
 
 Truths are the real DSB2018 images' instance labels (synthetic ones without ../shared); predictions are the
@@ -18,8 +18,8 @@ from common import REAL_ZIP, interleaved_medians
 
 def label_pairs(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(truth, prediction) label images: real truths when the data is here, else synthetic ones."""
-    from pipeline.sources import list_kaggle, load_sample
-    from pipeline.synthetic import render_sample
+    from pipeline.io.sources import list_kaggle, load_sample
+    from pipeline.io.synthetic import render_sample
 
     if os.path.isfile(REAL_ZIP):
         truths = [load_sample(ref).labels for ref in list_kaggle(REAL_ZIP).refs[:count]]
@@ -37,7 +37,7 @@ def label_pairs(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def score_with_unique(truth: np.ndarray, predicted: np.ndarray) -> float:
     """The metric as it was: label values found by np.unique (a sort of every pixel), then the same thresholds."""
-    from pipeline.metric import scores_from_iou
+    from pipeline.labels.metric import scores_from_iou
 
     true_ids, true_flat = np.unique(truth, return_inverse=True)
     pred_ids, pred_flat = np.unique(predicted, return_inverse=True)
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100, help="label images to score (default 100)")
     parser.add_argument("--repeats", type=int, default=5, help="timed turns of each (default 5)")
     args = parser.parse_args()
-    from pipeline.metric import image_score
+    from pipeline.labels.metric import image_score
 
     pairs = label_pairs(args.images)
     current = [image_score(truth, predicted) for truth, predicted in pairs]

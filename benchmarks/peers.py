@@ -5,14 +5,14 @@
     python benchmarks/peers.py --steps accuracy,speed           # again with the model OUTPUT/stardist holds
     python benchmarks/peers.py --minutes 1 --images 20 --large-side 1024 --limit 10    # a smoke test
 
-train: StarDist 2D from scratch on the protocol's train split (pipeline/protocol.py), validated on the tune split,
+train: StarDist 2D from scratch on the protocol's train split (pipeline/data/protocol.py), validated on the tune split,
 stopped by the wall clock at --minutes (the preset's budget: data loading, training and the threshold step in 45
 minutes on this machine); then its own `optimize_thresholds` on the tune split, as its training example does.
 Settings follow that example (examples/2D/2_training.ipynb of stardist/stardist): 32 rays, grid (2, 2), 256 x 256
 patches, its augmenter (flips and 90-degree turns, intensity scaling, Gaussian noise), each image normalised to its
 1st-99.8th percentiles; colour input (3 channels, normalised jointly), which its Config2D supports, as this
 project's model reads colour.
-accuracy: the test split, the competition's metric (pipeline.metric), per kind of image (pipeline.protocol), for
+accuracy: the test split, the competition's metric (pipeline.labels.metric), per kind of image (pipeline.data.protocol), for
 StarDist and for the shipped model `dsb2018` with plain prediction and with its stored settings (pipeline.api).
 speed: on the same images, in turns: StarDist's `predict_instances` in a process of its own (one image after the
 other; `n_tiles` for the large image) against `jobs/segment.py`'s library call (Ray Data, warm Ray) with plain
@@ -55,7 +55,7 @@ SEED = 42
 
 def need_stardist():
     """StarDist2D, or one line on how to install it."""
-    import pipeline.tfkeras  # noqa: F401 - TensorFlow imported once, quietly (its C++ start-up lines), with tf-keras
+    import pipeline.model.tfkeras  # noqa: F401 - TensorFlow imported once, quietly (its C++ start-up lines), with tf-keras
 
     try:
         from stardist.models import StarDist2D
@@ -91,8 +91,8 @@ def augmenter(x: np.ndarray, y: np.ndarray):
 def protocol(limit: int = 0):
     """(splits: train / tune / test refs of the shared zip, kinds: image id -> kind); `limit` > 0 keeps that many
     tune and test images (smoke tests; train stays whole)."""
-    from pipeline.data import image_kinds, protocol_refs
-    from pipeline.sources import list_kaggle
+    from pipeline.data.datasets import image_kinds, protocol_refs
+    from pipeline.io.sources import list_kaggle
 
     refs = list_kaggle(require_real_zip()).refs
     kinds = image_kinds(refs)
@@ -107,7 +107,7 @@ def load_pairs(refs) -> tuple[list, list]:
     training patch are left out (none of the shared zip's)."""
     from stardist import fill_label_holes
 
-    from pipeline.sources import load_sample
+    from pipeline.io.sources import load_sample
 
     images, labels = [], []
     for ref in refs:
@@ -177,7 +177,7 @@ def train(args, splits, started: float) -> dict:
     trained = time.monotonic() - began
     # its own threshold search (probability, NMS overlap) on the tune split, asked to score the IoUs the competition
     # metric averages (0.50-0.95) unless --threshold-ious stardist (its default 0.3, 0.5, 0.7)
-    from pipeline.metric import THRESHOLDS
+    from pipeline.labels.metric import THRESHOLDS
 
     ious = [0.3, 0.5, 0.7] if args.threshold_ious == "stardist" else [round(float(t), 2) for t in THRESHOLDS]
     began = time.monotonic()
@@ -239,9 +239,9 @@ PLAIN = dict(tta=False, scales="1", nucleus_area=0, split_clumps=False, instance
 def accuracy(args, splits, kinds) -> dict:
     """The test split's DSB score per kind: StarDist with its tuned thresholds, ours plain and with stored settings."""
     from pipeline.api import Segmenter
-    from pipeline.evaluation import summarise
-    from pipeline.metric import image_scores
-    from pipeline.sources import load_sample
+    from pipeline.train.evaluation import summarise
+    from pipeline.labels.metric import image_scores
+    from pipeline.io.sources import load_sample
 
     model = load_stardist(args.model_dir)
     predictors = {
@@ -283,7 +283,7 @@ def stardist_speed_child(args) -> None:
     """(In a process of its own.) StarDist's model loaded, then every image of the folder read, normalised and
     segmented one after the other; one JSON line: seconds (load + images), load seconds, images, pixels, nuclei,
     this process's peak resident memory."""
-    from pipeline.sources import list_images, load_sample
+    from pipeline.io.sources import list_images, load_sample
 
     began = time.perf_counter()
     model = load_stardist(args.model_dir)
@@ -392,7 +392,7 @@ def time_ours(args, folder: str, output: str, stored: bool) -> dict:
     """jobs/segment.py's library call over the folder (warm Ray): plain prediction or the stored settings; no
     measurements or report (StarDist makes neither), labels written as segment.py writes them."""
     from pipeline.config import SegmentConfig
-    from pipeline.inference import run_segmentation
+    from pipeline.segment.run import run_segmentation
 
     shutil.rmtree(output, ignore_errors=True)
     settings = {} if stored else PLAIN
@@ -414,7 +414,7 @@ def speed(args) -> dict:
     from large_image import fluorescence_tiles, write_mosaic
     from segment import make_folder
 
-    from pipeline.data import ensure_ray
+    from pipeline.data.datasets import ensure_ray
 
     require_real_zip()
     work = tempfile.mkdtemp(prefix="peers-")

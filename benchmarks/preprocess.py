@@ -1,6 +1,6 @@
 """Inference preprocessing of the 600 real images: Ray Data against the same work in one process.
 
-Both sides run `pipeline.data.preprocess_inference`, the function segment.py's Ray Data pipeline maps over blocks
+Both sides run `pipeline.data.datasets.preprocess_inference`, the function segment.py's Ray Data pipeline maps over blocks
 of refs (decode, appearance, resize to 128, normalise, and with --kinds each image's kind): the loop calls it here
 on blocks of the same size, so the two do equal work and the ratio is what Ray Data's parallelism earns after its
 overhead. Prints each step's cost per image (one process), then both rates over the 600 images and over them
@@ -17,12 +17,12 @@ import numpy as np
 
 from common import PeakMemory, interleaved_medians, require_real_zip
 
-BLOCK = 96  # refs per block: what pipeline.data.auto_blocks gives resize-mode inference (per_block=96)
+BLOCK = 96  # refs per block: what pipeline.data.datasets.auto_blocks gives resize-mode inference (per_block=96)
 
 
 def as_batch(refs) -> dict:
     """The numpy columns Ray Data hands preprocess_inference for a block of refs."""
-    from pipeline.refs_source import ref_rows
+    from pipeline.data.refs_source import ref_rows
 
     table = ref_rows(refs)[0]
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -30,10 +30,10 @@ def as_batch(refs) -> dict:
 
 def step_costs(refs, appearance: str) -> dict[str, float]:
     """Milliseconds per image of each step of preprocess_inference, one process, over `refs`."""
-    from pipeline.augment import apply_appearance
-    from pipeline.images import normalise, resize_image
-    from pipeline.protocol import image_kind
-    from pipeline.sources import load_sample
+    from pipeline.data.augment import apply_appearance
+    from pipeline.io.images import normalise, resize_image
+    from pipeline.data.protocol import image_kind
+    from pipeline.io.sources import load_sample
 
     costs, images = {}, []
     began = time.perf_counter()
@@ -68,8 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     zip_path = require_real_zip()
     os.environ["NUCLEI_PROGRESS"] = "0"
-    from pipeline.data import ensure_ray, inference_dataset, preprocess_inference
-    from pipeline.sources import list_images
+    from pipeline.data.datasets import ensure_ray, inference_dataset, preprocess_inference
+    from pipeline.io.sources import list_images
 
     refs = list_images(zip_path).refs
     costs = step_costs(refs, args.appearance)

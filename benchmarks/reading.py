@@ -1,6 +1,6 @@
 """What reading files as labs write them costs an in-range 8-bit image: the 600 real PNGs decoded and classified
-by kind, the earlier reader (OpenCV decode, BGR to RGB, colourfulness alone) against pipeline.images.read_image with
-pipeline.protocol.image_kind (channel checks, one-colour test, dim-stain test), side by side in interleaved turns.
+by kind, the earlier reader (OpenCV decode, BGR to RGB, colourfulness alone) against pipeline.io.images.read_image with
+pipeline.data.protocol.image_kind (channel checks, one-colour test, dim-stain test), side by side in interleaved turns.
 Also the rate of BBBC039's raw 16-bit TIFFs. Last line: `ratio=<new/old time>`.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ BBBC039 = os.path.join(ROOT, "..", "shared", "data", "bbbc039", "bbbc039.zip")
 def earlier_reader(data: bytes) -> str:
     """The reader before 2026-12-06 for an 8-bit PNG: header check, decode, to RGB, the kind from colourfulness and
     the median."""
-    from pipeline.images import image_dimensions
-    from pipeline.protocol import STAINED_COLOURFULNESS, _distance_from_grey, _sampled_pixels
+    from pipeline.io.images import image_dimensions
+    from pipeline.data.protocol import STAINED_COLOURFULNESS, _distance_from_grey, _sampled_pixels
 
     image_dimensions(data)  # the pixel-limit check before decoding, as then
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -36,8 +36,8 @@ def earlier_reader(data: bytes) -> str:
 
 
 def current_reader(data: bytes) -> str:
-    from pipeline.images import read_image
-    from pipeline.protocol import image_kind
+    from pipeline.io.images import read_image
+    from pipeline.data.protocol import image_kind
 
     return image_kind(read_image(data).image)
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=5, help="interleaved turns of each reader")
     args = parser.parse_args()
-    from pipeline.sources import list_kaggle, read_file
+    from pipeline.io.sources import list_kaggle, read_file
 
     refs = list_kaggle(require_real_zip()).refs
     files = [read_file(ref, ref.image_path) for ref in refs]

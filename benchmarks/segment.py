@@ -33,10 +33,10 @@ from common import PeakMemory, REAL_ZIP
 def make_folder(count: int, folder: str, split: str = "") -> None:
     """`count` test images in Kaggle's test layout: the real images (cycled; `split`: only the evaluation
     protocol's tune or test split), else synthetic ones."""
-    from pipeline.data import protocol_refs
-    from pipeline.images import encode_png
-    from pipeline.sources import list_kaggle, read_file
-    from pipeline.synthetic import render_sample
+    from pipeline.data.datasets import protocol_refs
+    from pipeline.io.images import encode_png
+    from pipeline.io.sources import list_kaggle, read_file
+    from pipeline.io.synthetic import render_sample
 
     refs = list_kaggle(REAL_ZIP).refs if os.path.isfile(REAL_ZIP) else []
     if refs and split:
@@ -79,7 +79,7 @@ def segment_seconds(model: str, folder: str, output: str, measurements: bool = T
     SegmentConfig's step flags (refine_outlines, split_clumps); `stored`: the model's stored settings instead of
     plain prediction."""
     from pipeline.config import SegmentConfig
-    from pipeline.inference import run_segmentation
+    from pipeline.segment.run import run_segmentation
 
     shutil.rmtree(output, ignore_errors=True)
     began = time.perf_counter()
@@ -95,12 +95,12 @@ def compare(args, work: str, images: str, count: int) -> None:
     """The --compare modes: runtimes (TensorFlow vs ONNX Runtime), measurements, outlines or clumps (on vs off)."""
     from common import interleaved_medians
     from pipeline.config import ExportConfig
-    from pipeline.data import ensure_ray
-    from pipeline.images import normalise, resize_image
-    from pipeline.inference import Predictor
-    from pipeline.onnx_model import run_export
-    from pipeline.registry import resolve_model
-    from pipeline.sources import list_images, load_sample
+    from pipeline.data.datasets import ensure_ray
+    from pipeline.io.images import normalise, resize_image
+    from pipeline.segment.predictor import Predictor
+    from pipeline.model.onnx import run_export
+    from pipeline.model.registry import resolve_model
+    from pipeline.io.sources import list_images, load_sample
 
     ensure_ray()
     model = os.path.abspath(resolve_model(args.model))
@@ -206,10 +206,12 @@ def main() -> None:
         raise SystemExit(f"no model at {args.model}: run jobs/quickstart.py first or pass --model")
 
     from pipeline.config import SegmentConfig
-    from pipeline.data import ensure_ray
-    from pipeline.images import normalise, resize_image
-    from pipeline.inference import Predictor, labels_at_original_size, run_segmentation
-    from pipeline.sources import list_images, load_sample
+    from pipeline.data.datasets import ensure_ray
+    from pipeline.io.images import normalise, resize_image
+    from pipeline.segment.postprocess import PostSettings, labels_at_original_size
+    from pipeline.segment.predictor import Predictor
+    from pipeline.segment.run import run_segmentation
+    from pipeline.io.sources import list_images, load_sample
     from submission.rle import encode_labels
 
     work = tempfile.mkdtemp()
@@ -248,7 +250,8 @@ def main() -> None:
     for ref in loop_refs:
         image = load_sample(ref, with_masks=False).image
         probabilities = single.predict(normalise(resize_image(image, 128))[None])[0]
-        encode_labels(labels_at_original_size(probabilities, image.shape[0], image.shape[1], 0.5, 10))
+        encode_labels(labels_at_original_size(probabilities, image.shape[0], image.shape[1],
+                                                    PostSettings(threshold=0.5, min_size=10)))
     rate_c = len(loop_refs) / (time.perf_counter() - began)
 
     large = os.path.join(work, "large")

@@ -1,6 +1,6 @@
 """The shift table: a model's score on the test split as labs' files show it, beside the plain test split.
 
-Each shift of pipeline.shifts (16-bit on a camera offset, dim, one colour channel, a 2-channel OME-TIFF stack,
+Each shift of pipeline.data.shifts (16-bit on a camera offset, dim, one colour channel, a 2-channel OME-TIFF stack,
 rescaled x0.5 and x2, stain-shifted H&E) is written as files, segmented by jobs/segment.py's pipeline with the model's
 stored settings and no flag, and scored with the competition's metric against the true nuclei; then BBBC039's raw
 16-bit TIFFs and TNBC's H&E images (`../shared/data/`), as they are. Prints a Markdown table (all images and per kind,
@@ -35,8 +35,9 @@ def write_set(folder: str, items: list[tuple[str, str, bytes]]) -> None:
 def score_set(model: str, items: list[tuple[str, str, bytes]], truths: dict, kinds: dict, work: str) -> dict:
     """Segment the files as jobs/segment.py does (stored settings, no flag) and score each: {image id: score}."""
     from pipeline.config import SegmentConfig
-    from pipeline.inference import find_labels, read_labels, run_segmentation
-    from pipeline.metric import image_score
+    from pipeline.outputs.folder import find_labels, read_labels
+    from pipeline.segment.run import run_segmentation
+    from pipeline.labels.metric import image_score
 
     folder, output = tempfile.mkdtemp(dir=work), tempfile.mkdtemp(dir=work)
     write_set(folder, items)
@@ -54,7 +55,7 @@ def score_set(model: str, items: list[tuple[str, str, bytes]], truths: dict, kin
 
 
 def row_of(name: str, result: dict, plain: dict | None) -> str:
-    from pipeline.protocol import KINDS
+    from pipeline.data.protocol import KINDS
 
     scores, kinds = result["scores"], result["kinds"]
     cells = [f"{np.mean(list(scores.values())):.3f}"]
@@ -76,11 +77,11 @@ def main() -> None:
     parser.add_argument("--output", default="", help="also write the table to this Markdown file")
     args = parser.parse_args()
 
-    from pipeline.data import protocol_refs
-    from pipeline.images import encode_png
-    from pipeline.protocol import image_kind
-    from pipeline.shifts import SHIFTS
-    from pipeline.sources import list_kaggle, load_sample, read_file
+    from pipeline.data.datasets import protocol_refs
+    from pipeline.io.images import encode_png
+    from pipeline.data.protocol import image_kind
+    from pipeline.data.shifts import SHIFTS
+    from pipeline.io.sources import list_kaggle, load_sample, read_file
 
     refs = protocol_refs(list_kaggle(require_real_zip()).refs)[args.split]
     refs = refs[:args.limit] if args.limit else refs

@@ -18,8 +18,8 @@ from common import REAL_ZIP
 
 def copy_subset(count: int, folder: str) -> str:
     """The first `count` real samples (or synthetic ones) as a Kaggle-layout folder."""
-    from pipeline.sources import list_kaggle, read_file
-    from pipeline.synthetic import write_dataset
+    from pipeline.io.sources import list_kaggle, read_file
+    from pipeline.io.synthetic import write_dataset
 
     if not os.path.isfile(REAL_ZIP):
         write_dataset(folder, count, seed=0)
@@ -40,10 +40,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import TrainConfig
-    from pipeline.data import ensure_ray, split_refs, training_dataset, training_refs
-    from pipeline.model import build_unet, compile_model
-    from pipeline.tfkeras import keras
-    from pipeline.training import run_training
+    from pipeline.data.datasets import ensure_ray, split_refs, training_dataset, training_refs
+    from pipeline.model.network import build_unet, compile_model
+    from pipeline.model.tfkeras import keras
+    from pipeline.train.training import run_training
 
     data = tempfile.mkdtemp()
     kind = copy_subset(args.images, data)

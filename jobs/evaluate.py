@@ -11,14 +11,13 @@ import sys
 
 from pipeline.cli import run_job
 from pipeline.config import EvaluateConfig, parse_args
+from pipeline.train.evaluation import evaluate, format_table
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(EvaluateConfig, argv, description=__doc__)
 
     def work() -> None:
-        from pipeline.evaluation import evaluate, format_table
-
         summary = evaluate(config)
         print(format_table(summary))
         print(f"score={summary['table'][0]['score']:.4f}")

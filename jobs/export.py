@@ -11,14 +11,13 @@ import sys
 
 from pipeline.cli import run_job
 from pipeline.config import ExportConfig, parse_args
+from pipeline.model.onnx import run_export
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(ExportConfig, argv, description=__doc__)
 
     def work() -> None:
-        from pipeline.onnx_model import run_export
-
         result = run_export(config)
         print(f"checked on {result['images']} images from {result['check_source']}: max |TensorFlow - ONNX Runtime| "
               f"= {result['max_abs_difference']:.2e}")

@@ -11,15 +11,15 @@ import sys
 
 from pipeline.cli import run_job
 from pipeline.config import PackageConfig, parse_args
+from pipeline.io.fileio import check_relative
+from pipeline.model.registry import MODELS_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(PackageConfig, argv, description=__doc__, required=("model", "name"))
 
     def work() -> None:
-        from pipeline.fileio import check_relative
-        from pipeline.model import package_model
-        from pipeline.registry import MODELS_DIR
+        from pipeline.model.network import package_model  # here: TensorFlow, not for --help
 
         folder = args.output or os.path.join(MODELS_DIR, check_relative(args.name))
         info = package_model(args.model, folder)

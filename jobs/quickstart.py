@@ -9,6 +9,9 @@ import argparse
 import os
 import sys
 
+from jobs import submit, train
+from pipeline.io.synthetic import write_dataset
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -17,9 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=96, help="synthetic training images (default 96)")
     parser.add_argument("--test-images", type=int, default=24, help="synthetic test images (default 24)")
     args = parser.parse_args(argv)
-
-    from jobs import submit, train
-    from pipeline.synthetic import write_dataset
 
     run = os.path.join(args.output, "run")
     test = os.path.join(args.output, "test")

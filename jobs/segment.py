@@ -10,6 +10,7 @@ import sys
 
 from pipeline.cli import run_job
 from pipeline.config import SegmentConfig, parse_args
+from pipeline.segment.run import run_segmentation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,8 +18,6 @@ def main(argv: list[str] | None = None) -> int:
                         required=("input", "output"))
 
     def work() -> None:
-        from pipeline.inference import run_segmentation
-
         result = run_segmentation(config, config.output)
         nuclei = sum(int(row.get("nuclei") or 0) for row in result.rows if row["status"] in ("done", "existing"))
         print(f"segmented {result.done} images, {nuclei:,} nuclei ({result.failed} failed) in {result.seconds:.1f}s; "

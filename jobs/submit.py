@@ -11,6 +11,8 @@ import sys
 
 from pipeline.cli import run_job
 from pipeline.config import SegmentConfig, parse_args
+from submission.api import make_submission
+from submission.score import print_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     config.output = config.output or "submission.csv"
 
     def work() -> None:
-        from submission.api import make_submission
-        from submission.score import print_report
-
         done = make_submission(config)
         print(f"wrote {done.path}: {done.rows} rows for {done.images} images ({done.failed} unreadable, "
               f"written with empty predictions); valid. Details: {os.path.join(done.work_dir, 'manifest.csv')}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.api import train_with
 from pipeline.cli import run_job
 from pipeline.config import TrainConfig, parse_args
 
@@ -17,8 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(TrainConfig, argv, description=__doc__)
 
     def work() -> None:
-        from pipeline.api import train_with
-
         train_with(config)
 
     return run_job(work)

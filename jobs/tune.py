@@ -19,14 +19,15 @@ import sys
 
 from pipeline.cli import run_job
 from pipeline.config import TuneConfig, parse_args
+from pipeline.train.size_range import store_size_range
+from pipeline.train.specialists import copy_settings, parse_specialists
+from pipeline.train.tuning import FITTED, describe, tune
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(TuneConfig, argv, description=__doc__, required=("model",))
 
     def work() -> None:
-        from pipeline.tuning import FITTED, copy_settings, describe, parse_specialists, store_size_range, tune
-
         if config.size_range:
             stored = store_size_range(config.model, config.data)
             print(f"size normalisation stored: images whose median nucleus is outside {stored['within'][0]:g}-"

@@ -1,4 +1,6 @@
-"""Nuclei segmentation library: readers, Ray Data pipeline, U-Net model, training and inference.
+"""Nuclei segmentation library, in stages that import one way, from the top down (docs/layout.md):
 
-Importing the package is cheap: TensorFlow and Ray are imported only by the modules that need them.
+api, cli  ->  train  ->  segment  ->  model  ->  data  ->  outputs  ->  io, labels  ->  config
+
+Importing the package is cheap: TensorFlow, ONNX Runtime and Ray are imported only by the modules that need them.
 """

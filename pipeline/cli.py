@@ -4,6 +4,9 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from pipeline.io.fileio import UnsafePathError
+from pipeline.io.images import BadImageError
+
 
 def root_cause(error: BaseException) -> BaseException:
     """The user-facing exception inside Ray's wrappers (RayTaskError, WorkerGroupError, ...)."""
@@ -24,9 +27,6 @@ def root_cause(error: BaseException) -> BaseException:
 
 def run_job(work: Callable[[], None]) -> int:
     """Run a job body; bad input and known failures print `error: <one line>` instead of a traceback."""
-    from pipeline.fileio import UnsafePathError
-    from pipeline.images import BadImageError
-
     expected = (BadImageError, UnsafePathError, FileNotFoundError, ValueError, RuntimeError, OSError)
     try:
         work()

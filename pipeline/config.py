@@ -86,7 +86,7 @@ class TrainConfig(DataConfig):
     num_classes: int = option(2, "2: background/nucleus; 3: background/interior/border (splits touching nuclei)",
                               choices=(2, 3))
     holdout: str = option("random", "random: hold out --val-fraction of the images (seeded by --seed) for validation; "
-                                    "protocol: the fixed evaluation protocol (pipeline/protocol.py): train on its "
+                                    "protocol: the fixed evaluation protocol (pipeline/data/protocol.py): train on its "
                                     "train split, validate on its tune split, never see its test split; refit: "
                                     "train on its train and tune splits (the final model, once the tune split has "
                                     "made every choice; it still never sees the test split)",
@@ -137,7 +137,7 @@ NOT_RECIPE = frozenset({"holdout", "seed", "output", "storage", "resume", "epoch
 # Options of dropped trials, removed from the code, that the config.json and run.json of older runs still hold,
 # each with the value it had when off: a run that had them all off trained as this version trains. None: any
 # value (crash_at_epoch, a test hook, changed nothing a run learnt). REMOVED_CHOICES: values of kept options that
-# went with them. A run.json with one of them on is refused where its model is loaded (pipeline/registry.py).
+# went with them. A run.json with one of them on is refused where its model is loaded (pipeline/model/registry.py).
 REMOVED_OPTIONS = {"border": "all", "fine_head": 0, "crop_pool": 1, "nucleus_crops": 0.0, "weight_average": 0.0,
                    "crash_at_epoch": None}
 REMOVED_CHOICES = {"loss": ("ce+dice+lovasz",)}
@@ -270,7 +270,7 @@ def parse_args(cls, argv=None, description: str = "", required: tuple[str, ...] 
     for name in required:
         if not getattr(namespace, name):
             parser.error(f"--{name.replace('_', '-')} is required")
-    if namespace.verbose:  # read where TensorFlow is imported and Ray started (pipeline.tfkeras, pipeline.data)
+    if namespace.verbose:  # read where TensorFlow is imported and Ray started (pipeline.model.tfkeras, pipeline.data.datasets)
         os.environ.update(NUCLEI_VERBOSE="1", NUCLEI_RAY_LOGS="1")
     config = cls(**{key: value for key, value in vars(namespace).items() if key != "verbose"})
     if getattr(config, "image_size", 32) % 32:

@@ -15,6 +15,11 @@ import os
 from dataclasses import dataclass
 
 from pipeline.config import SegmentConfig
+from pipeline.segment.run import run_segmentation
+from submission.csvfile import write_submission
+from submission.rle import encode_labels
+from submission.score import load_truth, score_submission
+from submission.validate import image_shapes, violations
 
 __all__ = ["Submission", "submit", "make_submission"]
 
@@ -36,12 +41,6 @@ def make_submission(config: SegmentConfig) -> Submission:
     """Segment config.input (as jobs/segment.py, into `<output stem>_work/`), write `ImageId,EncodedPixels` with
     every listed image present, validate it against the images' sizes, and score it when config.labels is set.
     Raises ValueError with the first problem when the CSV fails validation."""
-    from pipeline.inference import run_segmentation
-    from submission.csvfile import write_submission
-    from submission.rle import encode_labels
-    from submission.score import load_truth, score_submission
-    from submission.validate import image_shapes, violations
-
     output = config.output or "submission.csv"
     work_dir = os.path.splitext(output)[0] + "_work"
     result = run_segmentation(dataclasses.replace(config, output=output), work_dir, encoder=encode_labels)

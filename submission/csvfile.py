@@ -7,7 +7,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from pipeline.fileio import write_text_atomic
+from pipeline.io.fileio import write_text_atomic
 from submission import rle
 
 HEADER = ("ImageId", "EncodedPixels")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from submission.csvfile import labels_by_image, read_submission
-from pipeline.metric import image_scores
+from pipeline.io.sources import list_kaggle, load_sample
+from pipeline.labels.metric import image_scores
 
 
 @dataclass
@@ -44,8 +45,6 @@ def score_labels(truth: dict[str, np.ndarray], predicted: dict[str, np.ndarray])
 
 def load_truth(labels: str) -> dict[str, np.ndarray]:
     """True instance labels of every sample with masks in a Kaggle-layout folder or zip."""
-    from pipeline.sources import list_kaggle, load_sample
-
     return {ref.image_id: load_sample(ref).labels for ref in list_kaggle(labels).refs if ref.has_masks}
 
 

@@ -14,12 +14,12 @@ import numpy as np
 from submission import rle
 from submission.csvfile import HEADER, read_submission
 
+from pipeline.io.images import decode_image, image_dimensions
+from pipeline.io.sources import list_images, read_file
+
 
 def image_shapes(images: str) -> dict[str, tuple[int, int]]:
     """(height, width) of every image under a test folder or zip, keyed by image id (headers only)."""
-    from pipeline.images import image_dimensions, decode_image
-    from pipeline.sources import list_images, read_file
-
     shapes = {}
     for ref in list_images(images).refs:
         try:

@@ -56,7 +56,7 @@ def real_zip() -> str:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance (2 CPUs) per test process, shared by every test of that process that needs Ray."""
-    from pipeline.data import ensure_ray
+    from pipeline.data.datasets import ensure_ray
     import ray
 
     ensure_ray(num_cpus=2)
@@ -67,7 +67,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def synthetic_folder(tmp_path_factory) -> str:
     """12 synthetic samples in Kaggle's layout (images and masks)."""
-    from pipeline.synthetic import write_dataset
+    from pipeline.io.synthetic import write_dataset
 
     folder = str(tmp_path_factory.mktemp("synthetic"))
     write_dataset(folder, 12, seed=5)
@@ -145,17 +145,19 @@ class WorkerKiller(threading.Thread):
 
 @pytest.fixture(scope="session")
 def run_with_a_killed_worker(tmp_path_factory, ray_session):
-    """A tiny model trained by two MWMS workers, one of which is killed (SIGKILL) once epoch 2 is logged, in
-    epoch 3 or while epoch 2's checkpoint is reported, and replaced by Ray Train.
+    """A tiny model trained by a Ray Train worker that is killed (SIGKILL) once epoch 2 is logged, in epoch 3 or
+    while epoch 2's checkpoint is reported, and replaced by Ray Train. One worker: a second one on the same two cores
+    doubles each step's time for MultiWorkerMirroredStrategy's all-reduce; two workers on two nodes are
+    test_training.py's `ray job submit` test.
 
     Returns (TrainConfig, run.json info, the WorkerKiller that killed it).
     """
     from pipeline.config import TrainConfig
-    from pipeline.training import run_training
+    from pipeline.train.training import run_training
 
     output = str(tmp_path_factory.mktemp("run"))
-    config = TrainConfig(data="synthetic", synthetic_count=64, output=output, epochs=12, workers=2,
-                         cpus_per_worker=0.5, learning_rate=3e-3, warmup_epochs=1, patience=10,
+    config = TrainConfig(data="synthetic", synthetic_count=64, output=output, epochs=12, workers=1,
+                         cpus_per_worker=1.0, learning_rate=3e-3, warmup_epochs=1, patience=10,
                          snapshots=2, seed=3, **TINY)
     killer = WorkerKiller(output, after_epochs=2)
     killer.start()

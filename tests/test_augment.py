@@ -3,10 +3,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.augment import (flip_average, predict_full_image, random_crops, standardise_appearance,
+from pipeline.data.augment import (flip_average, predict_full_image, random_crops, standardise_appearance,
                               tile_starts)
-from pipeline.protocol import image_kind
-from pipeline.synthetic import render_sample
+from pipeline.data.protocol import image_kind
+from pipeline.io.synthetic import render_sample
 
 
 def looks_like_fluorescence(image: np.ndarray, labels: np.ndarray) -> bool:
@@ -54,7 +54,7 @@ def test_stained_tissue_is_inverted_even_when_nuclei_and_red_tissue_cover_most_o
 
 def test_real_stained_images_with_a_dark_median_come_out_with_bright_nuclei(real_zip):
     """The three of DSB2018's 600 shared images that a median rule left uninverted (two of them score ~0 so)."""
-    from pipeline.sources import list_kaggle, load_sample
+    from pipeline.io.sources import list_kaggle, load_sample
 
     wanted = ("13f2bec0a24c", "4193474b2f1c", "52a6b8ae4c8e")
     refs = [ref for ref in list_kaggle(real_zip).refs if ref.image_id.startswith(wanted)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.blocks import (ALIGN, BLOCK_MARGIN, LabelCanvas, TiffWindows, image_shape, is_large, keep_core_nuclei,
+from pipeline.io.blocks import (ALIGN, BLOCK_MARGIN, LabelCanvas, TiffWindows, image_shape, is_large, keep_core_nuclei,
                              plan_blocks, sample_mosaic)
 from tests.conftest import ROOT
 
@@ -34,8 +34,8 @@ def discs(height, width, seed, radius=(4, 30)):
 
 def fluorescence_mosaic(height, width):
     """Synthetic fluorescence samples side by side, cropped to height x width (RGB uint8)."""
-    from pipeline.protocol import image_kind
-    from pipeline.synthetic import render_sample
+    from pipeline.data.protocol import image_kind
+    from pipeline.io.synthetic import render_sample
 
     tiles = [sample.image for sample in (render_sample(11, index, with_masks=False) for index in range(40))
              if image_kind(sample.image) == "fluorescence"]
@@ -96,8 +96,8 @@ def test_every_nucleus_is_kept_once_and_whole_across_the_seams(tmp_path, block):
 
 
 def test_tiff_windows_read_tiles_as_the_whole_image_holds_them(tmp_path):
-    from pipeline.images import image_from_array
-    from pipeline.sources import SampleRef
+    from pipeline.io.images import image_from_array
+    from pipeline.io.sources import SampleRef
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (700, 900, 3), dtype=np.uint8)
@@ -143,9 +143,9 @@ def test_zarr_stores_are_listed_as_one_image_and_read_window_by_window(tmp_path)
     to the image, the header-only size, the whole image loaded, and OME-Zarr's pixel size."""
     import zarr
 
-    from pipeline.blocks import ZarrWindows
-    from pipeline.inference import pixel_size_of
-    from pipeline.sources import list_images, load_sample
+    from pipeline.io.blocks import ZarrWindows
+    from pipeline.io.sources import pixel_size_of
+    from pipeline.io.sources import list_images, load_sample
 
     rgb = np.random.default_rng(1).integers(0, 255, (700, 900, 3), dtype=np.uint8)
     (tmp_path / "in" / "plates").mkdir(parents=True)
@@ -164,7 +164,7 @@ def test_zarr_stores_are_listed_as_one_image_and_read_window_by_window(tmp_path)
         np.testing.assert_array_equal(load_sample(ref, with_masks=False).image, rgb)
     assert pixel_size_of(listing.refs[1]) == (0.25, "OME-Zarr scale")
     assert pixel_size_of(listing.refs[0]) == (None, "")
-    from pipeline.images import BadImageError
+    from pipeline.io.images import BadImageError
 
     with pytest.raises(BadImageError, match="over the limit"):
         load_sample(listing.refs[0], with_masks=False, max_pixels=1000)
@@ -189,7 +189,7 @@ def test_a_large_image_block_by_block_agrees_with_the_whole_image_and_has_every_
     from shapely.geometry import shape
 
     from pipeline.api import Segmenter, segment_folder
-    from pipeline.metric import matched_ious
+    from pipeline.labels.metric import matched_ious
 
     image = fluorescence_mosaic(1280, 1536)
     (tmp_path / "in").mkdir()
@@ -264,7 +264,7 @@ cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
 worker = cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = cluster.address
-import pipeline.blockwise as blockwise
+import pipeline.segment.blockwise as blockwise
 from pipeline.api import segment_folder
 
 # The fault is injected from here: once the driver has stitched two blocks, the worker node goes.
@@ -297,7 +297,7 @@ def test_a_node_lost_while_its_blocks_run_loses_no_nucleus_and_writes_none_twice
     """Two simulated nodes share a large image's 16 blocks; the worker node is removed once two blocks have
     finished. Its blocks run again on the head node: the labels are those of an undisturbed run."""
     from pipeline.api import segment_folder
-    from pipeline.metric import matched_ious
+    from pipeline.labels.metric import matched_ious
 
     (tmp_path / "in").mkdir()
     write_large_tiff(tmp_path / "in" / "slide.tif", fluorescence_mosaic(1024, 1024))

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.callbacks import EncoderSchedule, EpochPlan, ResumableEarlyStopping, Snapshots, Throughput, TimeLimit
-from pipeline.tfkeras import keras
+from pipeline.train.callbacks import EncoderSchedule, EpochPlan, ResumableEarlyStopping, Snapshots, Throughput, TimeLimit
+from pipeline.model.tfkeras import keras
 
 
 def tiny_model():
@@ -47,8 +47,8 @@ def test_throughput_counts_the_steps_and_samples_of_each_epoch():
 
 def test_encoder_schedule_holds_the_encoder_for_the_frozen_epochs_then_scales_it():
     from pipeline.config import TrainConfig
-    from pipeline.model import EncoderScaledAdam
-    from pipeline.training import encoder_scale_at
+    from pipeline.model.network import EncoderScaledAdam
+    from pipeline.train.schedule import encoder_scale_at
 
     model = tiny_model()
     model.compile(optimizer=EncoderScaledAdam(1e-3, 0.0).scale_encoder(model.trainable_weights),

@@ -1,4 +1,5 @@
 """The one configuration object per job: flags generated from it, presets, help."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.config import TRAIN_PRESETS, SegmentConfig, TrainConfig, parse_args
-from pipeline.instances import DEFAULT_CLUMP_SPLIT
+from pipeline.labels.instances import DEFAULT_CLUMP_SPLIT
 from tests.conftest import ROOT
 
 
@@ -59,7 +60,7 @@ def test_installed_commands_are_the_jobs():
 
 
 def test_tensorflow_starts_quietly_unless_asked():
-    code = "import pipeline.tfkeras as t; t.keras.layers.Dense(2)(t.tf.zeros((1, 3))); print('ok')"
+    code = "import pipeline.model.tfkeras as t; t.keras.layers.Dense(2)(t.tf.zeros((1, 3))); print('ok')"
     env = {**os.environ, "NUCLEI_VERBOSE": "0"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "ok" and done.stderr == ""
@@ -69,7 +70,7 @@ def test_tensorflow_starts_quietly_unless_asked():
 
 
 def test_learning_rate_decays_to_the_last_epoch_the_time_limit_allows():
-    from pipeline.training import learning_rate_at
+    from pipeline.train.schedule import learning_rate_at
 
     config = TrainConfig(learning_rate=1e-3, epochs=20, warmup_epochs=2)
     warmup = [learning_rate_at(epoch, config) for epoch in range(2)]
@@ -87,8 +88,8 @@ def test_learning_rate_decays_to_the_last_epoch_the_time_limit_allows():
 def test_a_time_limit_leaves_the_tune_steps_epochs_free_when_the_run_will_be_tuned():
     import dataclasses
 
-    from pipeline.training import epochs_that_fit
-    from pipeline.tuning import TUNE_COST_IN_EPOCHS, will_tune
+    from pipeline.train.schedule import epochs_that_fit
+    from pipeline.train.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
     assert epochs_that_fit(10, seconds_left=600, epoch_seconds=60) == 20
     assert epochs_that_fit(10, seconds_left=600, epoch_seconds=60, reserved_epochs=5) == 15
@@ -99,31 +100,31 @@ def test_a_time_limit_leaves_the_tune_steps_epochs_free_when_the_run_will_be_tun
 
 
 def test_postprocess_settings_come_from_flags_then_the_models_run_json():
-    from pipeline.inference import postprocess_settings
+    from pipeline.segment.postprocess import postprocess_settings
 
     saved = {"postprocess": {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30}}
-    assert postprocess_settings(SegmentConfig(), saved) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30,
+    assert dataclasses.asdict(postprocess_settings(SegmentConfig(), saved)) == {"threshold": 0.6, "seed_threshold": 0.4, "min_size": 30,
                                                             "instance_filter": None, "outline_refiner": None,
                                                             "clump_split": None, "by_kind": {}}
-    assert postprocess_settings(SegmentConfig(), {}) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10,
+    assert dataclasses.asdict(postprocess_settings(SegmentConfig(), {})) == {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10,
                                                          "instance_filter": None, "outline_refiner": None,
                                                          "clump_split": None, "by_kind": {}}
     flags = parse_args(SegmentConfig, ["--threshold", "0.7", "--min-size", "5"])
-    assert postprocess_settings(flags, saved) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5,
+    assert dataclasses.asdict(postprocess_settings(flags, saved)) == {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 5,
                                                   "instance_filter": None, "outline_refiner": None,
                                                   "clump_split": None, "by_kind": {}}
     # Clump splitting: run.json's setting by default; --no-split-clumps turns it off, --split-clumps on (the
     # defaults for a model that stores none).
     stored = {"min_area_ratio": 2.0, "max_solidity": 0.9, "spacing": 0.9}
     tuned = {"postprocess": {**saved["postprocess"], "clump_split": stored}}
-    assert postprocess_settings(SegmentConfig(), tuned)["clump_split"] == stored
-    assert postprocess_settings(parse_args(SegmentConfig, ["--no-split-clumps"]), tuned)["clump_split"] is None
-    assert postprocess_settings(parse_args(SegmentConfig, ["--split-clumps"]), saved)["clump_split"] == \
+    assert postprocess_settings(SegmentConfig(), tuned).clump_split == stored
+    assert postprocess_settings(parse_args(SegmentConfig, ["--no-split-clumps"]), tuned).clump_split is None
+    assert postprocess_settings(parse_args(SegmentConfig, ["--split-clumps"]), saved).clump_split == \
         DEFAULT_CLUMP_SPLIT
 
 
 def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
-    from pipeline.inference import postprocess_settings, prediction_settings
+    from pipeline.segment.postprocess import postprocess_settings, prediction_settings
 
     fitted = {"kind": "logistic", "cutoff": 0.5}
     saved = {"postprocess": {"tta": True, "scales": [0.8, 1.0, 1.25], "instance_filter": fitted}}
@@ -147,17 +148,17 @@ def test_inference_choices_come_from_run_json_unless_flags_say_otherwise():
         "size_normalisation"]["diameter"] == 40
     with pytest.raises(ValueError, match="stores no nucleus size"):
         prediction_settings(parse_args(SegmentConfig, ["--diameter", "40"]), {"mode": "native"})
-    assert postprocess_settings(SegmentConfig(), saved)["instance_filter"] == fitted
-    assert postprocess_settings(flags, saved)["instance_filter"] is None
+    assert postprocess_settings(SegmentConfig(), saved).instance_filter == fitted
+    assert postprocess_settings(flags, saved).instance_filter is None
     refined = {"postprocess": {**saved["postprocess"], "outline_refiner": fitted}}
-    assert postprocess_settings(SegmentConfig(), refined)["outline_refiner"] == fitted
-    assert postprocess_settings(parse_args(SegmentConfig, ["--no-refine-outlines"]), refined)["outline_refiner"] is None
+    assert postprocess_settings(SegmentConfig(), refined).outline_refiner == fitted
+    assert postprocess_settings(parse_args(SegmentConfig, ["--no-refine-outlines"]), refined).outline_refiner is None
     with pytest.raises(ValueError, match="no fitted outline refiner"):
         postprocess_settings(parse_args(SegmentConfig, ["--refine-outlines"]), saved)
     own = {"stained": {"threshold": 0.6, "seed_threshold": 0.6, "min_size": 50}}
     with_kinds = {"postprocess": {**saved["postprocess"], "by_kind": own}}
-    assert postprocess_settings(SegmentConfig(), with_kinds)["by_kind"] == own
-    assert postprocess_settings(parse_args(SegmentConfig, ["--min-size", "5"]), with_kinds)["by_kind"] == {}
+    assert postprocess_settings(SegmentConfig(), with_kinds).by_kind == own
+    assert postprocess_settings(parse_args(SegmentConfig, ["--min-size", "5"]), with_kinds).by_kind == {}
     with pytest.raises(ValueError, match="no fitted instance filter"):
         postprocess_settings(parse_args(SegmentConfig, ["--instance-filter"]), {})
     with pytest.raises(ValueError, match="between 0.25 and 4"):
@@ -168,7 +169,7 @@ def test_tuning_after_training_is_the_presets_choice_and_not_part_of_its_recipe(
     import dataclasses
 
     from pipeline.config import recipe_differences
-    from pipeline.tuning import untunable_reason
+    from pipeline.train.tuning import untunable_reason
 
     preset = parse_args(TrainConfig, ["--preset", "dsb2018"])
     assert preset.tune and not parse_args(TrainConfig, ["--preset", "dsb2018", "--no-tune"]).tune
@@ -210,7 +211,7 @@ def test_removed_options_at_their_off_values_change_no_recipe_and_on_they_are_na
 def test_an_interrupted_run_with_a_removed_option_on_is_not_resumed(tmp_path):
     import dataclasses
 
-    from pipeline.training import _saved_config
+    from pipeline.train.training import _saved_config
 
     config = {**dataclasses.asdict(TrainConfig(output=str(tmp_path))), **OLD_OPTIONS_OFF}
     (tmp_path / "ray_run.json").write_text(json.dumps({"name": "train-x", "storage": str(tmp_path / "ray")}))

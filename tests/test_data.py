@@ -4,9 +4,9 @@ import numpy as np
 
 import pytest
 
-from pipeline.data import extra_training_refs, inference_dataset, split_refs, training_dataset, training_refs
-from pipeline.images import BadImageError
-from pipeline.sources import list_images
+from pipeline.data.datasets import extra_training_refs, inference_dataset, split_refs, training_dataset, training_refs
+from pipeline.io.images import BadImageError
+from pipeline.io.sources import list_images
 
 
 def test_split_is_seeded_and_disjoint():
@@ -85,10 +85,10 @@ def test_native_mode_inference_rows_keep_each_image_size(ray_session, synthetic_
 
 
 def test_inference_rows_classify_kinds_only_when_asked(synthetic_folder):
-    from pipeline.data import preprocess_inference
-    from pipeline.images import normalise, resize_image
-    from pipeline.protocol import image_kind
-    from pipeline.sources import load_sample
+    from pipeline.data.datasets import preprocess_inference
+    from pipeline.io.images import normalise, resize_image
+    from pipeline.data.protocol import image_kind
+    from pipeline.io.sources import load_sample
 
     refs = list_images(synthetic_folder).refs[:6]
     batch = refs_dataset_batch(refs)
@@ -103,16 +103,16 @@ def test_inference_rows_classify_kinds_only_when_asked(synthetic_folder):
 
 def refs_dataset_batch(refs) -> dict:
     """The numpy columns a block of the refs dataset hands to preprocess_inference."""
-    from pipeline.refs_source import ref_rows
+    from pipeline.data.refs_source import ref_rows
 
     return {name: column.to_numpy(zero_copy_only=False) for name, column in
             zip(ref_rows(refs)[0].column_names, ref_rows(refs)[0].columns)}
 
 
 def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
-    from pipeline.data import refs_dataset
-    from pipeline.refs_source import RefsDatasource
-    from pipeline.sources import SampleRef
+    from pipeline.data.datasets import refs_dataset
+    from pipeline.data.refs_source import RefsDatasource
+    from pipeline.io.sources import SampleRef
 
     refs = [SampleRef(f"id-{i}", "zip", "a.zip", f"id-{i}/images/id-{i}.png", (f"id-{i}/masks/m.png",), True, i)
             for i in range(23)]
@@ -126,9 +126,9 @@ def test_refs_dataset_keeps_every_ref_across_the_requested_blocks(ray_session):
 
 
 def test_rare_kinds_get_their_own_number_of_crops(synthetic_folder):
-    from pipeline.data import preprocess_training
-    from pipeline.protocol import image_kind
-    from pipeline.sources import load_sample
+    from pipeline.data.datasets import preprocess_training
+    from pipeline.data.protocol import image_kind
+    from pipeline.io.sources import load_sample
 
     refs = training_refs(synthetic_folder, 0, 0)
     kinds = {ref.image_id: image_kind(load_sample(ref, with_masks=False).image) for ref in refs}
@@ -143,9 +143,9 @@ def test_rare_kinds_get_their_own_number_of_crops(synthetic_folder):
 def test_size_normalised_training_crops_zoom_each_image_towards_the_target_nucleus_area(synthetic_folder):
     from scipy import ndimage
 
-    from pipeline.augment import random_crops, true_median_area
-    from pipeline.data import preprocess_training
-    from pipeline.sources import load_sample
+    from pipeline.data.augment import random_crops, true_median_area
+    from pipeline.data.datasets import preprocess_training
+    from pipeline.io.sources import load_sample
 
     yy, xx = np.mgrid[:32, :32]
     disc = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 36).astype(np.int32)

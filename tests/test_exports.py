@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.exports import (fill_outline, geojson_bytes, imagej_rois_bytes, nucleus_outlines, ome_tiff_bytes,
+from pipeline.outputs.exports import (fill_outline, geojson_bytes, imagej_rois_bytes, nucleus_outlines, ome_tiff_bytes,
                               parse_exports)
-from pipeline.synthetic import render_sample
+from pipeline.io.synthetic import render_sample
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def tiff_bytes(**options) -> bytes:
     (dict(), (None, "")),
 ])
 def test_pixel_size_is_read_from_the_tiff_itself(options, expected):
-    from pipeline.units import pixel_size_from_tiff
+    from pipeline.io.units import pixel_size_from_tiff
 
     size, source = pixel_size_from_tiff(tiff_bytes(**options))
     assert (size if size is None else pytest.approx(size), source) == (
@@ -111,7 +111,7 @@ def test_pixel_size_is_read_from_the_tiff_itself(options, expected):
 
 
 def test_micron_columns_scale_with_the_pixel_size(labels):
-    from pipeline.measure import COLUMNS, measure_nuclei
+    from pipeline.outputs.measure import COLUMNS, measure_nuclei
 
     image = np.zeros((*labels.shape, 3), np.uint8)
     pixels, microns = measure_nuclei(labels, image, "a"), measure_nuclei(labels, image, "a", pixel_size_um=0.5)

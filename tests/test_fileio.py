@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pipeline.fileio import UnsafePathError, remove_partials, safe_join, write_bytes_atomic
+from pipeline.io.fileio import UnsafePathError, remove_partials, safe_join, write_bytes_atomic
 
 
 def test_atomic_write_leaves_only_the_finished_file_with_usual_permissions(tmp_path):

@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.images import BadImageError, decode_image, normalise, resize_image, resize_mask
+from pipeline.io.images import BadImageError, decode_image, normalise, resize_image, resize_mask
 
 
 def png(array):

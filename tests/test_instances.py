@@ -2,7 +2,7 @@
 import cv2
 import numpy as np
 
-from pipeline.instances import border_targets, instances_from_foreground, instances_from_interior, split_clumps
+from pipeline.labels.instances import border_targets, instances_from_foreground, instances_from_interior, split_clumps
 
 
 def touching_discs():
@@ -64,7 +64,7 @@ def test_region_and_seed_thresholds_act_separately():
 def test_fill_holes_matches_scipy_on_random_masks():
     from scipy import ndimage
 
-    from pipeline.instances import fill_holes
+    from pipeline.labels.instances import fill_holes
 
     rng = np.random.default_rng(0)
     for shape in ((1, 1), (1, 7), (40, 30), (64, 64)):

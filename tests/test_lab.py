@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.measure import COLUMNS, image_summary, measure_nuclei
+from pipeline.outputs.measure import COLUMNS, image_summary, measure_nuclei
 
 
 def test_measurements_of_known_nuclei():
@@ -27,7 +27,7 @@ def test_measurements_of_known_nuclei():
 
 
 def test_70000_nuclei_round_trip_through_tiff(tmp_path):
-    from pipeline.inference import find_labels, read_labels, write_labels
+    from pipeline.outputs.folder import find_labels, read_labels, write_labels
 
     labels = np.arange(1, 70_001, dtype=np.int64).reshape(280, 250)
     written = write_labels(str(tmp_path), "big/image.png", labels)
@@ -39,7 +39,7 @@ def test_70000_nuclei_round_trip_through_tiff(tmp_path):
 
 
 def test_report_is_a_picture_of_the_run():
-    from pipeline.report import draw_report, overlay_choices
+    from pipeline.outputs.report import draw_report, overlay_choices
 
     rows = [{"path": f"i{n}.png", "nuclei": n, "status": "done", "error": ""} for n in (3, 9, 1, 40)]
     rows += [{"path": "bad.png", "nuclei": 0, "status": "error", "error": "not a decodable image"}]
@@ -51,7 +51,7 @@ def test_report_is_a_picture_of_the_run():
 
 
 def test_unknown_model_name_lists_the_shipped_ones():
-    from pipeline.registry import MODELS_DIR, ModelFileError, resolve_model, shipped_models
+    from pipeline.model.registry import MODELS_DIR, ModelFileError, resolve_model, shipped_models
 
     with pytest.raises(ModelFileError, match="no model named 'nope'.*shipped models are"):
         resolve_model("nope")
@@ -61,8 +61,8 @@ def test_unknown_model_name_lists_the_shipped_ones():
 
 
 def test_sha256_check_refuses_a_changed_model_file(tmp_path):
-    from pipeline.model import ModelFileError, build_unet, load_model, save_for_inference
-    from pipeline.registry import sha256_of
+    from pipeline.model.network import ModelFileError, build_unet, load_model, save_for_inference
+    from pipeline.model.registry import sha256_of
 
     path = str(tmp_path / "model.keras")
     save_for_inference(build_unet(64, 2, "none", encoder_width=0.35), path)
@@ -75,8 +75,8 @@ def test_sha256_check_refuses_a_changed_model_file(tmp_path):
 
 
 def test_repackaging_the_same_weights_keeps_the_file_and_a_new_model_replaces_it(tmp_path):
-    from pipeline.model import build_unet, package_model, save_for_inference
-    from pipeline.registry import sha256_of
+    from pipeline.model.network import build_unet, package_model, save_for_inference
+    from pipeline.model.registry import sha256_of
 
     run = tmp_path / "run"
     run.mkdir()
@@ -96,7 +96,7 @@ def test_repackaging_the_same_weights_keeps_the_file_and_a_new_model_replaces_it
 
 
 def test_shipped_model_is_documented_small_and_checked():
-    from pipeline.registry import MODELS_DIR, read_model_info, resolve_model, shipped_models, specialist_files
+    from pipeline.model.registry import MODELS_DIR, read_model_info, resolve_model, shipped_models, specialist_files
 
     assert "dsb2018" in shipped_models()
     path = resolve_model("dsb2018")

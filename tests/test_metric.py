@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metric import image_score, image_scores
+from pipeline.labels.metric import image_score, image_scores
 
 
 def two_nuclei():
@@ -44,7 +44,7 @@ def test_threshold_sweep_counts_a_partial_match():
 def test_label_values_with_gaps_any_integer_type_or_floats_score_alike():
     """Label values need not be 1..N: the linear-time path (small non-negative integers) and np.unique's
     (anything else) give the same IoU matrix, rows and columns in ascending label order."""
-    from pipeline.metric import iou_matrix
+    from pipeline.labels.metric import iou_matrix
 
     truth = two_nuclei()
     pred = np.roll(truth, 1, axis=1)  # IoU 30/42 with each of its own nucleus

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.model import BackboneWeightsError, ModelFileError, build_unet, load_model, save_model
+from pipeline.model.network import BackboneWeightsError, ModelFileError, build_unet, load_model, save_model
 
 
 @pytest.mark.parametrize("size, classes", [(128, 2), (256, 3)])
@@ -23,7 +23,7 @@ def test_fully_convolutional_on_other_multiples_of_32():
 def test_imagenet_without_internet_fails_fast_naming_the_alternatives(monkeypatch):
     import time
 
-    from pipeline.model import WEIGHTS_ENV
+    from pipeline.model.network import WEIGHTS_ENV
 
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)  # no local file to fall back to
     started = time.time()
@@ -37,7 +37,7 @@ def test_imagenet_without_internet_fails_fast_naming_the_alternatives(monkeypatc
 
 
 def test_local_weights_file_is_loaded(tmp_path):
-    from pipeline.tfkeras import keras
+    from pipeline.model.tfkeras import keras
 
     source = keras.applications.MobileNetV2(input_shape=(128, 128, 3), include_top=False, weights=None, alpha=0.35)
     path = str(tmp_path / "mobilenet_v2_no_top.h5")
@@ -54,7 +54,7 @@ SHARED_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def test_local_imagenet_weights_are_found_by_width(tmp_path, monkeypatch):
-    from pipeline.model import WEIGHTS_ENV, local_imagenet_weights
+    from pipeline.model.network import WEIGHTS_ENV, local_imagenet_weights
 
     for name in ("mobilenet_v2_1.0_no_top_imagenet.h5", "mobilenet_v2_0.35_no_top_imagenet.h5",
                  "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5", "mobilenet_v2_0.75_top.h5"):
@@ -71,8 +71,8 @@ def test_local_imagenet_weights_are_found_by_width(tmp_path, monkeypatch):
 
 
 def test_auto_falls_back_to_the_local_imagenet_weights_then_to_random(tmp_path, monkeypatch, capsys):
-    from pipeline.model import WEIGHTS_ENV
-    from pipeline.tfkeras import keras
+    from pipeline.model.network import WEIGHTS_ENV
+    from pipeline.model.tfkeras import keras
 
     if not os.path.isdir(SHARED_WEIGHTS):
         pytest.skip(f"ImageNet weights not found at {os.path.normpath(SHARED_WEIGHTS)} (a fresh checkout has no "
@@ -95,7 +95,7 @@ def test_auto_falls_back_to_the_local_imagenet_weights_then_to_random(tmp_path, 
 
 
 def test_cross_entropy_dice_loss_is_cross_entropy_plus_one_minus_soft_dice():
-    from pipeline.model import CrossEntropyDice
+    from pipeline.model.network import CrossEntropyDice
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, (2, 8, 8, 1))
@@ -112,8 +112,8 @@ def test_cross_entropy_dice_loss_is_cross_entropy_plus_one_minus_soft_dice():
 
 
 def test_a_model_compiled_with_the_dice_loss_saves_and_loads(tmp_path):
-    from pipeline.model import CUSTOM_OBJECTS, compile_model
-    from pipeline.tfkeras import keras
+    from pipeline.model.network import CUSTOM_OBJECTS, compile_model
+    from pipeline.model.tfkeras import keras
 
     model = compile_model(build_unet(64, 3, "none", encoder_width=0.35), 1e-3, 3, "ce+dice")
     x, y = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32), np.ones((2, 64, 64, 1), np.int32)
@@ -128,8 +128,8 @@ def test_a_model_compiled_with_the_dice_loss_saves_and_loads(tmp_path):
 
 
 def test_the_encoder_steps_are_scaled_and_a_frozen_encoder_does_not_move(tmp_path):
-    from pipeline.model import CUSTOM_OBJECTS, compile_model
-    from pipeline.tfkeras import keras
+    from pipeline.model.network import CUSTOM_OBJECTS, compile_model
+    from pipeline.model.tfkeras import keras
 
     rng = np.random.default_rng(0)
     x, y = rng.random((4, 64, 64, 3)).astype(np.float32), rng.integers(0, 3, (4, 64, 64, 1))
@@ -203,7 +203,7 @@ def test_decoder_width_shrinks_the_decoder_not_the_output():
 
 def test_a_model_with_code_in_it_is_refused(tmp_path):
     """Safe mode: a Lambda layer's Python code is never deserialised (it could run anything)."""
-    from pipeline.tfkeras import keras
+    from pipeline.model.tfkeras import keras
 
     inputs = keras.layers.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs))
@@ -214,8 +214,8 @@ def test_a_model_with_code_in_it_is_refused(tmp_path):
 
 
 def test_epoch_augmentation_moves_mask_with_image_and_shuffles_only_colour():
-    from pipeline.tfkeras import tf
-    from pipeline.training import epoch_augmentation
+    from pipeline.model.tfkeras import tf
+    from pipeline.train.worker import epoch_augmentation
 
     image = np.zeros((16, 16, 3), np.float32)
     image[..., 0], image[..., 1], image[..., 2] = 0.9, 0.5, 0.1
@@ -237,8 +237,8 @@ def test_epoch_augmentation_moves_mask_with_image_and_shuffles_only_colour():
 
 
 def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
-    from pipeline.tfkeras import tf
-    from pipeline.training import STAIN_VECTORS, epoch_augmentation, stain_jitter
+    from pipeline.model.tfkeras import tf
+    from pipeline.train.worker import STAIN_VECTORS, epoch_augmentation, stain_jitter
 
     # An inverted H&E crop: eosin-pink background, a haematoxylin-purple nucleus (light = exp(-density)).
     light = np.exp(-np.full((16, 16, 3), 0.3) * STAIN_VECTORS[1]).astype(np.float32)
@@ -261,13 +261,13 @@ def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
 
 def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model(tmp_path):
     """run.json routes stained images to a specialist beside the model: Predictor, package and ONNX export agree."""
-    from pipeline.inference import Predictor
-    from pipeline.model import package_model, save_for_inference
-    from pipeline.onnx_model import export_onnx
-    from pipeline.registry import ModelFileError
-    from pipeline.runinfo import RunInfo
-    from pipeline.tfkeras import tf
-    from pipeline.tuning import attach_specialists
+    from pipeline.segment.predictor import Predictor
+    from pipeline.model.network import package_model, save_for_inference
+    from pipeline.model.onnx import export_onnx
+    from pipeline.model.registry import ModelFileError
+    from pipeline.model.runinfo import RunInfo
+    from pipeline.model.tfkeras import tf
+    from pipeline.train.specialists import attach_specialists
 
     paths = {}
     for seed, name in ((1, "general"), (2, "stained")):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.synthetic import render_sample
-from pipeline.metric import image_score
-from pipeline.outlines import (BAND, FEATURES, band_features, fit_refiner, pixel_targets, refine_outlines,
+from pipeline.io.synthetic import render_sample
+from pipeline.labels.metric import image_score
+from pipeline.labels.outlines import (BAND, FEATURES, band_features, fit_refiner, pixel_targets, refine_outlines,
                                  relabel)
 
 

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from pipeline.protocol import FRACTIONS, SPLITS, protocol_splits, split_counts
+from pipeline.data.protocol import FRACTIONS, SPLITS, protocol_splits, split_counts
 
 
 def listing(counts: dict[str, int]) -> dict[str, str]:
@@ -40,7 +40,7 @@ def test_seeded_and_independent_of_listing_order():
 
 
 def test_real_zip_split_by_image_statistics(real_zip):
-    from pipeline.data import protocol_refs, training_refs
+    from pipeline.data.datasets import protocol_refs, training_refs
 
     splits = protocol_refs(training_refs(real_zip, 0, 0))
     assert {name: len(refs) for name, refs in splits.items()} == {"train": 390, "tune": 90, "test": 120}

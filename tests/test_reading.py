@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.channels import choose_channel, select_plane
-from pipeline.images import BadImageError, image_from_array, intensity_to_uint8, read_image
+from pipeline.io.channels import choose_channel, select_plane
+from pipeline.io.images import BadImageError, image_from_array, intensity_to_uint8, read_image
 
 
 def tiff(array, **options) -> bytes:
@@ -83,7 +83,7 @@ def test_a_stack_gives_its_dapi_channel_whatever_its_axes_and_says_which_plane()
 
 
 def test_one_colour_exports_are_fluorescence_and_colour_stays_colour():
-    from pipeline.protocol import image_kind
+    from pipeline.data.protocol import image_kind
 
     grey = nuclei_image()
     blue = np.zeros((*grey.shape, 3), np.uint8)
@@ -101,7 +101,7 @@ def test_one_colour_exports_are_fluorescence_and_colour_stays_colour():
 
 
 def test_pixel_sizes_in_micrometres_and_millimetres_and_implausible_ones_said():
-    from pipeline.units import pixel_size_from_tiff
+    from pipeline.io.units import pixel_size_from_tiff
 
     image = np.zeros((8, 8), np.uint8)
     assert pixel_size_from_tiff(tiff(image, resolution=(1 / 0.65, 1 / 0.65), resolutionunit="MICROMETER")) == \
@@ -114,7 +114,7 @@ def test_pixel_sizes_in_micrometres_and_millimetres_and_implausible_ones_said():
 
 
 def test_ome_tiff_ids_drop_the_whole_suffix(tmp_path):
-    from pipeline.sources import list_images
+    from pipeline.io.sources import list_images
 
     (tmp_path / "well_A1.ome.tif").write_bytes(tiff(np.zeros((2, 8, 8), np.uint16), ome=True,
                                                      metadata={"axes": "CYX"}))
@@ -122,13 +122,13 @@ def test_ome_tiff_ids_drop_the_whole_suffix(tmp_path):
 
 
 def test_the_shipped_model_finds_the_same_nuclei_in_16_bit_one_colour_and_stack_files(real_zip):
-    """Real test-split images written as a lab's files (pipeline.shifts): each variant, read from its bytes, scores
+    """Real test-split images written as a lab's files (pipeline.data.shifts): each variant, read from its bytes, scores
     within 0.01 of the plain 8-bit image with the shipped model and its stored settings."""
     from pipeline.api import Segmenter
-    from pipeline.data import protocol_refs
-    from pipeline.metric import image_score
-    from pipeline.shifts import channel_stack, one_colour, sixteen_bit
-    from pipeline.sources import list_kaggle, load_sample, read_file
+    from pipeline.data.datasets import protocol_refs
+    from pipeline.labels.metric import image_score
+    from pipeline.data.shifts import channel_stack, one_colour, sixteen_bit
+    from pipeline.io.sources import list_kaggle, load_sample, read_file
 
     refs = protocol_refs(list_kaggle(real_zip).refs)["test"][::15]  # 8 images, fluorescence and stained
     samples = [load_sample(ref) for ref in refs]

@@ -1,4 +1,4 @@
-"""run.json as a typed record (pipeline/runinfo.py): old files load, nothing is lost on a rewrite, broken ones are
+"""run.json as a typed record (pipeline/model/runinfo.py): old files load, nothing is lost on a rewrite, broken ones are
 refused in one line."""
 import json
 import os
@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from pipeline.registry import MODELS_DIR
-from pipeline.runinfo import DEFAULT_TILE, FORMAT, Postprocess, RunInfo, RunInfoError
+from pipeline.model.registry import MODELS_DIR
+from pipeline.model.runinfo import DEFAULT_TILE, FORMAT, Postprocess, RunInfo, RunInfoError
 
 SHIPPED = os.path.join(MODELS_DIR, "dsb2018", "run.json")
 # What tests/test_segment.py's native-mode model has beside it: a hand-written run.json of four keys, no format.
@@ -42,7 +42,7 @@ def test_the_shipped_models_run_json_round_trips_key_for_key():
 
 def test_a_minimal_old_run_json_loads_with_defaults_and_writes_back_as_it_was(tmp_path):
     from pipeline.config import SegmentConfig
-    from pipeline.inference import postprocess_settings, prediction_settings
+    from pipeline.segment.postprocess import postprocess_settings, prediction_settings
 
     info = RunInfo.from_dict(MINIMAL)
     assert (info.image_size, info.num_classes, info.mode, info.appearance) == (64, 3, "native", "standardised")
@@ -112,7 +112,7 @@ def test_a_broken_run_json_is_refused_in_one_line(tmp_path):
 
 
 def test_every_model_loader_checks_run_json_and_the_removed_options(tmp_path):
-    from pipeline.registry import ModelFileError, read_model_info
+    from pipeline.model.registry import ModelFileError, read_model_info
 
     (tmp_path / "model.keras").write_bytes(b"not read: no sha256 recorded")
     model = str(tmp_path / "model.keras")

@@ -41,8 +41,8 @@ def s3_server():
 def test_zip_and_folder_on_s3(s3_server, synthetic_folder, tmp_path, ray_session):
     import boto3
 
-    from pipeline.data import training_dataset, training_refs
-    from pipeline.sources import list_images
+    from pipeline.data.datasets import training_dataset, training_refs
+    from pipeline.io.sources import list_images
 
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket="nuclei")
@@ -55,7 +55,7 @@ def test_zip_and_folder_on_s3(s3_server, synthetic_folder, tmp_path, ray_session
     query = f"?endpoint_override={s3_server}&scheme=http"
     # Credentials travel to Ray's workers from the driver's environment when Ray starts: restart it now
     # that the test's AWS_* variables are set (the rest of the session keeps using this instance).
-    from pipeline.data import ensure_ray
+    from pipeline.data.datasets import ensure_ray
 
     ray_session.shutdown()
     ensure_ray(num_cpus=2)

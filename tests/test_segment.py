@@ -78,7 +78,7 @@ def bad_corpus(tmp_path_factory, synthetic_folder):
 
 def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
     from pipeline.config import SegmentConfig
-    from pipeline.inference import run_segmentation
+    from pipeline.segment.run import run_segmentation
 
     output = str(tmp_path / "out")
     config = SegmentConfig(model=model_path, input=bad_corpus, output=output, batch_size=8, overlays=2,
@@ -118,26 +118,28 @@ def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
     assert sum(row["status"] == "existing" for row in rerun.rows) == 24
 
 
-def test_submit_lists_every_test_image_of_a_mixed_folder(model_path, bad_corpus, tmp_path):
+def test_submit_lists_every_test_image_of_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session, capsys):
     """Unreadable test images still get their row (empty prediction); non-images are not test images."""
-    from pipeline.sources import list_images
+    from jobs.submit import main as submit_job
+    from pipeline.io.sources import list_images
     from submission.csvfile import read_submission
 
     output = tmp_path / "submission.csv"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "submit.py"), "--model", model_path,
-                           "--input", bad_corpus, "--output", str(output), "--cpus-per-actor", "0.5",
-                           "--max-pixels", str(HUGE_LIMIT)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert submit_job(["--model", model_path, "--input", bad_corpus, "--output", str(output), "--cpus-per-actor", "0.5",
+                       "--max-pixels", str(HUGE_LIMIT)]) == 0
+    done = capsys.readouterr()
     _, rows = read_submission(str(output))
     ids = {image_id for _, image_id, _ in rows}
     assert ids == {ref.image_id for ref in list_images(bad_corpus).refs}
     for unreadable in ("odd dir ü/empty", "odd dir ü/page", "odd dir ü/truncated", "odd dir ü/huge 8000"):
         assert [encoded for _, image_id, encoded in rows if image_id == unreadable] == [""]
-    assert "4 unreadable" in done.stdout or "5 unreadable" in done.stdout
+    assert "4 unreadable" in done.out or "5 unreadable" in done.out
 
 
-def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic_folder, tmp_path):
+def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic_folder, tmp_path, ray_session):
+    from pipeline.config import SegmentConfig
+    from pipeline.segment.run import run_segmentation
+
     def command(output):
         return [sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--model", model_path, "--input",
                 synthetic_folder, "--output", output, "--batch-size", "4", "--blocks", "12", "--cpus-per-actor", "0.5"]
@@ -149,7 +151,9 @@ def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic
 
     reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     env = {**os.environ, "NUCLEI_PROGRESS": "0"}
-    assert subprocess.run(command(reference), env=env, capture_output=True, timeout=600).returncode == 0
+    # The undisturbed reference in this process (its Ray), the killed run and its rerun as the job users start.
+    run_segmentation(SegmentConfig(model=model_path, input=synthetic_folder, output=reference, batch_size=4,
+                                   blocks=12, cpus_per_actor=0.5), reference)
     process = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 300
@@ -182,8 +186,8 @@ def test_submit_writes_a_valid_scored_submission(model_path, synthetic_folder, t
 
 def test_segment_real_images_at_original_size(model_path, real_zip, tmp_path, ray_session):
     from pipeline.config import SegmentConfig
-    from pipeline.inference import run_segmentation
-    from pipeline.sources import list_kaggle, load_sample
+    from pipeline.segment.run import run_segmentation
+    from pipeline.io.sources import list_kaggle, load_sample
 
     refs = list_kaggle(real_zip).refs[:400:50]
     folder = tmp_path / "real"
@@ -214,9 +218,9 @@ def test_native_mode_model_segments_whole_images_in_tiles_with_tta(tmp_path, syn
     import json
 
     from pipeline.config import SegmentConfig
-    from pipeline.inference import run_segmentation
-    from pipeline.model import build_unet, save_model
-    from pipeline.synthetic import render_sample
+    from pipeline.segment.run import run_segmentation
+    from pipeline.model.network import build_unet, save_model
+    from pipeline.io.synthetic import render_sample
 
     run = tmp_path / "run"
     run.mkdir()
@@ -238,21 +242,22 @@ def test_native_mode_model_segments_whole_images_in_tiles_with_tta(tmp_path, syn
     assert result.rows and max(row["width"] for row in result.rows) >= 3 * 256
 
 
-def test_evaluate_scores_the_held_out_images(model_path, tmp_path):
+def test_evaluate_scores_the_held_out_images(model_path, tmp_path, ray_session, capsys):
     import json
 
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "evaluate.py"), "--model", model_path,
-                           "--output", str(tmp_path / "eval"), "--pictures", "1", "--cpus-per-actor", "0.5"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    last = done.stdout.strip().splitlines()[-1]
+    from jobs.evaluate import main as evaluate_job
+
+    assert evaluate_job(["--model", model_path, "--output", str(tmp_path / "eval"), "--pictures", "1",
+                         "--cpus-per-actor", "0.5"]) == 0
+    done = capsys.readouterr()
+    last = done.out.strip().splitlines()[-1]
     assert last.startswith("score=") and 0.0 < float(last[6:]) <= 1.0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     overall = summary["table"][0]
     assert overall["kind"] == "all" and overall["images"] == 13  # 20% of the run's 64 synthetic images
     assert sum(row["images"] for row in summary["table"][1:]) == 13
     assert len(list((tmp_path / "eval" / "pictures").glob("*.png"))) == 2
-    assert "| fluorescence |" in done.stdout
+    assert "| fluorescence |" in done.out
 
 
 def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(model_path, synthetic_folder, tmp_path,
@@ -260,7 +265,8 @@ def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(model_path,
     import pandas as pd
 
     from pipeline.config import SegmentConfig
-    from pipeline.inference import read_labels, run_segmentation
+    from pipeline.outputs.folder import read_labels
+    from pipeline.segment.run import run_segmentation
 
     output = str(tmp_path / "out")
     config = SegmentConfig(model=model_path, input=synthetic_folder, output=output, cpus_per_actor=0.5, blocks=4,
@@ -300,8 +306,8 @@ def test_physical_pixel_size_reaches_the_measurements_the_manifest_and_the_ome_t
     import pandas as pd
 
     from pipeline.config import SegmentConfig
-    from pipeline.inference import run_segmentation
-    from pipeline.sources import list_images, load_sample
+    from pipeline.segment.run import run_segmentation
+    from pipeline.io.sources import list_images, load_sample
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -334,8 +340,8 @@ def test_physical_pixel_size_reaches_the_measurements_the_manifest_and_the_ome_t
 def test_onnx_export_agrees_with_tensorflow_and_segments_the_same_nuclei(model_path, synthetic_folder, tmp_path,
                                                                          ray_session):
     from pipeline.config import ExportConfig, SegmentConfig
-    from pipeline.inference import run_segmentation
-    from pipeline.onnx_model import run_export
+    from pipeline.segment.run import run_segmentation
+    from pipeline.model.onnx import run_export
 
     onnx_path = str(tmp_path / "model.onnx")
     result = run_export(ExportConfig(model=model_path, output=onnx_path, check_images=synthetic_folder))
@@ -355,7 +361,7 @@ def test_onnx_export_agrees_with_tensorflow_and_segments_the_same_nuclei(model_p
 
 def test_onnx_export_refuses_a_model_that_disagrees(model_path, synthetic_folder, tmp_path):
     from pipeline.config import ExportConfig
-    from pipeline.onnx_model import run_export
+    from pipeline.model.onnx import run_export
 
     with pytest.raises(ValueError, match="disagrees with TensorFlow"):
         run_export(ExportConfig(model=model_path, output=str(tmp_path / "m.onnx"), check_images=synthetic_folder,
@@ -363,21 +369,19 @@ def test_onnx_export_refuses_a_model_that_disagrees(model_path, synthetic_folder
     assert not os.path.exists(tmp_path / "m.onnx")
 
 
-def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tmp_path):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--input", synthetic_folder,
-                           "--output", str(tmp_path / "o"), "--cpus-per-actor", "0.5"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "NUCLEI_PROGRESS": "0"})
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tmp_path, ray_session, capsys):
+    from jobs.segment import main as segment_job
+
+    assert segment_job(["--input", synthetic_folder, "--output", str(tmp_path / "o"), "--cpus-per-actor", "0.5"]) == 0
     manifest = read_manifest(str(tmp_path / "o"))
     assert len(manifest) == 12 and sum(int(row["nuclei"]) for row in manifest.values()) > 100
-    unknown = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--model", "nope", "--input",
-                              synthetic_folder, "--output", str(tmp_path / "n")], capture_output=True, text=True,
-                             timeout=300)
-    assert unknown.returncode == 1 and "shipped models are dsb2018" in unknown.stderr.strip().splitlines()[-1]
+    capsys.readouterr()
+    assert segment_job(["--model", "nope", "--input", synthetic_folder, "--output", str(tmp_path / "n")]) == 1
+    assert "shipped models are dsb2018" in capsys.readouterr().err.strip().splitlines()[-1]
     # The Python API, in this process and without Ray, gives each image the labels the job wrote.
     from pipeline.api import Segmenter
-    from pipeline.inference import read_labels
-    from pipeline.sources import list_images, load_sample
+    from pipeline.outputs.folder import read_labels
+    from pipeline.io.sources import list_images, load_sample
 
     segmenter = Segmenter.load()
     for ref in list_images(synthetic_folder).refs[:3]:
@@ -393,8 +397,8 @@ def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tm
 def test_the_readme_python_snippet_runs(tmp_path, monkeypatch):
     import re
 
-    from pipeline.images import encode_png
-    from pipeline.synthetic import render_sample
+    from pipeline.io.images import encode_png
+    from pipeline.io.synthetic import render_sample
 
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     snippet = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)

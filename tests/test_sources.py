@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.data import training_refs
-from pipeline.images import BadImageError
-from pipeline.sources import list_images, list_kaggle, load_sample
+from pipeline.data.datasets import training_refs
+from pipeline.io.images import BadImageError
+from pipeline.io.sources import list_images, list_kaggle, load_sample
 
 
 def png(array):
@@ -126,7 +126,7 @@ def test_real_zip_reads_600_samples_with_their_masks(real_zip):
 
 
 def test_a_forked_process_reads_the_zip_through_its_own_handle(synthetic_folder, tmp_path):
-    from pipeline.sources import read_file
+    from pipeline.io.sources import read_file
 
     archive = zip_folder(synthetic_folder, str(tmp_path / "data.zip"))
     refs = list_kaggle(archive).refs

@@ -1,4 +1,5 @@
-"""Ray Train: two MultiWorkerMirroredStrategy workers learn, survive a killed worker, leave a usable run."""
+"""Ray Train: a run survives a killed worker and a killed job, two MultiWorkerMirroredStrategy workers train on two
+nodes of a `ray job submit` cluster, and each leaves a usable run."""
 import glob
 import json
 import os
@@ -18,7 +19,7 @@ from tests.conftest import ROOT, free_port
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_learn_and_recover_from_a_killed_worker(run_with_a_killed_worker):
+def test_a_killed_worker_is_replaced_and_the_run_learns_on(run_with_a_killed_worker):
     config, info, killer = run_with_a_killed_worker
     history = [json.loads(line) for line in open(os.path.join(config.output, "history.jsonl"))]
     epochs = [row["epoch"] for row in history]
@@ -32,12 +33,12 @@ def test_two_workers_learn_and_recover_from_a_killed_worker(run_with_a_killed_wo
     assert best["val_loss"] < first["val_loss"] * 0.8
     assert max(row["val_nucleus_iou"] for row in history) > first["val_nucleus_iou"] + 0.05
     assert max(row["nucleus_iou"] for row in history) > 0.3  # the training set is learnt clearly
-    assert info["workers"] == 2 and info["epochs_run"] == config.epochs
+    assert info["workers"] == 1 and info["epochs_run"] == config.epochs
     assert info["backbone_init"] == "none"  # rank 0 recorded where the encoder's weights came from
 
 
 def test_run_folder_holds_model_logs_and_snapshots(trained_run):
-    from pipeline.model import load_model
+    from pipeline.model.network import load_model
 
     config, info = trained_run
     assert glob.glob(os.path.join(config.output, "tensorboard", "**", "events.out.tfevents.*"), recursive=True)
@@ -51,8 +52,8 @@ def test_run_folder_holds_model_logs_and_snapshots(trained_run):
 
 def test_model_does_not_predict_only_background(trained_run):
     """The trap of Keras' BatchNorm momentum from random init: a model that segments nothing."""
-    from pipeline.data import training_dataset, training_refs
-    from pipeline.model import load_model
+    from pipeline.data.datasets import training_dataset, training_refs
+    from pipeline.model.network import load_model
 
     config, _ = trained_run
     model, _ = load_model(os.path.join(config.output, "model.keras"))
@@ -61,20 +62,27 @@ def test_model_does_not_predict_only_background(trained_run):
     assert predicted.mean() > 0.2 * batch["mask"].mean()
 
 
-def test_ray_job_submit_against_a_local_head(tmp_path):
-    """`ray start --head` on loopback, `ray job submit ... jobs/train.py`, then stop only that head."""
+def _ray_start(ray_bin: str, env: dict, *flags: str) -> subprocess.Popen:
+    """`ray start ... --block` with ports of its own (the test session's Ray already holds the default ones)."""
+    agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(4))
+    return subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+                             "--object-store-memory=500000000", "--disable-usage-stats", *flags],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_ray_job_submit_trains_on_two_nodes_of_a_local_cluster(tmp_path):
+    """`ray start --head` on loopback and a second node joining it (two raylets: two nodes, one machine), then
+    `ray job submit ... jobs/train.py` with one MWMS worker on each node (STRICT_SPREAD), and a tiny --time-limit:
+    rank 0's decision to stop must reach the worker on the other node. Then stop only these two nodes."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    port, dashboard, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
+    port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                             # Ports of its own: the test session's Ray already holds the default ones.
-                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    nodes = [_ray_start(ray_bin, env, "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}")]
     output = tmp_path / "run"
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -84,75 +92,44 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
+        nodes.append(_ray_start(ray_bin, env, f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dir}"))
         for _ in range(30):  # the head's job agent comes up a little after the dashboard
             job = subprocess.run(
                 [ray_bin, "job", "submit", "--address", address, "--working-dir", ROOT, "--",
-                 sys.executable, "jobs/train.py", "--output", str(output), "--epochs", "2", "--synthetic-count", "16",
-                 "--image-size", "64", "--encoder-width", "0.35", "--batch-size", "8", "--cpus-per-worker", "0.5",
-                 "--backbone-weights", "none"],
+                 sys.executable, "jobs/train.py", "--output", str(output), "--epochs", "4", "--synthetic-count", "16",
+                 "--workers", "2", "--placement", "STRICT_SPREAD", "--cpus-per-worker", "0.5",
+                 "--time-limit", "0.001",  # minutes: rank 0 stops both workers after the first epoch
+                 "--image-size", "64", "--encoder-width", "0.35", "--batch-size", "4", "--backbone-weights", "none",
+                 "--snapshots", "1"],
                 env=env, capture_output=True, text=True, timeout=900)
             if "No available agent" not in job.stderr + job.stdout:
                 break
             time.sleep(2)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout + job.stderr
-        assert (output / "model.keras").is_file() and (output / "run.json").is_file()
+        log = job.stdout + job.stderr
+        assert job.returncode == 0, log[-4000:]
+        assert "succeeded" in log
+        assert len(set(re.findall(r"worker rank \d of 2 on node (\w+)", log))) == 2, log[-4000:]
+        assert "time limit: stopping after epoch 1" in log, log[-4000:]
+        assert json.loads((output / "run.json").read_text())["epochs_run"] == 1
+        assert (output / "model.keras").is_file()
         assert glob.glob(str(output / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
         assert glob.glob(str(output / "snapshots" / "*.png"))
     finally:
-        os.killpg(head.pid, 15)
-        head.wait(60)
+        for node in reversed(nodes):
+            os.killpg(node.pid, 15)
+            node.wait(60)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-TWO_NODE_SCRIPT = """
-import os, sys
-sys.path.insert(0, {root!r})
-from ray.cluster_utils import Cluster
-from pipeline.config import TrainConfig
-from pipeline.training import run_training
-
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-cluster.add_node(num_cpus=1)
-cluster.wait_for_nodes()
-os.environ["RAY_ADDRESS"] = cluster.address
-try:
-    info = run_training(TrainConfig(data="synthetic", synthetic_count=16, output={output!r}, epochs=4, workers=2,
-                                    time_limit=0.001,  # minutes: rank 0 stops both workers after the first epoch
-                                    cpus_per_worker=0.5, placement="STRICT_SPREAD", image_size=64, encoder_width=0.35,
-                                    batch_size=4, backbone_weights="none", snapshots=1))
-    print("EPOCHS_RUN", info["epochs_run"], flush=True)
-finally:
-    import ray
-    ray.shutdown()
-    cluster.shutdown()
-"""
-
-
-def test_two_workers_on_two_simulated_nodes(tmp_path):
-    """ray.cluster_utils.Cluster: a head and a worker node, one MWMS worker on each (STRICT_SPREAD).
-
-    The run also has a tiny --time-limit: rank 0's decision to stop must reach the worker on the other node.
-    """
-    output = str(tmp_path / "run")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # A subprocess: this test session is already connected to its own local Ray.
-    done = subprocess.run([sys.executable, "-c", TWO_NODE_SCRIPT.format(root=ROOT, output=output)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    nodes = set(re.findall(r"worker rank \d of 2 on node (\w+)", log))
-    assert len(nodes) == 2, log[-4000:]
-    assert "EPOCHS_RUN 1" in log and "time limit: stopping after epoch 1" in log
-    assert os.path.isfile(os.path.join(output, "model.keras"))
-
-
-def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
-    """SIGKILL the whole training job (driver and its Ray) after epoch 2, then `--resume` finishes the run."""
+def test_a_killed_job_resumes_from_its_last_completed_epoch_then_tunes(tmp_path):
+    """SIGKILL the whole training job (driver and its Ray) after epoch 2, then `--resume` finishes the run and, as
+    the run asked (--tune, a protocol run), chooses the inference settings on the tune split and stores them in
+    run.json, as jobs/tune.py would."""
     output = tmp_path / "run"  # given relative to the job's working directory: workers run elsewhere
-    flags = ["--output", "run", "--epochs", "6", "--synthetic-count", "16", "--image-size", "64",
-             "--encoder-width", "0.35", "--batch-size", "4", "--backbone-weights", "none", "--snapshots", "0",
-             "--warmup-epochs", "0"]
+    flags = ["--output", "run", "--epochs", "4", "--data", "synthetic", "--synthetic-count", "16", "--workers", "1",
+             "--mode", "native", "--num-classes", "3", "--crops-per-image", "2", "--holdout", "protocol", "--tune",
+             "--image-size", "128", "--encoder-width", "0.35", "--batch-size", "4", "--backbone-weights", "none",
+             "--snapshots", "0", "--warmup-epochs", "0", "--seed", "4"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     job = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train.py"), *flags], env=env, cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -169,7 +146,7 @@ def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
         os.killpg(job.pid, 9)
         job.wait(60)
     done_before = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
-    assert 2 <= max(done_before) < 6, done_before
+    assert 2 <= max(done_before) < 4, done_before
     assert not (output / "model.keras").exists()
 
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--resume", "--output", "run"],
@@ -180,10 +157,16 @@ def test_killed_job_resumes_from_its_last_completed_epoch(tmp_path):
     assert started_at >= 2  # continued, not started over
     assert started_at >= max(done_before) - 1  # at most the epoch in flight when it was killed is redone
     epochs = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
-    assert epochs == list(range(1, 7))  # one line per epoch: lines of redone epochs were replaced
+    assert epochs == list(range(1, 5))  # one line per epoch: lines of redone epochs were replaced
     assert (output / "model.keras").is_file()
-    assert json.loads((output / "run.json").read_text())["epochs_run"] == 6
+    assert json.loads((output / "run.json").read_text())["epochs_run"] == 4
     assert glob.glob(str(output / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
+    # The tune step, after the resumed training (the run's own --tune).
+    stored = json.loads((output / "run.json").read_text())["postprocess"]
+    tuning = json.loads((output / "tuning.json").read_text())
+    assert stored["tuned_on"].startswith("tune split") and stored["tune_score"] == tuning["settings"]["tune_score"]
+    assert {"threshold", "seed_threshold", "min_size", "tta", "scales"} <= set(stored)
+    assert f"tune_score={stored['tune_score']:.4f}" in resumed.stdout and "run.json holds the settings" in resumed.stdout
 
 
 def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(trained_run, synthetic_folder, tmp_path):
@@ -193,10 +176,10 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
     images is refused."""
     import dataclasses
 
-    from pipeline.data import image_kinds, training_refs
-    from pipeline.model import load_model
-    from pipeline.synthetic import synthetic_refs
-    from pipeline.training import run_training
+    from pipeline.data.datasets import image_kinds, training_refs
+    from pipeline.model.network import load_model
+    from pipeline.io.synthetic import synthetic_refs
+    from pipeline.train.training import run_training
 
     config, _ = trained_run
     start = os.path.join(config.output, "model.keras")
@@ -224,28 +207,3 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
         run_training(dataclasses.replace(tuned, output=str(tmp_path / "none"), kinds="stained", synthetic_count=4))
     with pytest.raises(ValueError, match="--init-from .* differs from this run in encoder_width"):
         run_training(dataclasses.replace(tuned, output=str(tmp_path / "other"), encoder_width=0.5))
-
-
-def test_the_train_job_tunes_a_protocol_run_on_its_tune_split_when_asked(ray_session, tmp_path, capsys):
-    """--tune (the preset's): after training, the job chooses the inference settings on the tune split and
-    stores them in run.json, as jobs/tune.py would; a --holdout refit run says at the start why it will not."""
-    from jobs.train import main as train_job
-
-    common = ["--data", "synthetic", "--synthetic-count", "16", "--epochs", "2", "--workers", "1", "--mode", "native",
-              "--num-classes", "3", "--crops-per-image", "2", "--warmup-epochs", "0", "--snapshots", "0",
-              "--seed", "4", "--tune", "--image-size", "128", "--encoder-width", "0.35", "--batch-size", "4",
-              "--backbone-weights", "none"]
-    output = tmp_path / "protocol"
-    assert train_job(common + ["--holdout", "protocol", "--output", str(output)]) == 0
-    shown = capsys.readouterr().out
-    stored = json.loads((output / "run.json").read_text())["postprocess"]
-    tuning = json.loads((output / "tuning.json").read_text())
-    assert stored["tuned_on"].startswith("tune split") and stored["tune_score"] == tuning["settings"]["tune_score"]
-    assert {"threshold", "seed_threshold", "min_size", "tta", "scales"} <= set(stored)
-    assert f"tune_score={stored['tune_score']:.4f}" in shown and "run.json holds the settings" in shown
-
-    refit = tmp_path / "refit"
-    assert train_job(common + ["--holdout", "refit", "--epochs", "1", "--output", str(refit)]) == 0
-    shown = capsys.readouterr().out
-    assert "will not be tuned after training: --holdout refit" in shown and "tune_score=" not in shown
-    assert "tuned_on" not in json.loads((refit / "run.json").read_text())["postprocess"]

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.instance_filter import (FEATURES, apply_filter, fit_filter, instance_features, keep_probability,
+from pipeline.labels.instance_filter import (FEATURES, apply_filter, fit_filter, instance_features, keep_probability,
                                         true_positive_targets)
 
 
@@ -58,7 +58,7 @@ def test_true_positive_targets_follow_iou_over_a_half():
 
 
 def test_scales_average_back_at_the_images_own_size():
-    from pipeline.augment import predict_scales
+    from pipeline.data.augment import predict_scales
 
     def forward(batch):  # a "model" that calls bright pixels nucleus: the same at any scale
         nucleus = batch[..., :1]
@@ -74,7 +74,7 @@ def test_scales_average_back_at_the_images_own_size():
 
 
 def test_size_normalisation_zooms_an_image_so_its_median_nucleus_has_the_target_area():
-    from pipeline.augment import predict_scales, size_normalising_zoom
+    from pipeline.data.augment import predict_scales, size_normalising_zoom
 
     assert size_normalising_zoom(50, 200) == pytest.approx(2.0)
     assert size_normalising_zoom(800, 200) == pytest.approx(0.5)
@@ -105,7 +105,7 @@ def test_size_normalisation_zooms_an_image_so_its_median_nucleus_has_the_target_
 
 
 def test_test_split_is_refused_for_a_run_that_may_have_trained_on_it(synthetic_folder):
-    from pipeline.evaluation import held_out_refs
+    from pipeline.train.evaluation import held_out_refs
 
     trained = {"data": synthetic_folder, "holdout": "random", "seed": 1, "val_fraction": 0.25}
     with pytest.raises(ValueError, match="--holdout protocol"):
@@ -137,7 +137,8 @@ def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
     import hashlib
     import json
 
-    from pipeline.tuning import copy_settings, tune
+    from pipeline.train.specialists import copy_settings
+    from pipeline.train.tuning import tune
 
     tuned = {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 30, "tta": True, "scales": [1.0],
              "instance_filter": None, "tuned_on": "tune split of the evaluation protocol (90 images)"}
@@ -164,7 +165,7 @@ def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
 def test_a_keep_best_run_whose_best_epoch_was_its_last_counts_as_keep_last(tmp_path):
     import json
 
-    from pipeline.tuning import copy_settings
+    from pipeline.train.specialists import copy_settings
 
     tuned = {"threshold": 0.7, "seed_threshold": 0.4, "min_size": 30, "tuned_on": "tune split"}
     sibling = _run_json(tmp_path / "sibling", "protocol", tuned, keep="last")
@@ -182,7 +183,7 @@ def test_a_keep_best_run_whose_best_epoch_was_its_last_counts_as_keep_last(tmp_p
 def test_a_refit_takes_its_own_specialist_only_if_it_was_fine_tuned_from_the_refit(tmp_path):
     import json
 
-    from pipeline.tuning import copy_settings
+    from pipeline.train.specialists import copy_settings
 
     tuned = {"threshold": 0.7, "tuned_on": "tune split", "specialists": {"stained": "specialist-stained.keras"}}
     sibling = _run_json(tmp_path / "sibling", "protocol", tuned)
@@ -208,8 +209,8 @@ def test_a_refit_takes_its_own_specialist_only_if_it_was_fine_tuned_from_the_ref
 
 
 def test_a_rare_kind_keeps_its_own_thresholds_only_where_they_win_out_of_sample():
-    from pipeline.inference import settings_for_kind
-    from pipeline.tuning import per_kind_settings
+    from pipeline.segment.postprocess import settings_for_kind
+    from pipeline.train.choices import per_kind_settings
 
     combos = [(0.5, 0.5, 15), (0.7, 0.4, 30), (0.6, 0.6, 50)]
     kinds = ["fluorescence"] * 6 + ["stained"] * 4 + ["bright-field"] * 2
@@ -232,7 +233,7 @@ def test_a_rare_kind_keeps_its_own_thresholds_only_where_they_win_out_of_sample(
 
 
 def test_clump_splitting_is_kept_only_where_the_truth_has_the_merged_nuclei_apart():
-    from pipeline.tuning import choose_clump_split
+    from pipeline.train.choices import choose_clump_split
     from tests.test_instances import clump_scene
 
     truth, merged = clump_scene()
@@ -244,18 +245,23 @@ def test_clump_splitting_is_kept_only_where_the_truth_has_the_merged_nuclei_apar
     labels, entry, setting = choose_clump_split([merged], [merged], [probabilities], min_gain=0.002)
     assert not entry["kept"] and setting is None and labels[0] is merged and entry["best"]
     # Inference applies the stored setting between the watershed and the filter.
-    from pipeline.inference import labels_at_original_size
+    import dataclasses
+
+    from pipeline.segment.postprocess import PostSettings, labels_at_original_size
 
     probabilities[..., 0] = (merged == 0)
     probabilities[..., 1] = (merged > 0)
-    whole = labels_at_original_size(probabilities, *merged.shape, threshold=0.5, min_size=10, seed_threshold=0.5)
-    cut = labels_at_original_size(probabilities, *merged.shape, threshold=0.5, min_size=10, seed_threshold=0.5,
-                                  clump_split={"min_area_ratio": 1.5, "max_solidity": 0.95, "spacing": 1.2})
+    plain = PostSettings(threshold=0.5, min_size=10, seed_threshold=0.5)
+    whole = labels_at_original_size(probabilities, *merged.shape, plain)
+    cut = labels_at_original_size(probabilities, *merged.shape, dataclasses.replace(
+        plain, clump_split={"min_area_ratio": 1.5, "max_solidity": 0.95, "spacing": 1.2}))
     assert whole.max() == 7 and cut.max() == 8
 
 
 def test_postprocess_gives_each_kind_of_image_its_own_thresholds(tmp_path):
-    from pipeline.inference import postprocess, read_labels
+    from pipeline.outputs.folder import read_labels
+    from pipeline.segment.postprocess import PostSettings
+    from pipeline.segment.run import Writing, finish_batch
 
     probabilities = np.zeros((2, 40, 40, 3), np.float16)
     probabilities[..., 0] = 1
@@ -266,9 +272,9 @@ def test_postprocess_gives_each_kind_of_image_its_own_thresholds(tmp_path):
              "error": np.array(["", ""], dtype=object), "kind": np.array(["file", "file"]),
              "source": np.array(["", ""]), "image_kind": np.array(["fluorescence", "stained"]),
              "probabilities": probabilities}
-    out = postprocess(batch, str(tmp_path / "out"), threshold=0.7, min_size=10, overlay_ids=frozenset(),
-                      max_pixels=10**6, seed_threshold=0.7,
-                      by_kind={"stained": {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}})
+    settings = PostSettings(threshold=0.7, min_size=10, seed_threshold=0.7,
+                            by_kind={"stained": {"threshold": 0.5, "seed_threshold": 0.5, "min_size": 10}})
+    out = finish_batch(batch, str(tmp_path / "out"), settings, Writing(max_pixels=10**6))
     assert list(out["status"]) == ["done", "done"]
     assert list(out["nuclei"]) == [0, 1]  # the global 0.7 finds nothing; the stained image's own 0.5 finds it
     assert read_labels(str(tmp_path / "out" / out["labels"][1])).max() == 1
@@ -278,8 +284,8 @@ def _pixel_model(folder, sharpness: float):
     """A saved model whose logits follow each pixel's red channel: sharpness > 0 finds bright nuclei, 0 finds none."""
     import json
 
-    from pipeline.model import save_for_inference
-    from pipeline.tfkeras import keras
+    from pipeline.model.network import save_for_inference
+    from pipeline.model.tfkeras import keras
 
     inputs = keras.layers.Input((None, None, 3))
     layer = keras.layers.Conv2D(3, 1)
@@ -297,7 +303,7 @@ def _pixel_model(folder, sharpness: float):
 def test_tuning_stores_its_settings_and_a_later_pass_never_loses_ground(tmp_path, synthetic_folder):
     import json
 
-    from pipeline.tuning import tune
+    from pipeline.train.tuning import tune
 
     model = _pixel_model(tmp_path / "run", 20.0)
     run_json = tmp_path / "run" / "run.json"
@@ -326,7 +332,7 @@ def test_tuning_stores_its_settings_and_a_later_pass_never_loses_ground(tmp_path
 
 
 def test_a_costlier_way_of_predicting_must_gain_min_gain_over_the_cheaper_kept_one():
-    from pipeline.tuning import worth_its_cost
+    from pipeline.train.choices import worth_its_cost
 
     costs = {"plain": 1, "flips": 4, "flips+scales": 12.8}
     assert worth_its_cost({"plain": 0.6216, "flips": 0.6288, "flips+scales": 0.6323}, costs, 0.005) == "flips"
@@ -338,7 +344,8 @@ def test_a_costlier_way_of_predicting_must_gain_min_gain_over_the_cheaper_kept_o
 def test_ways_of_predicting_over_the_cost_limit_are_neither_tried_nor_kept(tmp_path, synthetic_folder):
     import json
 
-    from pipeline.tuning import prediction_passes, tune
+    from pipeline.train.choices import prediction_passes
+    from pipeline.train.tuning import tune
 
     assert prediction_passes(False, (1.0,)) == 1 and prediction_passes(False, (1.0,), True) == 2
     assert prediction_passes(True, (0.8, 1.0, 1.25)) == pytest.approx(4 * (0.64 + 1 + 1.5625))
@@ -364,12 +371,13 @@ def test_each_nucleus_area_is_scored_on_what_inference_predicts_with_it(tmp_path
     those of inference's own size normalisation (which measures them itself, image by image)."""
     import json
 
-    from pipeline.augment import apply_appearance
-    from pipeline.evaluation import held_out_refs
-    from pipeline.images import normalise
-    from pipeline.inference import Predictor
-    from pipeline.sources import load_sample
-    from pipeline.tuning import _instances, mean_score, tune
+    from pipeline.data.augment import apply_appearance
+    from pipeline.train.evaluation import held_out_refs
+    from pipeline.io.images import normalise
+    from pipeline.segment.predictor import Predictor
+    from pipeline.io.sources import load_sample
+    from pipeline.train.choices import instances_at, mean_score
+    from pipeline.train.tuning import tune
 
     model = _pixel_model(tmp_path / "run", 20.0)
     run_json = tmp_path / "run" / "run.json"
@@ -386,14 +394,14 @@ def test_each_nucleus_area_is_scored_on_what_inference_predicts_with_it(tmp_path
         predicted = [predictor.predict_whole(normalise(apply_appearance(sample.image, "colour"))).astype(np.float16)
                      for sample in samples]
         scores[area] = mean_score([sample.labels for sample in samples],
-                                  [_instances(p, *measured_with.values()) for p in predicted])
+                                  [instances_at(p, *measured_with.values()) for p in predicted])
         assert scores[area] == pytest.approx(entry["score"], abs=1e-9), area
     assert len(set(scores.values())) > 1  # the targets zoomed the images differently
 
 
 def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path):
-    from pipeline.inference import Predictor
-    from pipeline.tuning import _check_specialist, choose_specialists, parse_specialists
+    from pipeline.segment.predictor import Predictor
+    from pipeline.train.specialists import check_specialist, choose_specialists, parse_specialists
 
     rng = np.random.default_rng(3)
     truths = [blobs(rng, 4, 6, 1.0)[0] for _ in range(4)]
@@ -418,8 +426,8 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
     # Judged as inference will predict: with the run's stored flips and scales, not plain prediction.
     import itertools
 
-    from pipeline.tuning import MIN_SIZES, SEED_THRESHOLDS, THRESHOLDS, _instances, leave_one_out_score
-    from pipeline.metric import image_score
+    from pipeline.train.choices import MIN_SIZES, SEED_THRESHOLDS, THRESHOLDS, instances_at, leave_one_out_score
+    from pipeline.labels.metric import image_score
 
     stored = {"tta": True, "scales": [1.0, 1.25]}
     predictor = Predictor(blind, batch_size=1, threads=1, specialists={"stained": finds})
@@ -430,7 +438,7 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
     as_inference = Predictor(blind, batch_size=1, threads=1, tta=True, scales=(1.0, 1.25),
                              specialists={"stained": finds})
     combos = list(itertools.product(THRESHOLDS, SEED_THRESHOLDS, MIN_SIZES))
-    per_image = np.array([[image_score(truths[i], _instances(as_inference.predict_whole(inputs[i], "stained"), *combo))
+    per_image = np.array([[image_score(truths[i], instances_at(as_inference.predict_whole(inputs[i], "stained"), *combo))
                            for combo in combos] for i in range(3)])
     assert log["stained"]["leave_one_out"]["specialist"] == pytest.approx(leave_one_out_score(per_image), abs=1e-12)
     assert choose(blind, {"stained": finds})[1]["stained"]["prediction"] == "plain"
@@ -440,16 +448,16 @@ def test_a_specialist_is_kept_only_where_it_beats_the_model_on_its_kind(tmp_path
         parse_specialists("purple=a/model.keras")
     import json
     info = json.loads((tmp_path / "blind" / "run.json").read_text())
-    _check_specialist("stained", finds, info)
+    check_specialist("stained", finds, info)
     (tmp_path / "finds" / "run.json").write_text(json.dumps({**info, "config": {"holdout": "refit"}}))
     with pytest.raises(ValueError, match="--holdout protocol"):
-        _check_specialist("stained", finds, info)
+        check_specialist("stained", finds, info)
 
 
 def test_cross_validation_leaves_objects_alone_when_its_targets_hold_one_class():
     """A weak model whose every object is false (no true nuclei here) gives the filter and the refiner nothing
     to tell apart: both keep the labels as they are instead of failing to fit."""
-    from pipeline.tuning import filter_cross_validation, refiner_cross_validation
+    from pipeline.train.choices import filter_cross_validation, refiner_cross_validation
 
     rng = np.random.default_rng(5)
     pairs = [blobs(rng, 3, 6, 0.9) for _ in range(5)]
@@ -466,13 +474,14 @@ def test_cross_validation_leaves_objects_alone_when_its_targets_hold_one_class()
 def test_labels_made_at_the_zoom_come_back_at_the_images_size():
     import cv2
 
-    from pipeline.inference import labels_at_zoom
+    from pipeline.segment.postprocess import PostSettings, labels_at_zoom
 
     labels, _ = blobs(np.random.default_rng(3), 4, 4, 0.9)
     zoomed = cv2.resize(labels.astype(np.int32), (labels.shape[1] * 2, labels.shape[0] * 2),
                         interpolation=cv2.INTER_NEAREST)
     nucleus = (zoomed > 0).astype(np.float32)[..., None]
     probabilities = np.concatenate([1 - nucleus, nucleus * 0.9, nucleus * 0.1], axis=-1)
-    found = labels_at_zoom(probabilities, *labels.shape, 2.0, None, threshold=0.5, min_size=10, seed_threshold=0.5)
+    found = labels_at_zoom(probabilities, *labels.shape, 2.0, None,
+                           PostSettings(threshold=0.5, min_size=10, seed_threshold=0.5))
     assert found.shape == labels.shape and found.max() == labels.max()
     assert sorted(np.unique(found)) == list(range(labels.max() + 1))  # 1..N, nothing lost in the way back

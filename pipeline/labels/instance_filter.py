@@ -1,0 +1,81 @@
+"""False-positive removal: a small per-nucleus classifier that drops predicted objects unlikely to be nuclei.
+
+After DSB2018's 1st place (selimsef/dsb2018_topcoders: a second-level model over per-object features of the
+predicted masks) and 5th place (a classifier of true vs false instances), both crediting it "significantly".
+Here: logistic regression on shape and probability features, fitted on predictions of a split the model
+never trained on (the protocol's tune split) and stored as plain numbers in run.json (no pickle to load).
+Pure numpy / scikit-image; scikit-learn only to fit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.labels.metric import iou_matrix
+
+FEATURES = ("log_area", "log_area_vs_median", "mean_nucleus", "min_nucleus", "mean_interior", "max_interior",
+            "solidity", "eccentricity", "touches_edge", "log_objects")
+
+
+def instance_features(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """(N, len(FEATURES)) features of the N nuclei of `labels` (rows in label order) from HxWxC probabilities."""
+    from skimage.measure import regionprops_table
+
+    if labels.max(initial=0) == 0:
+        return np.zeros((0, len(FEATURES)), np.float64)
+    nucleus = 1.0 - probabilities[..., 0]
+    interior = probabilities[..., 1] if probabilities.shape[-1] == 3 else nucleus
+    table = regionprops_table(labels.astype(np.int32, copy=False),
+                              intensity_image=np.dstack([nucleus, interior]).astype(np.float32),
+                              properties=("label", "area", "bbox", "solidity", "eccentricity", "intensity_mean",
+                                          "intensity_min", "intensity_max"))
+    order = np.argsort(table["label"])
+    area = np.asarray(table["area"], np.float64)[order]
+    count = len(area)
+    height, width = labels.shape
+    touches = ((table["bbox-0"] == 0) | (table["bbox-1"] == 0) | (table["bbox-2"] == height) |
+               (table["bbox-3"] == width))[order]
+    columns = [np.log(area), np.log(area / np.median(area)), table["intensity_mean-0"][order],
+               table["intensity_min-0"][order], table["intensity_mean-1"][order], table["intensity_max-1"][order],
+               table["solidity"][order], table["eccentricity"][order], touches.astype(np.float64),
+               np.full(count, np.log(count))]
+    return np.column_stack([np.asarray(column, np.float64) for column in columns])
+
+
+def keep_probability(features: np.ndarray, params: dict) -> np.ndarray:
+    """P(true nucleus) of each row of `features` under a fitted filter's parameters."""
+    scaled = (features - np.asarray(params["mean"])) / np.asarray(params["scale"])
+    return 1.0 / (1.0 + np.exp(-(scaled @ np.asarray(params["coef"]) + float(params["intercept"]))))
+
+
+def apply_filter(labels: np.ndarray, probabilities: np.ndarray, params: dict | None) -> np.ndarray:
+    """`labels` without the objects the filter rejects (P(true) < params['cutoff']), renumbered 1..M."""
+    if not params or labels.max(initial=0) == 0:
+        return labels
+    keep = keep_probability(instance_features(labels, probabilities), params) >= float(params["cutoff"])
+    if keep.all():
+        return labels
+    present = np.unique(labels)[1:]  # feature rows are in this order
+    lookup = np.zeros(int(labels.max()) + 1, labels.dtype)
+    lookup[present[keep]] = np.arange(1, int(keep.sum()) + 1)
+    return lookup[labels]
+
+
+def true_positive_targets(true_labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """1 for each predicted nucleus (in label order) that matches a true one at IoU > 0.5, else 0."""
+    iou = iou_matrix(true_labels, predicted)
+    if iou.shape[1] == 0:
+        return np.zeros(0, np.int64)
+    if iou.shape[0] == 0:
+        return np.zeros(iou.shape[1], np.int64)
+    return (iou.max(axis=0) > 0.5).astype(np.int64)
+
+
+def fit_filter(features: np.ndarray, targets: np.ndarray, cutoff: float = 0.5, regularisation: float = 1.0) -> dict:
+    """Fit the logistic filter; returns its JSON-ready parameters (feature names, scaling, weights, cutoff)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = features.mean(axis=0), features.std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    model = LogisticRegression(C=regularisation, max_iter=2000).fit((features - mean) / scale, targets)
+    return {"kind": "logistic", "features": list(FEATURES), "mean": mean.tolist(), "scale": scale.tolist(),
+            "coef": model.coef_[0].tolist(), "intercept": float(model.intercept_[0]), "cutoff": float(cutoff)}

@@ -1,0 +1,98 @@
+"""The model's forward pass over images: a Keras or ONNX model (and its kind specialists) loaded once, resize-mode
+batches or native-mode whole images (tiled, flipped, rescaled, size-normalised): images in, class probabilities out.
+
+TensorFlow or ONNX Runtime is imported only when a model is loaded, so importing this module stays light.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.data.augment import flip_average, predict_scales
+from pipeline.model.registry import specialist_files
+from pipeline.model.runinfo import DEFAULT_TILE, RunInfo
+
+
+def _runtime(model_path: str):
+    """The module that runs a model file: pipeline.model.onnx (ONNX Runtime) for .onnx, else pipeline.model.network
+    (TensorFlow); each has open_forward and checked_info."""
+    if model_path.endswith(".onnx"):
+        from pipeline.model import onnx  # here: an ONNX model's process never imports TensorFlow
+
+        return onnx
+    from pipeline.model import network  # here: TensorFlow is imported only when a Keras model is loaded
+
+    return network
+
+
+def _load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[RunInfo, int, object]:
+    """(run.json, classes, images -> softmax probabilities) of a Keras or ONNX model file."""
+    return _runtime(model_path).open_forward(model_path, threads, use_gpu)
+
+
+class Predictor:
+    """Ray Data actor: holds one model replica and turns image batches into class probabilities.
+
+    Resize-mode models get fixed-size batches; native-mode models get each image whole (padded to a
+    multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes; `scales`
+    (native-mode models) averages over the image resized by each factor, and `size_normalisation` first
+    zooms each image so its median nucleus has about the model's `nucleus_area` pixels.
+    """
+
+    def __init__(self, model_path: str, batch_size: int, threads: int, tta: bool = False, tile: int = DEFAULT_TILE,
+                 overlap: int = 64, use_gpu: bool = False, scales: tuple[float, ...] = (1.0,),
+                 size_normalisation: dict | None = None, specialists: dict | None = None):
+        self.batch_size, self.tta, self.tile, self.overlap, self.scales = batch_size, tta, tile, overlap, tuple(scales)
+        self.size_normalisation = size_normalisation
+        self.info, self.classes, self.forward = _load_forward(model_path, threads, use_gpu)
+        self.native = self.info.mode == "native"
+        # Kinds of image routed to a model fine-tuned for them: run.json's, or those given (jobs/tune.py trying one).
+        files = specialist_files(model_path, self.info) if specialists is None else specialists
+        self.forwards = {kind: _load_forward(path, threads, use_gpu)[2] for kind, path in files.items()}
+
+    def forward_for(self, kind: str = ""):
+        """The model function for an image of `kind`: its specialist's, else the model's own."""
+        return self.forwards.get(kind, self.forward)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Softmax probabilities; batches are padded to a fixed size so results never depend on batching."""
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
+            padded[:len(chunk)] = chunk
+            probabilities = flip_average(padded, self.forward) if self.tta else self.forward(padded)
+            outputs.append(probabilities[:len(chunk)])
+        return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+    def predict_whole(self, image: np.ndarray, kind: str = "", keep_zoom: bool = False):
+        """Probabilities of one image at its own size (native-mode models), by its kind's specialist if it has one;
+        `keep_zoom`: (probabilities at the size normalisation's zoom, the zoom), for labels_at_zoom."""
+        return predict_scales(np.asarray(image, np.float32), self.forward_for(kind), self.scales, self.tile,
+                              self.overlap, self.tta, self.size_normalisation, keep_zoom=keep_zoom)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.asarray(batch["ok"], bool)
+        result = {key: value for key, value in batch.items() if key != "image"}
+        classes = self.classes
+        if self.native:
+            probabilities = np.empty(len(ok), dtype=object)
+            zooms = np.ones(len(ok), np.float64)
+            kinds = batch["image_kind"] if "image_kind" in batch else [""] * len(ok)
+            for row in range(len(ok)):
+                if ok[row]:
+                    found, zooms[row] = self.predict_whole(batch["image"][row], str(kinds[row]), keep_zoom=True)
+                    probabilities[row] = found.astype(np.float16)
+                else:
+                    probabilities[row] = np.zeros((1, 1, classes), np.float16)
+            result["zoom"] = zooms
+        else:
+            probabilities = np.zeros((len(ok), *batch["image"].shape[1:3], classes), np.float16)
+            if ok.any():
+                probabilities[ok] = self.predict(np.asarray(batch["image"])[ok]).astype(np.float16)
+        result["probabilities"] = probabilities
+        return result
+
+
+def inspect_model(model_path: str) -> RunInfo:
+    """Load a model once (Keras or ONNX) to check it; returns its run.json settings."""
+    return _runtime(model_path).checked_info(model_path)

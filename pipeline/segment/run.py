@@ -1,0 +1,258 @@
+"""Bulk segmentation with Ray Data (jobs/segment.py): stream images through a pool of model replicas to label files.
+
+read -> decode -> resize (tasks) -> batched prediction (actor pool, model loaded once per actor) ->
+upsample probabilities to each image's original size -> instances -> label file and outputs (tasks).
+Large images go block by block (pipeline.segment.blockwise). Finished images are skipped on a rerun; every bad
+file becomes a manifest line, never a stop.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.config import SegmentConfig
+from pipeline.data.datasets import ensure_ray, inference_dataset
+from pipeline.io import fileio
+from pipeline.io.blocks import image_shape, is_large
+from pipeline.io.images import READING_COLUMNS, encode_png
+from pipeline.io.sources import SampleRef, list_images, load_sample, pixel_size_of
+from pipeline.model.registry import resolve_model
+from pipeline.model.runinfo import RunInfo
+from pipeline.outputs.exports import parse_exports
+from pipeline.outputs.folder import (clear_measurements, find_labels, measured_image_ids, output_file, output_paths,
+                                     overlay, read_labels, relative_label_path, write_exports, write_labels,
+                                     write_manifest, write_measurement_part, write_report)
+from pipeline.outputs.measure import image_summary, measure_nuclei
+from pipeline.segment.blockwise import segment_large_image
+from pipeline.segment.postprocess import (PostSettings, labels_at_zoom, needs_image_kind, postprocess_settings,
+                                          prediction_settings)
+from pipeline.segment.predictor import Predictor, inspect_model
+
+
+@dataclass
+class SegmentationResult:
+    """What a run produced: one manifest row per input (and per left-out file), RLEs per image id."""
+
+    rows: list[dict] = field(default_factory=list)
+    rles: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return sum(row["status"] in ("done", "existing") for row in self.rows)
+
+    @property
+    def failed(self) -> int:
+        return sum(row["status"] == "error" for row in self.rows)
+
+
+@dataclass(frozen=True)
+class Writing:
+    """What a run writes for each image besides its label file: overlays of some images (by id), --export files,
+    per-nucleus measurements (pixel size in micrometres, 0: each file's own), read with its --nuclear-channel."""
+
+    overlay_ids: frozenset = frozenset()
+    exports: tuple[str, ...] = ()
+    pixel_size: float = 0.0
+    channel: str = ""
+    max_pixels: int = 100_000_000
+    measure: bool = False
+
+
+def _existing_row(ref: SampleRef, output: str, label_path: str, encoder=None) -> tuple[dict, list[str]]:
+    """Manifest row (and RLEs) of an image finished by an earlier run, read back from its label file."""
+    labels = read_labels(label_path)
+    row = {"image_id": ref.image_id, "path": ref.image_path, "height": labels.shape[0], "width": labels.shape[1],
+           **image_summary(labels), "labels": relative_label_path(output, label_path), "status": "existing",
+           "error": ""}
+    return row, (encoder(labels) if encoder else [])
+
+
+def finish_image(batch: dict, row: int, output: str, settings: PostSettings, writing: Writing, encoder=None):
+    """One predicted image's labels at its own size and every file of it (exports first, then the label file: a
+    finished image always has them all, so a rerun may skip it). Returns (summary, label file, (pixel size, its
+    source), measurement rows or None, RLE text)."""
+    kind = str(batch["image_kind"][row]) if "image_kind" in batch else ""
+    path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
+    ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]), source=str(batch["source"][row]), image_path=path)
+    image = load_sample(ref, with_masks=False, max_pixels=writing.max_pixels,
+                        channel=writing.channel).image if settings.outline_refiner else None
+    # the TIFF is read again for its metadata only where the size is used
+    size = pixel_size_of(ref, writing.pixel_size) if writing.measure or "ome-tiff" in writing.exports else (None, "")
+    zoom = float(batch["zoom"][row]) if "zoom" in batch else 1.0
+    labels = labels_at_zoom(batch["probabilities"][row], batch["height"][row], batch["width"][row], zoom, image,
+                            settings.for_kind(kind))
+    rows, measuring = None, (writing.measure or "geojson" in writing.exports) and labels.max()
+    if image_id in writing.overlay_ids or measuring:
+        if image is None:
+            image = load_sample(ref, with_masks=False, max_pixels=writing.max_pixels, channel=writing.channel).image
+        if image_id in writing.overlay_ids:
+            fileio.write_bytes_atomic(output_paths(output, path)[1], encode_png(overlay(image, labels)))
+        if measuring:
+            rows = measure_nuclei(labels, image, image_id, size[0])
+    write_exports(output, path, labels, writing.exports, rows, size[0])
+    label_file = relative_label_path(output, write_labels(output, path, labels))
+    return (image_summary(labels), label_file, size, rows if writing.measure else None,
+            "\n".join(encoder(labels)) if encoder else "")
+
+
+def finish_batch(batch: dict, output: str, settings: PostSettings, writing: Writing, encoder=None) -> dict:
+    """Ray Data UDF: each image of a predicted batch finished (finish_image), its failure its manifest line; the
+    batch's nuclei written as one measurement part (after the label files: an image whose labels exist but whose
+    rows do not is redone by the next run). Returns the manifest fields (+ RLE rows)."""
+    count = len(batch["image_id"])
+    summaries, status, errors, rles, label_files, measured, sizes = [], [], [], [], [], [], []
+    for row in range(count):
+        error = str(batch["error"][row] or "")
+        finished = (image_summary(np.zeros((1, 1), np.int32)), "", (None, ""), None, "")
+        if batch["ok"][row]:
+            try:
+                finished = finish_image(batch, row, output, settings, writing, encoder)
+            except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
+                error = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+        summary, label_file, size, rows, encoded = finished
+        if rows is not None:
+            measured.append(rows)
+        status.append("error" if error else "done")
+        errors.append(error)
+        rles.append(encoded)
+        summaries.append(summary)
+        label_files.append(label_file)
+        sizes.append(size)
+    if measured:
+        write_measurement_part(output, measured)
+    return {"image_id": np.asarray(batch["image_id"]), "path": np.asarray(batch["path"]),
+            "height": np.asarray(batch["height"]), "width": np.asarray(batch["width"]),
+            **{name: np.asarray([summary[name] for summary in summaries]) for name in summaries[0]},
+            "labels": np.asarray(label_files, dtype=object),
+            "pixel_size_um": np.asarray([np.nan if um is None else um for um, _ in sizes], np.float64),
+            "pixel_size_source": np.asarray([source for _, source in sizes], dtype=object),
+            **{name: np.asarray(batch[name] if name in batch else [""] * count, dtype=object)
+               for name in READING_COLUMNS},
+            "status": np.asarray(status), "error": np.asarray(errors, dtype=object),
+            "rles": np.asarray(rles, dtype=object)}
+
+
+def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> SegmentationResult:
+    """Segment every image under config.input into `output` (labels/, overlays/, manifest.csv).
+
+    `encoder` (labels -> strings, e.g. submission.rle.encode_labels) is applied to each image's labels where they
+    are made, and its strings are returned in `rles` by image id: the Kaggle side plugs in here, so this
+    package never imports it."""
+    started = time.time()
+    parse_exports(config.export)  # a bad --export stops here, before any work
+    model_path = os.path.abspath(resolve_model(config.model))
+    info = inspect_model(model_path)  # fail fast, on the driver, with a clear message for a bad model file
+    fileio.remove_partials(output, older_than=started)  # half-written files of an earlier run that was killed
+    listing = list_images(config.input)
+    result = SegmentationResult()
+    todo = _still_to_do(listing, config, output, encoder, result)
+    large = _large_images(todo, config.block_size) if info.mode == "native" else {}  # resize-mode: whole
+    todo = [ref for ref in todo if ref.image_id not in large]
+    if large:
+        _segment_large_images(large.values(), config, model_path, info, output, encoder, result)
+    if todo:
+        _segment_images(todo, config, model_path, info, output, encoder, result)
+    write_manifest(output_file(output, "manifest.csv"), result.rows)
+    guessed = [row for row in result.rows if "--nuclear-channel picks another" in str(row.get("channel", ""))]
+    if guessed:
+        print(f"{len(guessed)} multi-channel files name no nuclear stain, e.g. {guessed[0]['path']}: "
+              f"{guessed[0]['channel']} (manifest.csv's channel column says which each used)", flush=True)
+    if config.report:  # pictures of images that fit in memory only
+        pictured = [ref for ref in listing.refs if ref.image_id not in large]
+        write_report(output, result.rows, pictured, config.max_pixels, title=f"{config.input} -> {output}",
+                     channel=config.nuclear_channel)
+    result.seconds = time.time() - started
+    return result
+
+
+def _still_to_do(listing, config: SegmentConfig, output: str, encoder, result: SegmentationResult) -> list[SampleRef]:
+    """The listed images an earlier run has not finished; rows for the finished ones and the left-out files."""
+    for path, reason in listing.problems:
+        result.rows.append({"image_id": "", "path": path, "height": 0, "width": 0, "nuclei": 0,
+                            "status": "skipped", "error": reason})
+    todo = []
+    if config.redo and config.measurements:
+        clear_measurements(output)
+    measured = measured_image_ids(output) if config.measurements and not config.redo else set()
+    for ref in listing.refs:
+        label_path = None if config.redo else find_labels(output, ref.image_path)
+        if label_path:
+            row, rles = _existing_row(ref, output, label_path, encoder)
+            # labels written but the block's measurement part not (a crash between the two): redo the image
+            if not config.measurements or row["nuclei"] == 0 or ref.image_id in measured:
+                result.rows.append(row)
+                result.rles[ref.image_id] = rles
+                continue
+        todo.append(ref)
+    print(f"{len(listing.refs)} images in {config.input}: {len(todo)} to segment, "
+          f"{len(listing.refs) - len(todo)} already done, {len(listing.problems)} other files left out", flush=True)
+    return todo
+
+
+def _segment_images(todo: list[SampleRef], config: SegmentConfig, model_path: str, info: RunInfo, output: str,
+                    encoder, result: SegmentationResult) -> None:
+    """Images that fit in memory, streamed through Ray Data: read tasks, a pool of predictor actors, finishing tasks."""
+    import ray  # here, not at the top: a Segmenter in a plain process never starts Ray
+
+    ensure_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = config.gpu == "yes" or (config.gpu == "auto" and gpus >= config.concurrency)
+    wanted = len(todo) if config.overlays < 0 else config.overlays
+    overlay_ids = frozenset(ref.image_id for ref in sorted(todo, key=lambda r: r.image_id)[:wanted])
+    post = postprocess_settings(config, info)
+    dataset = inference_dataset(todo, info.image_size or config.image_size, config.max_pixels, config.blocks,
+                                mode=info.mode, appearance=info.appearance,
+                                kinds=needs_image_kind(post, model_path, info), channel=config.nuclear_channel)
+    dataset = dataset.map_batches(
+        Predictor, batch_size=config.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
+                               "threads": max(1, math.ceil(config.cpus_per_actor * 2)),
+                               **prediction_settings(config, info),
+                               "tile": config.tile or info.effective_tile, "overlap": config.overlap,
+                               "use_gpu": use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    dataset = dataset.map_batches(
+        finish_batch, batch_size=8, batch_format="numpy",
+        fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output), "settings": post,
+                   "writing": Writing(overlay_ids=overlay_ids, exports=parse_exports(config.export),
+                                      pixel_size=config.pixel_size, channel=config.nuclear_channel,
+                                      max_pixels=config.max_pixels, measure=config.measurements),
+                   "encoder": encoder})
+    for row in dataset.iter_rows():
+        rles = str(row.pop("rles") or "")
+        result.rows.append({key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()})
+        result.rles[str(row["image_id"])] = rles.split("\n") if rles else []
+
+
+def _large_images(refs: list[SampleRef], block_size: int) -> dict[str, SampleRef]:
+    """The refs segmented block by block (pipeline.io.blocks.is_large, from their headers), by image id."""
+    if block_size <= 0:
+        return {}
+    shapes = {ref.image_id: image_shape(ref) for ref in refs}
+    return {ref.image_id: ref for ref in refs if shapes[ref.image_id] and is_large(*shapes[ref.image_id], block_size)}
+
+
+def _segment_large_images(refs, config: SegmentConfig, model_path: str, info: RunInfo, output: str, encoder,
+                          result: SegmentationResult) -> None:
+    """Each large image in turn, its blocks spread over the cluster (pipeline.segment.blockwise); a failure is its row."""
+    ensure_ray()
+    target = output if fileio.is_uri(output) else os.path.abspath(output)
+    for ref in refs:
+        try:
+            row, measured, rles = segment_large_image(ref, config, model_path, info, target, config.measurements,
+                                                      parse_exports(config.export), encoder)
+        except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
+            message = str(failure).splitlines()[0] if str(failure) else ""
+            row, measured, rles = ({"image_id": ref.image_id, "path": ref.image_path, "height": 0, "width": 0,
+                                    "nuclei": 0, "status": "error", "error": f"{type(failure).__name__}: {message}"},
+                                   None, [])
+        if measured is not None and len(measured["label"]):
+            write_measurement_part(target, [measured])
+        result.rows.append(row)
+        result.rles[ref.image_id] = rles
