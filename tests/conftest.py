@@ -156,7 +156,7 @@ def run_with_a_killed_worker(tmp_path_factory, ray_session):
     from pipeline.train.training import run_training
 
     output = str(tmp_path_factory.mktemp("run"))
-    config = TrainConfig(data="synthetic", synthetic_count=64, output=output, epochs=12, workers=1,
+    config = TrainConfig(data="synthetic", synthetic_count=40, output=output, epochs=10, workers=1,
                          cpus_per_worker=1.0, learning_rate=3e-3, warmup_epochs=1, patience=10,
                          snapshots=2, seed=3, **TINY)
     killer = WorkerKiller(output, after_epochs=2)

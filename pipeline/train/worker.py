@@ -123,7 +123,6 @@ def _model_and_state(config: TrainConfig, rank: int, strategy) -> tuple[keras.Mo
                         state["best_weights"] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
             if rank == 0:
                 print(f"resuming from the checkpoint of epoch {state.get('epoch', 0)}", flush=True)
-                truncate_history(config.output, int(state.get("epoch", 0)))
         elif config.init_from:  # fine-tuning: the given model's weights are the starting point
             model = compile_model(load_model(config.init_from)[0], config.learning_rate, config.num_classes,
                                   config.loss, encoder_scale(config))
@@ -135,7 +134,8 @@ def _model_and_state(config: TrainConfig, rank: int, strategy) -> tuple[keras.Mo
             if rank == 0:  # where the encoder's weights came from, for run.json (the driver cannot tell)
                 write_text_atomic(os.path.join(os.path.abspath(config.output), BACKBONE_FILE),
                                   json.dumps({"backbone_init": model.backbone_source}))
-
+    if rank == 0:  # epochs after the checkpoint (all of them when a replaced worker group starts over) are redone
+        truncate_history(config.output, int(state.get("epoch", 0)))
     return model, state
 
 
