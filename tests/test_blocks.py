@@ -268,12 +268,14 @@ import pipeline.segment.blockwise as blockwise
 from pipeline.api import segment_folder
 
 # The fault is injected from here: once the driver has stitched two blocks, the worker node goes.
+# The driver stitches no further block until the node is gone, so that the loss always lands mid-image.
 pasted, stitch = [], blockwise.LabelCanvas.paste
-two_stitched = threading.Event()
+two_stitched, node_gone = threading.Event(), threading.Event()
 def counting_paste(canvas, kept, block):
     pasted.append(block.index)
     if len(pasted) == 2:
         two_stitched.set()
+        node_gone.wait(600)
     return stitch(canvas, kept, block)
 blockwise.LabelCanvas.paste = counting_paste
 outcome = {{}}
@@ -284,9 +286,11 @@ try:
     assert two_stitched.wait(600)
     cluster.remove_node(worker)
     print("NODE_REMOVED_AFTER", len(pasted), "BLOCKS", flush=True)
+    node_gone.set()
     run.join()
     print("ROWS", outcome["result"].rows, flush=True)
 finally:
+    node_gone.set()
     ray.shutdown()
     cluster.shutdown()
 """

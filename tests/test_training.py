@@ -80,9 +80,11 @@ def test_ray_job_submit_trains_on_two_nodes_of_a_local_cluster(tmp_path):
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    # A temp folder per node (short: Ray's socket paths must fit in 107 bytes): a node's runtime-env agent unpacks the
+    # job's working directory there, and two agents unpacking into one folder pulled files from under the driver.
+    temp_dirs = [tempfile.mkdtemp(prefix="rh", dir="/tmp") for _ in range(2)]
     nodes = [_ray_start(ray_bin, env, "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}")]
+                        f"--dashboard-port={dashboard}", f"--temp-dir={temp_dirs[0]}")]
     output = tmp_path / "run"
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -92,7 +94,7 @@ def test_ray_job_submit_trains_on_two_nodes_of_a_local_cluster(tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        nodes.append(_ray_start(ray_bin, env, f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dir}"))
+        nodes.append(_ray_start(ray_bin, env, f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dirs[1]}"))
         for _ in range(30):  # the head's job agent comes up a little after the dashboard
             job = subprocess.run(
                 [ray_bin, "job", "submit", "--address", address, "--working-dir", ROOT, "--",
@@ -118,7 +120,8 @@ def test_ray_job_submit_trains_on_two_nodes_of_a_local_cluster(tmp_path):
         for node in reversed(nodes):
             os.killpg(node.pid, 15)
             node.wait(60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for temp_dir in temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_killed_job_resumes_from_its_last_completed_epoch_then_tunes(tmp_path):
