@@ -212,11 +212,8 @@ class _FileWindows:
         needs_levels = self._levels is None and np.dtype(self._array.dtype) != np.uint8
         if self._colours is not None and not needs_levels:
             return
-        side = SAMPLE_SIDE
-        parts = [select_plane(self._raw((int(y), int(y) + side, int(x), int(x) + side)), self.axes, self.names,
-                              self.channel, "keep")[0]
-                 for y in np.linspace(0, max(0, self.height - side), SAMPLE_GRID).round()
-                 for x in np.linspace(0, max(0, self.width - side), SAMPLE_GRID).round()]
+        parts = [select_plane(self._raw(window), self.axes, self.names, self.channel, "keep")[0]
+                 for row in sample_windows(self.height, self.width) for window in row]
         if self._colours is None:
             self._colours = (colour_choice(np.concatenate([part.reshape(-1, 1, 3) for part in parts]))
                              if parts[0].ndim == 3 else "keep")
@@ -348,13 +345,19 @@ def image_shape(ref) -> tuple[int, int] | None:
     return None
 
 
+def sample_windows(height: int, width: int, grid: int = SAMPLE_GRID, side: int = SAMPLE_SIDE) -> list[list[tuple]]:
+    """The whole-image sample's windows, row by row: grid x grid windows of `side` pixels spread over the image."""
+    ys = np.linspace(0, max(0, height - side), grid).round().astype(int)
+    xs = np.linspace(0, max(0, width - side), grid).round().astype(int)
+    return [[(int(y), int(y) + side, int(x), int(x) + side) for x in xs] for y in ys]
+
+
 def sample_mosaic(reader, grid: int = SAMPLE_GRID, side: int = SAMPLE_SIDE) -> np.ndarray:
-    """A grid of small windows spread over the whole image, side by side: what the image's kind and look
-    (contrast stretch, inversion) are measured on, read in a fraction of the image's time."""
+    """The sample's windows side by side: what the image's kind and look (contrast stretch, inversion) are
+    measured on, read in a fraction of the image's time."""
     rows = []
-    for y in np.linspace(0, max(0, reader.height - side), grid).round().astype(int):
-        row = [reader.read((int(y), int(y) + side, int(x), int(x) + side))
-               for x in np.linspace(0, max(0, reader.width - side), grid).round().astype(int)]
+    for windows in sample_windows(reader.height, reader.width, grid, side):
+        row = [reader.read(window) for window in windows]
         height = min(part.shape[0] for part in row)
         rows.append(np.concatenate([part[:height] for part in row], axis=1))
     width = min(row.shape[1] for row in rows)

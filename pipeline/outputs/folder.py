@@ -10,9 +10,7 @@ import posixpath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from skimage.segmentation import find_boundaries
 
 from pipeline.io import fileio
@@ -86,6 +84,8 @@ def relative_label_path(output: str, location: str) -> str:
 
 def write_measurement_part(output: str, columns: list[dict]) -> None:
     """One Parquet part of OUTPUT/measurements/ holding the nuclei of a block of images (named by their ids)."""
+    import pyarrow.parquet as pq  # here and below: Parquet and datasets load pandas, which only measuring needs
+
     table = pa.table({name: np.concatenate([part[name] for part in columns]) for name in COLUMNS})
     ids = sorted(set(str(part["image_id"][0]) for part in columns if len(part["image_id"])))
     name = "part-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20] + ".parquet"
@@ -106,6 +106,8 @@ def measured_image_ids(output: str) -> set[str]:
     fs, folder = measurements_folder(output)
     if folder is None:
         return set()
+    import pyarrow.dataset as pads
+
     table = pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=["image_id"])
     return set(table.column("image_id").unique().to_pylist())
 
@@ -135,6 +137,8 @@ def measured_areas(output: str) -> np.ndarray:
     fs, folder = measurements_folder(output)
     if folder is None:
         return np.zeros(0)
+    import pyarrow.dataset as pads
+
     return pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=["area"]).column("area").to_numpy()
 
 
