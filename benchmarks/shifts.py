@@ -78,7 +78,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.data.datasets import protocol_refs
-    from pipeline.io.images import encode_png
     from pipeline.data.protocol import image_kind
     from pipeline.data.shifts import SHIFTS
     from pipeline.io.sources import list_kaggle, load_sample, read_file
@@ -87,8 +86,11 @@ def main() -> None:
     refs = refs[:args.limit] if args.limit else refs
     samples = {ref.image_id: load_sample(ref) for ref in refs}
     kinds = {image_id: image_kind(sample.image) for image_id, sample in samples.items()}
-    chosen = SHIFTS if not args.shifts else {} if args.shifts == "none" else {
-        name: SHIFTS[name] for name in args.shifts.split(",")}
+    names = [] if args.shifts in ("", "none") else [name.strip() for name in args.shifts.split(",")]
+    unknown = [name for name in names if name not in SHIFTS]
+    if unknown:
+        parser.error(f"--shifts: no shift named {', '.join(map(repr, unknown))}; the names: {', '.join(SHIFTS)}")
+    chosen = SHIFTS if not args.shifts else {name: SHIFTS[name] for name in names}
     lines = [f"| images ({args.split} split of {os.path.basename(REAL_ZIP)} unless named) | n | all | fluorescence | "
              "stained | bright-field | vs plain |", "|---|---:|---:|---:|---:|---:|---:|"]
     started = time.time()

@@ -90,5 +90,5 @@ def stain_shifted(image: np.ndarray, labels: np.ndarray):
     return ".png", encode_png(np.clip(np.rint(hed2rgb(hed) * 255), 0, 255).astype(np.uint8)), labels
 
 
-SHIFTS = {"16-bit, offset": sixteen_bit, "dim (1/4)": dim, "one colour (blue)": one_colour,
+SHIFTS = {"16-bit with offset": sixteen_bit, "dim (1/4)": dim, "one colour (blue)": one_colour,
           "2-channel stack": channel_stack, "x0.5": rescaled(0.5), "x2": rescaled(2.0), "stain-shifted": stain_shifted}
