@@ -116,7 +116,8 @@ class TrainConfig(DataConfig):
                                "only; the preset's)")
     max_failures: int = option(2, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
     resume: bool = option(False, "continue the interrupted run in --output from its last checkpoint, with the "
-                                 "settings saved in its config.json (other flags are ignored)")
+                                 "settings saved in its config.json (other flags are ignored, but for a new "
+                                 "--time-limit counted from the resumed job's start)")
     seed: int = option(42, "seed for the split, synthetic data and initialisation")
     preset: str = option("", "named configuration whose values replace the defaults (flags given still win): "
                              "dsb2018 = the best measured recipe for the DSB2018 data", choices=("", "dsb2018"))

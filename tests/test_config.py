@@ -216,11 +216,13 @@ def test_an_interrupted_run_with_a_removed_option_on_is_not_resumed(tmp_path):
     config = {**dataclasses.asdict(TrainConfig(output=str(tmp_path))), **OLD_OPTIONS_OFF}
     (tmp_path / "ray_run.json").write_text(json.dumps({"name": "train-x", "storage": str(tmp_path / "ray")}))
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert _saved_config(str(tmp_path)).resume
+    assert _saved_config(str(tmp_path), TrainConfig()).resume
+    assert _saved_config(str(tmp_path), TrainConfig(time_limit=5.0, epochs=99)) == dataclasses.replace(
+        _saved_config(str(tmp_path), TrainConfig()), time_limit=5.0)  # a new budget; every other flag is ignored
     (tmp_path / "config.json").write_text(json.dumps({**config, "crop_pool": 3}))
     with pytest.raises(ValueError, match=r"config.json: trained with crop_pool=3, an option this version no longer "
                                          r"has; it cannot be resumed"):
-        _saved_config(str(tmp_path))
+        _saved_config(str(tmp_path), TrainConfig())
 
 
 def test_a_data_file_given_by_two_paths_is_the_same_recipe(tmp_path, monkeypatch):

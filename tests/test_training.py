@@ -4,8 +4,9 @@ import glob
 import json
 import os
 import re
-import socket
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,10 +73,21 @@ def _ray_start(ray_bin: str, env: dict, *flags: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def test_ray_job_submit_trains_on_two_nodes_of_a_local_cluster(tmp_path):
-    """`ray start --head` on loopback and a second node joining it (two raylets: two nodes, one machine), then
-    `ray job submit ... jobs/train.py` with one MWMS worker on each node (STRICT_SPREAD), and a tiny --time-limit:
-    rank 0's decision to stop must reach the worker on the other node. Then stop only these two nodes."""
+def _committed_checkpoints(output) -> str:
+    """Ray Train's record of the checkpoints it has registered for the run in `output` ('' before the first)."""
+    found = glob.glob(str(output / "ray" / "*" / "checkpoint_manager_snapshot.json"))
+    return open(found[0], encoding="utf-8").read() if found else ""
+
+
+def test_a_job_on_two_nodes_killed_mid_run_resumes_stops_at_its_time_limit_and_tunes(tmp_path):
+    """`ray start --head` on loopback and a second node joining it (two raylets: two nodes, one machine). `ray job
+    submit` trains one MWMS worker on each node (STRICT_SPREAD); its driver is SIGKILLed once epoch 2's checkpoint
+    is committed. A second `ray job submit ... --resume` continues from that checkpoint (at most the epoch in flight
+    is redone) with a new, tiny --time-limit: rank 0's decision to stop must reach the worker on the other node. The
+    run then chooses its inference settings on the tune split (its own --tune), as jobs/tune.py would. Then stop
+    only these two nodes."""
+    from ray.job_submission import JobSubmissionClient
+
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -86,8 +98,20 @@ def test_ray_job_submit_trains_on_two_nodes_of_a_local_cluster(tmp_path):
     nodes = [_ray_start(ray_bin, env, "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={dashboard}", f"--temp-dir={temp_dirs[0]}")]
     output = tmp_path / "run"
+    address = f"http://127.0.0.1:{dashboard}"
+
+    def submit(*flags: str, wait: bool = True) -> subprocess.CompletedProcess:
+        for _ in range(30):  # the head's job agent comes up a little after the dashboard
+            job = subprocess.run([ray_bin, "job", "submit", "--address", address, "--working-dir", ROOT,
+                                  *([] if wait else ["--no-wait"]), "--", sys.executable, "jobs/train.py",
+                                  "--output", str(output), *flags],
+                                 env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in job.stderr + job.stdout:
+                return job
+            time.sleep(2)
+        return job
+
     try:
-        address = f"http://127.0.0.1:{dashboard}"
         for _ in range(360):  # up to 3 minutes: on a loaded 2-core machine the dashboard took over one
             try:
                 socket.create_connection(("127.0.0.1", dashboard), timeout=0.5).close()
@@ -95,81 +119,56 @@ def test_ray_job_submit_trains_on_two_nodes_of_a_local_cluster(tmp_path):
             except OSError:
                 time.sleep(0.5)
         nodes.append(_ray_start(ray_bin, env, f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dirs[1]}"))
-        for _ in range(30):  # the head's job agent comes up a little after the dashboard
-            job = subprocess.run(
-                [ray_bin, "job", "submit", "--address", address, "--working-dir", ROOT, "--",
-                 sys.executable, "jobs/train.py", "--output", str(output), "--epochs", "4", "--synthetic-count", "16",
-                 "--workers", "2", "--placement", "STRICT_SPREAD", "--cpus-per-worker", "0.5",
-                 "--time-limit", "0.001",  # minutes: rank 0 stops both workers after the first epoch
-                 "--image-size", "64", "--encoder-width", "0.35", "--batch-size", "4", "--backbone-weights", "none",
-                 "--snapshots", "1"],
-                env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in job.stderr + job.stdout:
+        first = submit("--epochs", "5", "--data", "synthetic", "--synthetic-count", "16", "--workers", "2",
+                       "--placement", "STRICT_SPREAD", "--cpus-per-worker", "0.5", "--mode", "native",
+                       "--num-classes", "3", "--crops-per-image", "2", "--holdout", "protocol", "--tune",
+                       "--image-size", "64", "--encoder-width", "0.35", "--batch-size", "4",
+                       "--backbone-weights", "none", "--snapshots", "1", "--warmup-epochs", "0", "--seed", "4",
+                       wait=False)
+        assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+        submission = re.search(r"raysubmit_\w+", first.stdout + first.stderr).group(0)
+        client = JobSubmissionClient(address)
+        deadline = time.time() + 600
+        while "epoch_0002" not in _committed_checkpoints(output):
+            status = client.get_job_status(submission)
+            assert not status.is_terminal() and time.time() < deadline, (
+                f"the job ended ({status}) before its second checkpoint: {client.get_job_logs(submission)[-4000:]}")
+            time.sleep(0.2)
+        os.kill(int(client.get_job_info(submission).driver_info.pid), signal.SIGKILL)
+        done_before = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
+        assert 2 <= max(done_before) < 5, done_before
+        assert not (output / "model.keras").exists()
+        for _ in range(120):  # Ray ends the dead driver's Ray Train workers, and their hold on the two nodes
+            if client.get_job_status(submission).is_terminal():
                 break
-            time.sleep(2)
-        log = job.stdout + job.stderr
-        assert job.returncode == 0, log[-4000:]
-        assert "succeeded" in log
+            time.sleep(0.5)
+
+        resumed = submit("--resume", "--time-limit", "0.001")  # minutes: stop after the first resumed epoch
+        log = resumed.stdout + resumed.stderr
+        assert resumed.returncode == 0 and "succeeded" in log, log[-4000:]
         assert len(set(re.findall(r"worker rank \d of 2 on node (\w+)", log))) == 2, log[-4000:]
-        assert "time limit: stopping after epoch 1" in log, log[-4000:]
-        assert json.loads((output / "run.json").read_text())["epochs_run"] == 1
+        started_at = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
+        assert started_at >= 2  # continued, not started over
+        assert started_at >= max(done_before) - 1  # at most the epoch in flight when it was killed is redone
+        assert f"time limit: stopping after epoch {started_at + 1}" in log, log[-4000:]
+        epochs = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
+        assert epochs == list(range(1, started_at + 2))  # one line per epoch: lines of redone epochs were replaced
+        info = json.loads((output / "run.json").read_text())
+        assert info["epochs_run"] == started_at + 1
         assert (output / "model.keras").is_file()
         assert glob.glob(str(output / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
         assert glob.glob(str(output / "snapshots" / "*.png"))
+        # The tune step, after the resumed training (the run's own --tune).
+        stored, tuning = info["postprocess"], json.loads((output / "tuning.json").read_text())
+        assert stored["tuned_on"].startswith("tune split") and stored["tune_score"] == tuning["settings"]["tune_score"]
+        assert {"threshold", "seed_threshold", "min_size", "tta", "scales"} <= set(stored)
+        assert f"tune_score={stored['tune_score']:.4f}" in log and "run.json holds the settings" in log
     finally:
         for node in reversed(nodes):
             os.killpg(node.pid, 15)
             node.wait(60)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_a_killed_job_resumes_from_its_last_completed_epoch_then_tunes(tmp_path):
-    """SIGKILL the whole training job (driver and its Ray) after epoch 2, then `--resume` finishes the run and, as
-    the run asked (--tune, a protocol run), chooses the inference settings on the tune split and stores them in
-    run.json, as jobs/tune.py would."""
-    output = tmp_path / "run"  # given relative to the job's working directory: workers run elsewhere
-    flags = ["--output", "run", "--epochs", "4", "--data", "synthetic", "--synthetic-count", "16", "--workers", "1",
-             "--mode", "native", "--num-classes", "3", "--crops-per-image", "2", "--holdout", "protocol", "--tune",
-             "--image-size", "128", "--encoder-width", "0.35", "--batch-size", "4", "--backbone-weights", "none",
-             "--snapshots", "0", "--warmup-epochs", "0", "--seed", "4"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "train.py"), *flags], env=env, cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        def committed() -> str:  # Ray Train's record of the checkpoints it has registered
-            found = glob.glob(str(output / "ray" / "*" / "checkpoint_manager_snapshot.json"))
-            return open(found[0]).read() if found else ""
-
-        while "epoch_0002" not in committed():
-            assert job.poll() is None and time.time() < deadline, "training ended before its second checkpoint"
-            time.sleep(0.1)
-    finally:
-        os.killpg(job.pid, 9)
-        job.wait(60)
-    done_before = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
-    assert 2 <= max(done_before) < 4, done_before
-    assert not (output / "model.keras").exists()
-
-    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train.py"), "--resume", "--output", "run"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    log = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, log[-4000:]
-    started_at = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
-    assert started_at >= 2  # continued, not started over
-    assert started_at >= max(done_before) - 1  # at most the epoch in flight when it was killed is redone
-    epochs = [json.loads(line)["epoch"] for line in open(output / "history.jsonl")]
-    assert epochs == list(range(1, 5))  # one line per epoch: lines of redone epochs were replaced
-    assert (output / "model.keras").is_file()
-    assert json.loads((output / "run.json").read_text())["epochs_run"] == 4
-    assert glob.glob(str(output / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
-    # The tune step, after the resumed training (the run's own --tune).
-    stored = json.loads((output / "run.json").read_text())["postprocess"]
-    tuning = json.loads((output / "tuning.json").read_text())
-    assert stored["tuned_on"].startswith("tune split") and stored["tune_score"] == tuning["settings"]["tune_score"]
-    assert {"threshold", "seed_threshold", "min_size", "tta", "scales"} <= set(stored)
-    assert f"tune_score={stored['tune_score']:.4f}" in resumed.stdout and "run.json holds the settings" in resumed.stdout
 
 
 def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(trained_run, synthetic_folder, tmp_path):

@@ -26,8 +26,9 @@ from pipeline.train.files import backbone_init, read_history
 from pipeline.train.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
 
-def _saved_config(output: str) -> TrainConfig:
-    """The settings of the interrupted run in `output`, to be continued (`--resume`)."""
+def _saved_config(output: str, given: TrainConfig) -> TrainConfig:
+    """The settings of the interrupted run in `output`, to be continued (`--resume`); a --time-limit given is the
+    resumed job's own budget (a new allocation), counted from its start."""
     paths = [os.path.join(output, name) for name in ("ray_run.json", "config.json")]
     if not all(os.path.exists(path) for path in paths):
         raise FileNotFoundError(f"--resume: no interrupted run in {output} (ray_run.json or config.json missing)")
@@ -36,7 +37,8 @@ def _saved_config(output: str) -> TrainConfig:
     used = removed_options_used(json.loads(text))
     if used:
         raise ValueError(f"--resume: {paths[1]}: {used}; it cannot be resumed")
-    return dataclasses.replace(TrainConfig.from_json(text), output=output, resume=True)
+    saved = TrainConfig.from_json(text)
+    return dataclasses.replace(saved, output=output, resume=True, time_limit=given.time_limit or saved.time_limit)
 
 
 def _snapshot_arrays(val_dataset, count: int) -> dict | None:
@@ -63,7 +65,7 @@ def run_training(config: TrainConfig) -> dict:
     os.makedirs(output, exist_ok=True)
     run_state_path = os.path.join(output, "ray_run.json")
     if config.resume:
-        config = _saved_config(output)
+        config = _saved_config(output, config)
     # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
     config = dataclasses.replace(config, output=output,
                                  init_from=os.path.abspath(config.init_from) if config.init_from else "")
