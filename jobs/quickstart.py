@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     status = train.main(["--preset", "dsb2018", "--data", "synthetic", "--synthetic-count", str(args.train_images),
                          "--epochs", str(args.epochs), "--output", run, "--backbone-weights", "none",
                          "--crops-per-image", "4", "--encoder-width", "0.35", "--warmup-epochs", "1",
-                         "--min-size", "10", "--time-limit", "0", "--holdout", "random"])
+                         "--min-size", "10", "--time-limit", "0", "--holdout", "random", "--no-tune"])
     if status:
         return status
     write_dataset(test, args.test_images, seed=1000)  # a different seed: never seen in training

@@ -53,7 +53,8 @@ def train_with(config) -> dict:
         print(f"--tune: this run will not be tuned after training: {skipped}")
     info = run_training(config)
     model = os.path.join(os.path.abspath(config.output), "model.keras")
-    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(info["final_metrics"].items()) if isinstance(v, float))
+    metrics = ", ".join(f"{k}={info['final_metrics'][k]:.4f}" for k in ("loss", "val_loss", "val_nucleus_iou")
+                        if isinstance(info["final_metrics"].get(k), float))
     print(f"model: {model} (weights of epoch {info['kept_epoch']} of {info['epochs_run']}, "
           f"best {info['best_epoch']}; {metrics})")
     if will_tune(info["config"]):  # a resumed run's own settings, not these

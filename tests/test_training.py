@@ -209,3 +209,22 @@ def test_fine_tuning_starts_from_the_given_model_on_the_chosen_kinds_only(traine
         run_training(dataclasses.replace(tuned, output=str(tmp_path / "none"), kinds="stained", synthetic_count=4))
     with pytest.raises(ValueError, match="--init-from .* differs from this run in encoder_width"):
         run_training(dataclasses.replace(tuned, output=str(tmp_path / "other"), encoder_width=0.5))
+
+
+def test_the_quickstart_prints_a_short_console_and_keeps_the_rest_in_the_run_folder(tmp_path):
+    """README command 1, short: at most 40 lines (start, data, one per epoch, results), ending with the score;
+    TensorFlow's, Keras' and Ray Train's own lines are in the run folder's logs, not on the console."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "quickstart.py"), "--output", str(tmp_path),
+                           "--epochs", "2", "--train-images", "8", "--test-images", "2"],
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True,
+                          text=True, timeout=900)
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 0, "\n".join(lines[-40:])
+    assert len(lines) <= 40 and lines[-1].startswith("score="), "\n".join(lines)
+    assert [line for line in lines if line.startswith("epoch ")] == [line for line in lines if "val_loss" in line
+                                                                     and not line.startswith("model:")]
+    assert len([line for line in lines if line.startswith("epoch ")]) == 2
+    for noise in ("absl", "oneDNN", "cuda", "Checkpoint successfully", "logging.cc", "TrainingReport"):
+        assert not any(noise in line for line in lines), noise
+    worker_log = (tmp_path / "run" / "logs" / "worker-0.log").read_text()
+    assert "Epoch 2/2" in worker_log  # Keras' own lines, kept

@@ -36,10 +36,10 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
     if ray.is_initialized():
         return
-    # Object-store credentials and endpoints, and the local ImageNet weights, of the driver's environment reach
-    # the workers too.
+    # Object-store credentials and endpoints, the local ImageNet weights and --verbose of the driver's environment
+    # reach the workers too.
     forwarded = {k: v for k, v in os.environ.items()
-                 if k.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "NUCLEI_BACKBONE_WEIGHTS"))}
+                 if k.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "NUCLEI_BACKBONE_WEIGHTS", "NUCLEI_VERBOSE"))}
     quiet = dict(logging_level=logging.ERROR, log_to_driver=log_to_driver or os.environ.get("NUCLEI_RAY_LOGS") == "1",
                  runtime_env={"env_vars": {**WORKER_ENV, **forwarded}})
     verbose = os.environ.get("NUCLEI_VERBOSE") == "1"
@@ -57,8 +57,9 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    if os.environ.get("NUCLEI_VERBOSE") != "1":  # the progress bars show each stage; its INFO lines repeat them
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if os.environ.get("NUCLEI_VERBOSE") != "1":  # the progress bars show each stage; its INFO lines repeat them,
+        # and its warnings are about its own scheduling (e.g. "no available CPUs" while Ray Train holds them)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     context.enable_progress_bars = os.environ.get("NUCLEI_PROGRESS", "1") == "1"
     context.print_on_execution_start = False
     # Ray Data reserves half the CPUs per operator by default; on a small machine that leaves a

@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.io.images import encode_png
 from pipeline.model.network import save_model
 from pipeline.model.tfkeras import keras, tf
+from pipeline.train.files import epoch_line, say
 from pipeline.train.schedule import encoder_scale_at, epochs_that_fit, learning_rate_at
 
 
@@ -90,9 +91,9 @@ class TimeLimit(keras.callbacks.Callback):
     """
 
     def __init__(self, deadline: float, plan: EpochPlan, reserved_epochs: float = 0.0, rank: int = 0, world: int = 1,
-                 minutes: float = 0.0):
+                 minutes: float = 0.0, output: str = ""):
         super().__init__()
-        self.deadline, self.plan, self.reserved_epochs = deadline, plan, reserved_epochs
+        self.deadline, self.plan, self.reserved_epochs, self.output = deadline, plan, reserved_epochs, output
         self.rank, self.world, self.minutes = rank, world, minutes
         self.configured = plan.epochs
 
@@ -112,8 +113,8 @@ class TimeLimit(keras.callbacks.Callback):
         if fit <= epoch + 1:
             if self.rank == 0:
                 after = " with time left for the tune step" if self.reserved_epochs else ""
-                print(f"time limit: stopping after epoch {epoch + 1} (another would not end{after} within "
-                      f"{self.minutes:g} minutes)", flush=True)
+                say(self.output, f"time limit: stopping after epoch {epoch + 1} (another would not end{after} "
+                                 f"within {self.minutes:g} minutes)")
             self.model.stop_training = True
 
 
@@ -177,9 +178,11 @@ class ReportCheckpoint(keras.callbacks.Callback):
     """After each epoch: rank 0 appends the metrics to OUTPUT/history.jsonl, and every rank reports a checkpoint
     named `prefix` + the epoch number (report_checkpoint)."""
 
-    def __init__(self, output: str, early_stopping: ResumableEarlyStopping, prefix: str, rank: int = 0):
+    def __init__(self, output: str, early_stopping: ResumableEarlyStopping, prefix: str, rank: int = 0,
+                 epochs: int = 0):
         super().__init__()
         self.output, self.early_stopping, self.prefix, self.rank = output, early_stopping, prefix, rank
+        self.epochs = epochs
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = {key: float(value) for key, value in (logs or {}).items()}
@@ -187,6 +190,7 @@ class ReportCheckpoint(keras.callbacks.Callback):
         if self.rank == 0:
             with open(os.path.join(self.output, "history.jsonl"), "a", encoding="utf-8") as log:
                 log.write(json.dumps(metrics) + "\n")
+            say(self.output, epoch_line(metrics, self.epochs))
         worker_state = {"epoch": epoch + 1, "early_stopping": self.early_stopping.state()}
         report_checkpoint(self.model, metrics, f"{self.prefix}{epoch + 1:04d}", worker_state,
                           self.early_stopping.best_weights, self.rank)
@@ -206,10 +210,10 @@ def make_callbacks(config, rank: int, world: int, state: dict, snapshot_images, 
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, _: learning_rate_at(epoch, config, plan.epochs)),
                  EncoderSchedule(lambda epoch: encoder_scale_at(epoch, config)), early_stopping,
                  Throughput(train_rows, world),
-                 TimeLimit(deadline, plan, reserved_epochs, rank, world, config.time_limit)]
+                 TimeLimit(deadline, plan, reserved_epochs, rank, world, config.time_limit, output)]
     if rank == 0:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=os.path.join(output, "tensorboard"), write_graph=False,
                                                      profile_batch=0))
     callbacks += [Snapshots(snapshot_images, snapshot_masks, output, rank),
-                  ReportCheckpoint(output, early_stopping, checkpoint_prefix, rank)]
+                  ReportCheckpoint(output, early_stopping, checkpoint_prefix, rank, config.epochs)]
     return callbacks, early_stopping

@@ -22,7 +22,7 @@ from pipeline.data.datasets import (ensure_ray, extra_training_refs, image_kinds
 from pipeline.io.fileio import write_text_atomic
 from pipeline.model.registry import read_model_info, sha256_of
 from pipeline.model.runinfo import ARCHITECTURE, DEFAULT_TILE, FORMAT, Postprocess, RunInfo
-from pipeline.train.files import backbone_init, read_history
+from pipeline.train.files import backbone_init, console_of, read_history
 from pipeline.train.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
 
@@ -69,7 +69,7 @@ def run_training(config: TrainConfig) -> dict:
     # Workers run in Ray's own working directory: they must get the run folder as an absolute path.
     config = dataclasses.replace(config, output=output,
                                  init_from=os.path.abspath(config.init_from) if config.init_from else "")
-    ensure_ray(log_to_driver=True)
+    ensure_ray()  # the workers' own output goes to OUTPUT/logs; console.txt's lines are shown (console_of)
     refs, train_refs, val_refs = _training_splits(config)
     if config.init_from:
         _check_init_from(config)
@@ -77,6 +77,8 @@ def run_training(config: TrainConfig) -> dict:
         raise ValueError(f"{len(refs)} images are too few for {config.workers} workers with --val-fraction "
                          f"{config.val_fraction}: every worker needs training and validation images")
     print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
+    print(f"training: {config.epochs} epochs on {config.workers} worker(s); their own output goes to "
+          f"{os.path.join(output, 'logs')}", flush=True)
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
                    seed=config.seed, nucleus_area=config.nucleus_area)
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
@@ -90,7 +92,8 @@ def run_training(config: TrainConfig) -> dict:
 
     trainer = _trainer(config, name, storage, {"train": train_data, "val": val_data},
                        {"train": len(train_refs), "val": len(val_refs)}, started)
-    result = trainer.fit()
+    with console_of(output):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
@@ -183,9 +186,9 @@ def _trainer(config: TrainConfig, name: str, storage: str, datasets: dict, sizes
     """Ray Train's TensorflowTrainer for the run: its workers, their data, failures it survives, checkpoints kept."""
     import ray
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
 
-    from pipeline.train.worker import train_loop_per_worker  # here: TensorFlow is imported by a training run only
+    from pipeline.train.worker import train_loop_per_worker  # here: TensorFlow by a training run only, quietly
+    from ray.train.tensorflow import TensorflowTrainer  # after TensorFlow's quiet import: it imports it too
 
     use_gpu = config.gpu == "yes" or (config.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= config.workers)
     return TensorflowTrainer(

@@ -16,7 +16,7 @@ from pipeline.io.fileio import write_text_atomic
 from pipeline.model.network import CUSTOM_OBJECTS, build_unet, compile_model, load_model
 from pipeline.model.tfkeras import keras, tf
 from pipeline.train.callbacks import make_callbacks, report_checkpoint
-from pipeline.train.files import BACKBONE_FILE, truncate_history
+from pipeline.train.files import BACKBONE_FILE, say, send_output_to_log, truncate_history
 from pipeline.train.schedule import encoder_scale
 
 CHECKPOINT_PREFIX = "epoch_"
@@ -73,8 +73,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig(**loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    print(f"worker rank {rank} of {world} on node {ray.get_runtime_context().get_node_id()[:12]} "
-          f"({os.uname().nodename})", flush=True)
+    send_output_to_log(config.output, rank)
+    say(config.output, f"worker rank {rank} of {world} on node {ray.get_runtime_context().get_node_id()[:12]} "
+                       f"({os.uname().nodename})")
     keras.utils.set_random_seed(config.seed)
     # One worker has nothing to all-reduce, and any tf.distribute strategy doubles the CPU step time here
     # (measured with TF 2.21: 17 s vs 8.6 s per epoch for the same fit), so it trains under the default one.
@@ -122,7 +123,7 @@ def _model_and_state(config: TrainConfig, rank: int, strategy) -> tuple[keras.Mo
                     with np.load(best_path) as saved:
                         state["best_weights"] = [saved[f"arr_{i}"] for i in range(len(saved.files))]
             if rank == 0:
-                print(f"resuming from the checkpoint of epoch {state.get('epoch', 0)}", flush=True)
+                say(config.output, f"resuming from the checkpoint of epoch {state.get('epoch', 0)}")
         elif config.init_from:  # fine-tuning: the given model's weights are the starting point
             model = compile_model(load_model(config.init_from)[0], config.learning_rate, config.num_classes,
                                   config.loss, encoder_scale(config))
