@@ -295,10 +295,16 @@ class EvaluateConfig(SegmentConfig):
 
 @dataclass
 class ExportConfig:
-    """jobs/export.py: a Keras model to ONNX, checked against TensorFlow before it is written."""
+    """jobs/export.py: a Keras model to ONNX (or a bioimage.io package of it), checked against TensorFlow before it is
+    written."""
 
     model: str = option("dsb2018", "a shipped model's name or a model.keras path")
-    output: str = option("model.onnx", "ONNX file to write (its settings go to a .json beside it)")
+    output: str = option("", "file to write (default: model.onnx, its settings in a .json beside it; "
+                             "NAME.bioimageio.zip with --format bioimageio)")
+    format: str = option("onnx", "onnx: an ONNX file for ONNX Runtime and segment.py; bioimageio: a bioimage.io "
+                                 "model package (ONNX weights, normalisation, test tensors, card) that deepImageJ, "
+                                 "ilastik, QuPath and napari open, checked with bioimageio.core's test_model "
+                                 "(pip install -e '.[bioimageio]')", choices=("onnx", "bioimageio"))
     check_images: str = option("", "images to compare TensorFlow and ONNX Runtime on (Kaggle folder/zip or image "
                                    "tree; default: the model's training data when present, else synthetic nuclei)")
     check_count: int = option(8, "how many of those images (whole, cut to a multiple of 32, at most --check-size)")

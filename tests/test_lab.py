@@ -1,4 +1,5 @@
 """For labs: per-nucleus measurements, labels past 65,535, the run report, shipped models and their checksum."""
+import io
 import json
 import os
 
@@ -107,3 +108,30 @@ def test_shipped_model_is_documented_small_and_checked():
         assert os.path.getsize(specialist) <= 25 * 2**20
     card = open(os.path.join(MODELS_DIR, "dsb2018", "README.md"), encoding="utf-8").read()
     assert info.sha256["model.keras"] in card and "test split" in card
+
+
+def test_the_bioimageio_package_passes_test_model_and_takes_any_bit_depth(tmp_path):
+    """jobs/export.py --format bioimageio: a bioimage.io 0.5 package of the shipped model that bioimageio.core's
+    test_model passes (run by the export itself); its own normalisation gives a 16-bit copy of the test image on a
+    camera offset the same probabilities."""
+    pytest.importorskip("bioimageio.core")
+    from bioimageio.core import load_model_description, predict, test_model
+
+    from jobs.export import main as export
+
+    package = tmp_path / "dsb2018.bioimageio.zip"
+    assert export(["--format", "bioimageio", "--output", str(package), "--check-count", "2",
+                   "--check-size", "256"]) == 0
+    assert test_model(str(package)).status == "passed"
+    model = load_model_description(str(package))
+    assert model.weights.onnx is not None
+    assert [step.id for step in model.inputs[0].preprocessing] == ["ensure_dtype", "scale_range", "clip",
+                                                                   "ensure_dtype"]
+    assert [str(channel) for channel in model.outputs[0].axes[-1].channel_names] == ["background", "interior",
+                                                                                     "border"]
+    image = np.load(io.BytesIO(model.inputs[0].test_tensor.get_reader().read()))  # 1 x 256 x 256 x 3 uint8, as read
+    expected = np.load(io.BytesIO(model.outputs[0].test_tensor.get_reader().read()))
+    camera = (image.astype(np.uint16) * 15 + 33000)  # 16-bit, offset: only the stretch sees the difference
+    got = predict(model=model, inputs=camera).members["probabilities"].data.to_numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    assert expected[..., 1].max() > 0.5  # nuclei found in the test image

@@ -150,5 +150,5 @@ def run_export(config) -> dict:
     """jobs/export.py's work: export config.model to config.output, checked on real (or synthetic) images."""
     model_path = resolve_model(config.model)
     source, images = check_images_for(config, read_model_info(model_path))
-    result = export_onnx(model_path, config.output, images, config.tolerance)
+    result = export_onnx(model_path, config.output or "model.onnx", images, config.tolerance)
     return {**result, "check_source": source}
