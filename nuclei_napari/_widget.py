@@ -2,9 +2,14 @@
 into a Labels layer whose features are the nuclei's measurements. Qt and napari are imported when it is built."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from magicgui import magic_factory
 
 from nuclei_napari import _core
+
+if TYPE_CHECKING:  # magicgui resolves the annotations' names itself, when the widget is built
+    import napari
 
 
 def _start(viewer, layer, model: str, threshold: float, channel: str, pixel_size_um: float):

@@ -1,7 +1,6 @@
 """The napari plugin, headless: its manifest (npe2), the widget's work without Qt on a real image (nuclei found,
 measurements attached as the Labels layer's features), the sample, and the reader of a segment.py output folder."""
 import csv
-import os
 
 import cv2
 import numpy as np
@@ -9,7 +8,6 @@ import pandas as pd
 import pytest
 
 from pipeline.outputs.folder import MANIFEST_COLUMNS, MEASUREMENTS
-from tests.conftest import ROOT
 
 npe2 = pytest.importorskip("npe2")
 napari = pytest.importorskip("napari")
