@@ -35,6 +35,20 @@ def model_path(trained_run):
 
 
 @pytest.fixture(scope="module")
+def segmented_synthetic(model_path, synthetic_folder, tmp_path_factory, ray_session):
+    """jobs/segment.py's run over the synthetic folder with every export, in this process: the reference of the
+    killed-run test and the measurements test's first run (which later removes a measurement part and reruns)."""
+    from pipeline.config import SegmentConfig
+    from pipeline.segment.run import run_segmentation
+
+    output = str(tmp_path_factory.mktemp("segmented") / "out")
+    config = SegmentConfig(model=model_path, input=synthetic_folder, output=output, cpus_per_actor=0.5, blocks=4,
+                           export="geojson,imagej-rois,ome-tiff")
+    run_segmentation(config, output)
+    return config, output
+
+
+@pytest.fixture(scope="module")
 def bad_corpus(tmp_path_factory, synthetic_folder):
     """Good synthetic images mixed with every kind of bad or odd file, and odd names."""
     root = tmp_path_factory.mktemp("corpus")
@@ -136,24 +150,21 @@ def test_submit_lists_every_test_image_of_a_mixed_folder(model_path, bad_corpus,
     assert "4 unreadable" in done.out or "5 unreadable" in done.out
 
 
-def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic_folder, tmp_path, ray_session):
-    from pipeline.config import SegmentConfig
-    from pipeline.segment.run import run_segmentation
-
+def test_killed_segment_run_completes_identically_on_rerun(model_path, synthetic_folder, segmented_synthetic,
+                                                           tmp_path):
     def command(output):
         return [sys.executable, os.path.join(ROOT, "jobs", "segment.py"), "--model", model_path, "--input",
                 synthetic_folder, "--output", output, "--batch-size", "4", "--blocks", "12", "--cpus-per-actor", "0.5"]
 
-    def label_files(output):
+    def label_files(output):  # the label images (the reference's exports beside them left out)
         folder = os.path.join(output, "labels")
         return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-                for d, _, files in os.walk(folder) for f in files}
+                for d, _, files in os.walk(folder) for f in files if f.endswith(".png") or ".partial-" in f}
 
-    reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    reference, interrupted = segmented_synthetic[1], str(tmp_path / "interrupted")
     env = {**os.environ, "NUCLEI_PROGRESS": "0"}
-    # The undisturbed reference in this process (its Ray), the killed run and its rerun as the job users start.
-    run_segmentation(SegmentConfig(model=model_path, input=synthetic_folder, output=reference, batch_size=4,
-                                   blocks=12, cpus_per_actor=0.5), reference)
+    # The undisturbed reference (this process' run, other blocks and exports), the killed run and its rerun as the
+    # job users start.
     process = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 300
@@ -260,18 +271,13 @@ def test_evaluate_scores_the_held_out_images(model_path, tmp_path, ray_session, 
     assert "| fluorescence |" in done.out
 
 
-def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(model_path, synthetic_folder, tmp_path,
-                                                                     ray_session):
+def test_measurements_match_the_labels_and_a_rerun_adds_no_row_twice(segmented_synthetic):
     import pandas as pd
 
-    from pipeline.config import SegmentConfig
     from pipeline.outputs.folder import read_labels
     from pipeline.segment.run import run_segmentation
 
-    output = str(tmp_path / "out")
-    config = SegmentConfig(model=model_path, input=synthetic_folder, output=output, cpus_per_actor=0.5, blocks=4,
-                           export="geojson,imagej-rois,ome-tiff")
-    run_segmentation(config, output)
+    config, output = segmented_synthetic
     table = pd.read_parquet(os.path.join(output, "measurements"))
     manifest = read_manifest(output)
     assert sum(int(row["nuclei"]) for row in manifest.values()) == len(table) > 0
