@@ -18,12 +18,15 @@ SHOWN_METRICS = ("loss", "val_loss", "val_nucleus_iou", "epoch_seconds")  # an e
 
 
 def say(output: str, text: str) -> None:
-    """A worker's line for the person at the driver's console (the driver shows console.txt as it grows)."""
+    """A worker's line for the person at the driver's console (the driver shows console.txt as it grows); with no
+    run folder (a callback used alone), only printed."""
+    print(text, flush=True)  # and in the worker's own log
+    if not output:
+        return
     path = os.path.join(os.path.abspath(output), CONSOLE_FILE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as stream:
         stream.write(text.rstrip("\n") + "\n")
-    print(text, flush=True)  # and in the worker's own log
 
 
 def epoch_line(metrics: dict, epochs: int) -> str:
