@@ -17,26 +17,47 @@ FEATURES = ("log_area", "log_area_vs_median", "mean_nucleus", "min_nucleus", "me
 
 
 def instance_features(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """(N, len(FEATURES)) features of the N nuclei of `labels` (rows in label order) from HxWxC probabilities."""
+    """(N, len(FEATURES)) features of the N nuclei of `labels` (rows in label order) from HxWxC probabilities.
+
+    Sums and extremes by label in one pass each (NumPy, SciPy); scikit-image only for each object's convex hull
+    (solidity)."""
+    from scipy import ndimage
     from skimage.measure import regionprops_table
 
+    labels = labels.astype(np.int32, copy=False)
     if labels.max(initial=0) == 0:
         return np.zeros((0, len(FEATURES)), np.float64)
-    nucleus = 1.0 - probabilities[..., 0]
-    interior = probabilities[..., 1] if probabilities.shape[-1] == 3 else nucleus
-    table = regionprops_table(labels.astype(np.int32, copy=False),
-                              intensity_image=np.dstack([nucleus, interior]).astype(np.float32),
-                              properties=("label", "area", "bbox", "solidity", "eccentricity", "intensity_mean",
-                                          "intensity_min", "intensity_max"))
-    order = np.argsort(table["label"])
-    area = np.asarray(table["area"], np.float64)[order]
-    count = len(area)
+    nucleus = (1.0 - probabilities[..., 0]).astype(np.float32)
+    interior = probabilities[..., 1].astype(np.float32) if probabilities.shape[-1] == 3 else nucleus
+    rows, cols = np.nonzero(labels)  # the nuclei's pixels only
+    flat = labels[rows, cols]
+    counts = np.bincount(flat)
+    present = np.flatnonzero(counts)  # rows in label order
+    area = counts[present].astype(np.float64)
+
+    def by_label(values: np.ndarray) -> np.ndarray:
+        return np.bincount(flat, weights=values, minlength=len(counts))[present]
+
+    rows, cols = rows.astype(np.float64), cols.astype(np.float64)
+    nucleus_values, interior_values = nucleus[labels > 0], interior[labels > 0]
+    mean_r, mean_c = by_label(rows) / area, by_label(cols) / area
+    # central second moments over the area: skimage's inertia tensor, whose eigenvalues give the eccentricity
+    rr = by_label(rows * rows) / area - mean_r ** 2
+    cc = by_label(cols * cols) / area - mean_c ** 2
+    rc = by_label(rows * cols) / area - mean_r * mean_c
+    spread = np.sqrt(((rr - cc) / 2) ** 2 + rc ** 2)
+    major, minor = (rr + cc) / 2 + spread, (rr + cc) / 2 - spread
+    eccentricity = np.where(major > 0, np.sqrt(np.clip(1.0 - minor / np.where(major > 0, major, 1.0), 0.0, 1.0)), 0.0)
+    boxes = ndimage.find_objects(labels)
     height, width = labels.shape
-    touches = ((table["bbox-0"] == 0) | (table["bbox-1"] == 0) | (table["bbox-2"] == height) |
-               (table["bbox-3"] == width))[order]
-    columns = [np.log(area), np.log(area / np.median(area)), table["intensity_mean-0"][order],
-               table["intensity_min-0"][order], table["intensity_mean-1"][order], table["intensity_max-1"][order],
-               table["solidity"][order], table["eccentricity"][order], touches.astype(np.float64),
+    touches = np.array([box[0].start == 0 or box[1].start == 0 or box[0].stop == height or box[1].stop == width
+                        for box in (boxes[label - 1] for label in present)], np.float64)
+    solidity = regionprops_table(labels, properties=("label", "solidity"))
+    solidity = np.asarray(solidity["solidity"], np.float64)[np.argsort(solidity["label"])]
+    count = len(area)
+    columns = [np.log(area), np.log(area / np.median(area)), by_label(nucleus_values) / area,
+               ndimage.minimum(nucleus_values, flat, present), by_label(interior_values) / area,
+               ndimage.maximum(interior_values, flat, present), solidity, eccentricity, touches,
                np.full(count, np.log(count))]
     return np.column_stack([np.asarray(column, np.float64) for column in columns])
 

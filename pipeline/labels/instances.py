@@ -139,8 +139,12 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
     radius = np.sqrt(median / np.pi)
     result = labels.astype(np.int32, copy=True)
     next_label = int(result.max()) + 1
-    for region in regionprops(result):
-        if region.area < min_area_ratio * median or region.solidity >= max_solidity:
+    large = np.bincount(result.ravel()) >= min_area_ratio * median  # only these may be clumps: no hull for the rest
+    large[0] = False
+    if not large.any():
+        return relabel_sequential(result)[0].astype(np.int32)
+    for region in regionprops(np.where(large[result], result, 0)):
+        if region.solidity >= max_solidity:
             continue
         top, left, bottom, right = region.bbox
         mask = np.pad(region.image, 1)

@@ -13,6 +13,7 @@ to fit.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from pipeline.labels.instance_filter import keep_probability
@@ -33,20 +34,30 @@ def band_features(labels: np.ndarray, probabilities: np.ndarray, image: np.ndarr
     `labels`: HxW nuclei; `probabilities`: HxWx3 (background, interior, border); `image`: HxW or HxWxC, any
     range (grey levels are taken relative to the image's own background and nuclei, so the scale cancels).
     """
+    features, mask, _ = _band(labels, probabilities, image, band)
+    return features, mask
+
+
+def _band(labels: np.ndarray, probabilities: np.ndarray, image: np.ndarray, band: int):
+    """band_features, and each pixel's nearest object within band + 1 pixels (0 beyond): skimage's expand_labels
+    of `labels` by band + 1, from the same distance transform."""
     from scipy import ndimage
 
     grey = image.astype(np.float32)
     grey = grey.mean(axis=2) if grey.ndim == 3 else grey
     inside = labels > 0
     outside_distance, (rows, cols) = ndimage.distance_transform_edt(~inside, return_indices=True)
-    signed = np.where(inside, ndimage.distance_transform_edt(inside), -outside_distance).astype(np.float32)
+    nearest = labels[rows, cols]
+    expanded = np.where(outside_distance <= band + 1, nearest, 0).astype(labels.dtype)
+    inside_distance = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    signed = np.where(inside, inside_distance, -outside_distance).astype(np.float32)
     mask = np.abs(signed) <= band
     far = outside_distance > 2 * band
     background = float(np.median(grey[far] if far.any() else grey))
     ids = np.arange(1, int(labels.max()) + 1)
-    object_median = np.concatenate([[background + 1.0], np.asarray(ndimage.median(grey, labels, ids), np.float64)])
+    medians = ndimage.median(grey[inside], labels[inside], ids)  # over the nuclei's own pixels: the same, sooner
+    object_median = np.concatenate([[background + 1.0], np.asarray(medians, np.float64)])
     object_area = np.concatenate([[1.0], np.bincount(labels.ravel(), minlength=len(ids) + 1)[1:].astype(np.float64)])
-    nearest = labels[rows, cols]
     contrast = object_median[nearest] - background  # a nucleus may be darker than its background (stained)
     contrast = np.where(np.abs(contrast) < 1.0, np.where(contrast >= 0, 1.0, -1.0), contrast)
     grey_vs_nucleus = ((grey - background) / contrast).astype(np.float32)
@@ -57,24 +68,33 @@ def band_features(labels: np.ndarray, probabilities: np.ndarray, image: np.ndarr
     columns = [probabilities[..., 0][mask], probabilities[..., 1][mask], probabilities[..., 2][mask], signed[mask],
                np.log(object_area[nearest[mask]] + 1.0), grey_vs_nucleus[mask], grey_vs_image[mask]]
     for scale in SCALES:
-        smooth = ndimage.gaussian_filter(grey_vs_nucleus, scale)
+        smooth = _gaussian(grey_vs_nucleus, scale)
         slope_y, slope_x = (slope[mask] for slope in np.gradient(smooth))
         columns += [smooth[mask], np.hypot(slope_y, slope_x), slope_y * outward_y + slope_x * outward_x,
-                    ndimage.laplace(smooth)[mask]]
-    columns += [ndimage.gaussian_filter(probabilities[..., 0].astype(np.float32), 1.5)[mask],
-                ndimage.gaussian_filter(probabilities[..., 2].astype(np.float32), 1.5)[mask]]
-    return np.stack([np.asarray(column, np.float32) for column in columns], axis=-1), mask
+                    cv2.Laplacian(smooth, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)[mask]]
+    columns += [_gaussian(probabilities[..., 0], 1.5)[mask], _gaussian(probabilities[..., 2], 1.5)[mask]]
+    return np.stack([np.asarray(column, np.float32) for column in columns], axis=-1), mask, expanded
+
+
+def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter's blur (reflected edges, 4 sigma either side) by OpenCV, in float32."""
+    size = 2 * int(4.0 * sigma + 0.5) + 1
+    return cv2.GaussianBlur(np.ascontiguousarray(image, np.float32), (size, size), sigma,
+                            borderType=cv2.BORDER_REFLECT)
 
 
 def relabel(labels: np.ndarray, mask: np.ndarray, nucleus_probability: np.ndarray, cutoff: float,
-            band: int = BAND) -> np.ndarray:
-    """`labels` with each band pixel (mask) in its nearest object if P(nucleus) > cutoff, else background."""
+            band: int = BAND, expanded: np.ndarray | None = None) -> np.ndarray:
+    """`labels` with each band pixel (mask) in its nearest object if P(nucleus) > cutoff, else background;
+    `expanded`: `labels` expanded by band + 1 pixels, when already known (_band)."""
     from skimage.segmentation import expand_labels, relabel_sequential
 
     probability = np.zeros(labels.shape, np.float32)
     probability[mask] = nucleus_probability
     keep = np.where(mask, probability > cutoff, labels > 0)
-    refined = np.where(keep, expand_labels(labels, band + 1), 0).astype(labels.dtype)
+    if expanded is None:
+        expanded = expand_labels(labels, band + 1)
+    refined = np.where(keep, expanded, 0).astype(labels.dtype)
     return relabel_sequential(refined)[0]
 
 
@@ -85,9 +105,9 @@ def refine_outlines(labels: np.ndarray, probabilities: np.ndarray, image: np.nda
         return labels
     if tuple(params["features"]) != FEATURES:
         raise ValueError("this model's outline refiner was fitted with other features: re-run jobs/tune.py")
-    features, mask = band_features(labels, probabilities, image, int(params["band"]))
+    features, mask, expanded = _band(labels, probabilities, image, int(params["band"]))
     return relabel(labels, mask, keep_probability(features.astype(np.float64), params), float(params["cutoff"]),
-                   int(params["band"]))
+                   int(params["band"]), expanded)
 
 
 def pixel_targets(true_labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
