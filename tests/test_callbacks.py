@@ -89,3 +89,27 @@ def test_snapshots_draw_input_truth_and_prediction_on_rank_zero_only(tmp_path, r
         assert strip.shape == (3 * 8, 3 * 8, 3)  # a row per image: input | truth | prediction
     else:
         assert not (tmp_path / "snapshots").exists()
+
+
+def test_the_driver_shows_each_console_line_of_the_workers_once(tmp_path, capsys):
+    """console_of shows the lines workers add to logs/console.txt while training runs, each once, whole lines
+    only, and not the lines of an earlier (resumed) run; say() without a run folder writes no file."""
+    import threading
+
+    from pipeline.train.files import CONSOLE_FILE, console_of, epoch_line, say
+
+    say(str(tmp_path), "from the killed run")
+    capsys.readouterr()
+    with console_of(str(tmp_path), interval=0.05):
+        worker = threading.Thread(target=lambda: [say(str(tmp_path), epoch_line(
+            {"epoch": epoch, "loss": 0.41234, "val_loss": 0.5, "epoch_seconds": 9.2}, 3)) for epoch in (1, 2, 3)])
+        worker.start()
+        worker.join()
+        with open(tmp_path / CONSOLE_FILE, "a") as stream:
+            stream.write("half a li")  # a line still being written is not shown
+    shown = capsys.readouterr().out.splitlines()
+    assert sorted(line for line in shown if line.startswith("epoch")) == sorted(
+        [f"epoch {epoch}/3: loss 0.412, val_loss 0.5, 9 s" for epoch in (1, 2, 3)] * 2)  # printed by say, shown once
+    assert "from the killed run" not in shown and "half a li" not in shown
+    say("", "no run folder")
+    assert not (tmp_path.parent / "logs").exists() and not os.path.exists(os.path.join("logs", "console.txt"))
