@@ -11,11 +11,12 @@ import pandas as pd
 
 from pipeline.api import Segmenter
 from pipeline.data.protocol import image_kind
+from pipeline.io.fileio import UnsafePathError, safe_join
 from pipeline.io.images import image_from_array, read_image
 from pipeline.io.sources import load_sample
 from pipeline.io.synthetic import synthetic_refs
 from pipeline.model.registry import ROOT
-from pipeline.outputs.folder import MEASUREMENTS
+from pipeline.outputs.folder import MEASUREMENTS, read_labels
 from pipeline.outputs.measure import measure_nuclei
 
 SEGMENT_STEPS = 3  # loading the model, segmenting, measuring
@@ -29,9 +30,13 @@ def _segmenter(model: str, threshold: float) -> Segmenter:
 
 def features_of(labels: np.ndarray, image: np.ndarray, name: str, pixel_size_um: float = 0.0) -> pd.DataFrame:
     """The nuclei's measurements as a Labels layer's features: one row per nucleus, `index` = its label value."""
-    table = pd.DataFrame(measure_nuclei(labels, image, name, pixel_size_um or None))
-    table.insert(0, "index", table["label"].to_numpy())
-    return table
+    return _indexed(pd.DataFrame(measure_nuclei(labels, image, name, pixel_size_um or None)))
+
+
+def _indexed(table: pd.DataFrame) -> pd.DataFrame:
+    """A measurements table as napari's features: an `index` column first, each row's label value (napari maps
+    row i to label i otherwise)."""
+    return pd.concat([table["label"].rename("index"), table], axis=1)
 
 
 def segment_steps(image: np.ndarray, name: str = "image", model: str = "dsb2018", threshold: float = 0.0,
@@ -89,36 +94,23 @@ def read_output_folder(path: str) -> list[tuple]:
     measured = _measurements(path)
     layers = []
     for row in rows:
-        labels_file = os.path.realpath(os.path.join(path, row["labels"]))
-        if not labels_file.startswith(os.path.realpath(path) + os.sep) or not os.path.isfile(labels_file):
-            continue  # a manifest never points outside its folder
-        labels = _read_labels(labels_file)
+        try:
+            labels_file = safe_join(path, row["labels"])  # a manifest never points outside its folder
+        except UnsafePathError:
+            continue
+        if not os.path.isfile(labels_file):
+            continue
         if row.get("path") and os.path.isfile(row["path"]):
             with open(row["path"], "rb") as stream:
                 layers.append((read_image(stream.read()).image, {"name": row["image_id"]}, "image"))
         metadata = {"name": f"{row['image_id']} nuclei"}
         if measured is not None:
             table = measured[measured["image_id"] == row["image_id"]].reset_index(drop=True)
-            table.insert(0, "index", table["label"].to_numpy())
-            metadata["features"] = table
-        layers.append((labels, metadata, "labels"))
+            metadata["features"] = _indexed(table)
+        layers.append((read_labels(labels_file), metadata, "labels"))
     return layers
-
-
-def _read_labels(path: str) -> np.ndarray:
-    if path.lower().endswith((".tif", ".tiff")):
-        import tifffile
-
-        return tifffile.imread(path)
-    import cv2
-
-    return cv2.imread(path, cv2.IMREAD_UNCHANGED)
 
 
 def _measurements(path: str) -> pd.DataFrame | None:
     folder = os.path.join(path, MEASUREMENTS)
-    if not os.path.isdir(folder):
-        return None
-    import pyarrow.dataset
-
-    return pyarrow.dataset.dataset(folder, format="parquet").to_table().to_pandas()
+    return pd.read_parquet(folder) if os.path.isdir(folder) else None

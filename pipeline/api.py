@@ -21,6 +21,7 @@ import os
 from pipeline.config import TRAIN_PRESETS, SegmentConfig, TrainConfig
 from pipeline.segment.run import run_segmentation
 from pipeline.segment.segmenter import Segmenter
+from pipeline.train.files import SHOWN_METRICS
 from pipeline.train.training import run_training
 from pipeline.train.tuning import describe, tune, untunable_reason, will_tune
 
@@ -53,7 +54,7 @@ def train_with(config) -> dict:
         print(f"--tune: this run will not be tuned after training: {skipped}")
     info = run_training(config)
     model = os.path.join(os.path.abspath(config.output), "model.keras")
-    metrics = ", ".join(f"{k}={info['final_metrics'][k]:.4f}" for k in ("loss", "val_loss", "val_nucleus_iou")
+    metrics = ", ".join(f"{k}={info['final_metrics'][k]:.4f}" for k in SHOWN_METRICS
                         if isinstance(info["final_metrics"].get(k), float))
     print(f"model: {model} (weights of epoch {info['kept_epoch']} of {info['epochs_run']}, "
           f"best {info['best_epoch']}; {metrics})")

@@ -146,9 +146,9 @@ class WorkerKiller(threading.Thread):
 @pytest.fixture(scope="session")
 def run_with_a_killed_worker(tmp_path_factory, ray_session):
     """A tiny model trained by a Ray Train worker that is killed (SIGKILL) once epoch 2 is logged, in epoch 3 or
-    while epoch 2's checkpoint is reported, and replaced by Ray Train. One worker: under MultiWorkerMirroredStrategy a step took
-    twice as long on this CPU box (train/worker.py); two workers on two nodes are
-    test_training.py's `ray job submit` test.
+    while epoch 2's checkpoint is reported, and replaced by Ray Train. One worker: under MultiWorkerMirroredStrategy a
+    step took twice as long on this CPU box (train/worker.py); two workers on two nodes are test_training.py's
+    `ray job submit` test.
 
     Returns (TrainConfig, run.json info, the WorkerKiller that killed it).
     """

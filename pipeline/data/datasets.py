@@ -39,7 +39,8 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     # Object-store credentials and endpoints, the local ImageNet weights and --verbose of the driver's environment
     # reach the workers too.
     forwarded = {k: v for k, v in os.environ.items()
-                 if k.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "NUCLEI_BACKBONE_WEIGHTS", "NUCLEI_VERBOSE"))}
+                 if k.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "NUCLEI_BACKBONE_WEIGHTS",
+                                  "NUCLEI_VERBOSE"))}
     quiet = dict(logging_level=logging.ERROR, log_to_driver=log_to_driver or os.environ.get("NUCLEI_RAY_LOGS") == "1",
                  runtime_env={"env_vars": {**WORKER_ENV, **forwarded}})
     verbose = os.environ.get("NUCLEI_VERBOSE") == "1"

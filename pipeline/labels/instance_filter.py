@@ -38,8 +38,8 @@ def instance_features(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarr
     def by_label(values: np.ndarray) -> np.ndarray:
         return np.bincount(flat, weights=values, minlength=len(counts))[present]
 
+    nucleus_values, interior_values = nucleus[rows, cols], interior[rows, cols]
     rows, cols = rows.astype(np.float64), cols.astype(np.float64)
-    nucleus_values, interior_values = nucleus[labels > 0], interior[labels > 0]
     mean_r, mean_c = by_label(rows) / area, by_label(cols) / area
     # central second moments over the area: skimage's inertia tensor, whose eigenvalues give the eccentricity
     rr = by_label(rows * rows) / area - mean_r ** 2

@@ -34,13 +34,13 @@ def band_features(labels: np.ndarray, probabilities: np.ndarray, image: np.ndarr
     `labels`: HxW nuclei; `probabilities`: HxWx3 (background, interior, border); `image`: HxW or HxWxC, any
     range (grey levels are taken relative to the image's own background and nuclei, so the scale cancels).
     """
-    features, mask, _ = _band(labels, probabilities, image, band)
+    features, mask, _ = band_features_expanded(labels, probabilities, image, band)
     return features, mask
 
 
-def _band(labels: np.ndarray, probabilities: np.ndarray, image: np.ndarray, band: int):
+def band_features_expanded(labels: np.ndarray, probabilities: np.ndarray, image: np.ndarray, band: int = BAND):
     """band_features, and each pixel's nearest object within band + 1 pixels (0 beyond): skimage's expand_labels
-    of `labels` by band + 1, from the same distance transform."""
+    of `labels` by band + 1 from the same distance transform, which `relabel` needs."""
     from scipy import ndimage
 
     grey = image.astype(np.float32)
@@ -86,7 +86,7 @@ def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
 def relabel(labels: np.ndarray, mask: np.ndarray, nucleus_probability: np.ndarray, cutoff: float,
             band: int = BAND, expanded: np.ndarray | None = None) -> np.ndarray:
     """`labels` with each band pixel (mask) in its nearest object if P(nucleus) > cutoff, else background;
-    `expanded`: `labels` expanded by band + 1 pixels, when already known (_band)."""
+    `expanded`: `labels` expanded by band + 1 pixels, when already known (band_features_expanded)."""
     from skimage.segmentation import expand_labels, relabel_sequential
 
     probability = np.zeros(labels.shape, np.float32)
@@ -105,7 +105,7 @@ def refine_outlines(labels: np.ndarray, probabilities: np.ndarray, image: np.nda
         return labels
     if tuple(params["features"]) != FEATURES:
         raise ValueError("this model's outline refiner was fitted with other features: re-run jobs/tune.py")
-    features, mask, expanded = _band(labels, probabilities, image, int(params["band"]))
+    features, mask, expanded = band_features_expanded(labels, probabilities, image, int(params["band"]))
     return relabel(labels, mask, keep_probability(features.astype(np.float64), params), float(params["cutoff"]),
                    int(params["band"]), expanded)
 

@@ -17,15 +17,13 @@ import numpy as np
 import tifffile
 
 from pipeline.data.protocol import image_kind
-from pipeline.io.sources import list_images, load_sample
-from pipeline.io.synthetic import synthetic_refs
-from pipeline.model.onnx import OnnxModel, check_images_for, export_onnx
+from pipeline.io.sources import load_sample
+from pipeline.model.onnx import OnnxModel, check_images_for, check_refs, export_onnx
 from pipeline.model.registry import read_model_info, resolve_model
-from pipeline.model.runinfo import RunInfo
+from pipeline.model.runinfo import CLASS_NAMES, RunInfo
 
 PERCENTILES = (1.0, 99.8)  # the stretch of the project's reading (pipeline.io.images) and StarDist's default
 SIDE = 256  # the test image's side; any multiple of 32 from 64 up runs
-CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "border"]}
 CITATIONS = [
     ("Caicedo et al. 2019: Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl. "
      "Nature Methods 16, 1247-1253 (the DSB2018 training images, CC0)", "10.1038/s41592-019-0612-7"),
@@ -48,10 +46,7 @@ def stretched(image: np.ndarray) -> np.ndarray:
 
 def test_image(source: str, count: int = 16) -> np.ndarray:
     """A fluorescence image (SIDE x SIDE x 3, as read) of the model's training data when present, else synthetic."""
-    if source and source != "synthetic" and os.path.exists(source):
-        refs = sorted(list_images(source).refs, key=lambda ref: ref.image_id)[:count]
-    else:
-        refs = synthetic_refs(count, seed=0)
+    source, refs = check_refs(source, count)
     for ref in refs:
         image = load_sample(ref, with_masks=False).image
         if image_kind(image) == "fluorescence" and min(image.shape[:2]) >= SIDE:
@@ -153,15 +148,14 @@ def _description(folder: str, onnx_file: str, info: RunInfo, name: str, classes:
                     "logits (the softmax is the declared postprocessing)")))
 
 
-def export_bioimageio(model_path: str, output: str, check_images: list[np.ndarray], source: str,
-                      tolerance: float = 1e-4, name: str = "") -> dict:
+def export_bioimageio(model_path: str, output: str, check_images: list[np.ndarray], source: str, name: str,
+                      tolerance: float = 1e-4) -> dict:
     """Write `output` (a .zip): the model's ONNX export (checked against TensorFlow on `check_images`) with its
     normalisation, test tensors from one image of `source`, cover and card, then run bioimageio.core's test_model on
     the written package. Raises, leaving nothing at `output`, when the package does not pass."""
     from bioimageio.core import test_model
     from bioimageio.spec import save_bioimageio_package
 
-    name = name or os.path.basename(os.path.dirname(os.path.abspath(model_path)))
     with tempfile.TemporaryDirectory() as folder:
         onnx_file = os.path.join(folder, "model.onnx")
         checked = export_onnx(model_path, onnx_file, check_images, tolerance)
@@ -196,6 +190,7 @@ def run_bioimageio_export(config) -> dict:
     model_path = resolve_model(config.model)
     info = read_model_info(model_path)
     source, images = check_images_for(config, info)
-    output = config.output or f"{os.path.basename(os.path.dirname(os.path.abspath(model_path)))}.bioimageio.zip"
-    result = export_bioimageio(model_path, output, images, config.check_images or info.data, config.tolerance)
+    name = os.path.basename(os.path.dirname(os.path.abspath(model_path)))  # the shipped model's or the run's folder
+    result = export_bioimageio(model_path, config.output or f"{name}.bioimageio.zip", images,
+                               config.check_images or info.data, name, config.tolerance)
     return {**result, "check_source": source}

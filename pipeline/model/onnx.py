@@ -128,13 +128,17 @@ def _converted_and_checked(model, check_images: list[np.ndarray], tolerance: flo
     return proto, worst
 
 
+def check_refs(source: str, count: int) -> tuple[str, list]:
+    """(where they come from, the first `count` images by id) of `source` (the model's training data, or
+    --check-images) when it is there, else of synthetic nuclei."""
+    if source and source != "synthetic" and (fileio.is_uri(source) or os.path.exists(source)):
+        return source, sorted(list_images(source).refs, key=lambda ref: ref.image_id)[:count]
+    return "synthetic", synthetic_refs(count, seed=0)
+
+
 def check_images_for(config, info: RunInfo) -> tuple[str, list[np.ndarray]]:
     """(where they came from, model inputs) for the export check: real images when there are any, as the model sees them."""
-    source = config.check_images or info.data
-    if source and source != "synthetic" and (fileio.is_uri(source) or os.path.exists(source)):
-        refs = sorted(list_images(source).refs, key=lambda ref: ref.image_id)[:config.check_count]
-    else:
-        source, refs = "synthetic", synthetic_refs(config.check_count, seed=0)
+    source, refs = check_refs(config.check_images or info.data, config.check_count)
     images = []
     for ref in refs:
         image = apply_appearance(load_sample(ref, with_masks=False).image, info.appearance)

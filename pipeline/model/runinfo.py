@@ -29,6 +29,7 @@ from pipeline.labels.instances import DEFAULT_MIN_SIZE, DEFAULT_THRESHOLD
 FORMAT = "nuclei-unet/2"  # what this version writes: the keys of /1, with REQUIRED always there
 READABLE_FORMATS = ("", "nuclei-unet/1", FORMAT)  # "": files that record no format (by hand, older tests)
 REQUIRED = ("image_size", "num_classes", "mode", "appearance")  # a FORMAT file must hold these
+CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "border"]}  # by num_classes, output order
 DEFAULT_TILE = 1024  # pixels: whole-image prediction of native-mode models is tiled above this
 # What a model given to --init-from must share with the run's flags: its weights are the run's starting point.
 ARCHITECTURE = ("image_size", "num_classes", "mode", "appearance", "encoder_width", "decoder_width")

@@ -11,7 +11,7 @@ from pipeline.labels.instance_filter import (apply_filter, fit_filter, instance_
                                              true_positive_targets)
 from pipeline.labels.instances import CLUMP_SPLIT_KEYS, instances_from_probabilities, split_clumps
 from pipeline.labels.metric import image_score
-from pipeline.labels.outlines import band_features, fit_refiner, pixel_targets, relabel
+from pipeline.labels.outlines import band_features_expanded, fit_refiner, pixel_targets, relabel
 from pipeline.model.runinfo import Postprocess
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
@@ -60,9 +60,9 @@ def filter_cross_validation(truths, labels, probabilities, folds: int = FOLDS, s
 def refiner_cross_validation(truths, labels, probabilities, images, folds: int = FOLDS, seed: int = 0) -> dict:
     """Out-of-fold tune score of the outline refiner at each cutoff (the same image folds as the filter's), and
     the band pixels' features and targets of every image, to fit the stored refiner."""
-    bands = [band_features(label, probability.astype(np.float32), image)
+    bands = [band_features_expanded(label, probability.astype(np.float32), image)
              for label, probability, image in zip(labels, probabilities, images)]
-    targets = [pixel_targets(truth, mask) for truth, (_, mask) in zip(truths, bands)]
+    targets = [pixel_targets(truth, mask) for truth, (_, mask, _) in zip(truths, bands)]
     fold_of = np.random.default_rng(seed).permutation(len(truths)) % folds
     refined = {cutoff: list(labels) for cutoff in REFINER_CUTOFFS}
     for fold in range(folds):
@@ -75,9 +75,10 @@ def refiner_cross_validation(truths, labels, probabilities, images, folds: int =
                 continue
             probability = keep_probability(bands[i][0].astype(np.float64), params)
             for cutoff in REFINER_CUTOFFS:
-                refined[cutoff][i] = relabel(labels[i], bands[i][1], probability, cutoff)
+                refined[cutoff][i] = relabel(labels[i], bands[i][1], probability, cutoff, expanded=bands[i][2])
     return {"by_cutoff": {cutoff: mean_score(truths, refined[cutoff]) for cutoff in REFINER_CUTOFFS},
-            "all_features": np.concatenate([features for features, _ in bands]), "all_targets": np.concatenate(targets)}
+            "all_features": np.concatenate([features for features, _, _ in bands]),
+            "all_targets": np.concatenate(targets)}
 
 
 def choose_clump_split(truths, labels, probabilities, min_gain: float) -> tuple[list, dict, dict | None]:

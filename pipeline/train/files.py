@@ -13,8 +13,9 @@ from pipeline.config import TrainConfig
 from pipeline.io.fileio import write_text_atomic
 
 BACKBONE_FILE = "backbone.json"  # rank 0 writes where the encoder's weights came from
-CONSOLE_FILE = os.path.join("logs", "console.txt")  # the workers' lines for the driver's console
-SHOWN_METRICS = ("loss", "val_loss", "val_nucleus_iou", "epoch_seconds")  # an epoch's line, in this order
+LOGS = "logs"  # each worker's own output, and console.txt
+CONSOLE_FILE = os.path.join(LOGS, "console.txt")  # the workers' lines for the driver's console
+SHOWN_METRICS = ("loss", "val_loss", "val_nucleus_iou")  # what an epoch's line and the run's summary show
 
 
 def say(output: str, text: str) -> None:
@@ -31,7 +32,7 @@ def say(output: str, text: str) -> None:
 
 def epoch_line(metrics: dict, epochs: int) -> str:
     """'epoch 3/12: loss 0.412, val_loss 0.398, val_nucleus_iou 0.71, 9 s' from an epoch's logs."""
-    shown = [f"{name} {metrics[name]:.3g}" for name in SHOWN_METRICS[:-1] if name in metrics]
+    shown = [f"{name} {metrics[name]:.3g}" for name in SHOWN_METRICS if name in metrics]
     seconds = f", {metrics['epoch_seconds']:.0f} s" if "epoch_seconds" in metrics else ""
     return f"epoch {metrics['epoch']}/{epochs}: {', '.join(shown)}{seconds}"
 
@@ -41,7 +42,7 @@ def send_output_to_log(output: str, rank: int) -> None:
     OUTPUT/logs/worker-RANK.log instead of the driver's console; NUCLEI_VERBOSE=1 leaves them on the console."""
     if os.environ.get("NUCLEI_VERBOSE") == "1":
         return
-    folder = os.path.join(os.path.abspath(output), "logs")
+    folder = os.path.join(os.path.abspath(output), LOGS)
     os.makedirs(folder, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -21,8 +21,8 @@ from pipeline.data.datasets import (ensure_ray, extra_training_refs, image_kinds
                                     split_refs, training_dataset, training_refs)
 from pipeline.io.fileio import write_text_atomic
 from pipeline.model.registry import read_model_info, sha256_of
-from pipeline.model.runinfo import ARCHITECTURE, DEFAULT_TILE, FORMAT, Postprocess, RunInfo
-from pipeline.train.files import backbone_init, console_of, read_history
+from pipeline.model.runinfo import ARCHITECTURE, CLASS_NAMES, DEFAULT_TILE, FORMAT, Postprocess, RunInfo
+from pipeline.train.files import LOGS, backbone_init, console_of, read_history
 from pipeline.train.tuning import TUNE_COST_IN_EPOCHS, will_tune
 
 
@@ -78,7 +78,7 @@ def run_training(config: TrainConfig) -> dict:
                          f"{config.val_fraction}: every worker needs training and validation images")
     print(f"data: {len(train_refs)} training and {len(val_refs)} validation images from {config.data}", flush=True)
     print(f"training: {config.epochs} epochs on {config.workers} worker(s); their own output goes to "
-          f"{os.path.join(output, 'logs')}", flush=True)
+          f"{os.path.join(output, LOGS)}", flush=True)
     options = dict(mode=config.mode, appearance=config.appearance, crops_per_image=config.crops_per_image,
                    seed=config.seed, nucleus_area=config.nucleus_area)
     train_data = training_dataset(train_refs, config.image_size, config.max_pixels, config.num_classes, config.blocks,
@@ -159,7 +159,7 @@ def _write_run_info(config: TrainConfig, output: str, result, refs: tuple[list, 
     info = RunInfo(
         format=FORMAT, model="model.keras", keras="tf-keras",
         image_size=config.image_size, num_classes=config.num_classes,
-        classes=["background", "nucleus"] if config.num_classes == 2 else ["background", "interior", "border"],
+        classes=CLASS_NAMES[config.num_classes],
         mode=config.mode, appearance=config.appearance, tile=DEFAULT_TILE if config.mode == "native" else None,
         normalisation="RGB uint8 (after `appearance`) / 255 -> [0, 1] float32 (the model rescales to [-1, 1])",
         resize=("INTER_AREA down / INTER_LINEAR up to image_size x image_size" if config.mode == "resize" else
