@@ -123,7 +123,7 @@ def test_a_job_on_two_nodes_killed_mid_run_resumes_stops_at_its_time_limit_and_t
         first = submit("--epochs", "5", "--data", "synthetic", "--synthetic-count", "16", "--workers", "2",
                        "--placement", "STRICT_SPREAD", "--cpus-per-worker", "0.5", "--mode", "native",
                        "--num-classes", "3", "--crops-per-image", "2", "--holdout", "protocol", "--tune",
-                       "--image-size", "64", "--encoder-width", "0.35", "--batch-size", "4",
+                       "--image-size", "64", "--encoder-width", "0.35", "--decoder-width", "0.25", "--batch-size", "4",
                        "--backbone-weights", "none", "--snapshots", "1", "--warmup-epochs", "0", "--seed", "4",
                        wait=False)
         assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
@@ -164,16 +164,11 @@ def test_a_job_on_two_nodes_killed_mid_run_resumes_stops_at_its_time_limit_and_t
         assert stored["tuned_on"].startswith("tune split") and stored["tune_score"] == tuning["settings"]["tune_score"]
         assert {"threshold", "seed_threshold", "min_size", "tta", "scales"} <= set(stored)
         assert f"tune_score={stored['tune_score']:.4f}" in log and "run.json holds the settings" in log
-    finally:  # both nodes at once; what has not stopped after 10 s is killed (a clean stop took half a minute)
+    finally:  # a test cluster's state is not worth a clean stop (30 s): kill both nodes' processes at once
         for node in nodes:
-            os.killpg(node.pid, signal.SIGTERM)
-        for node in nodes:
-            try:
-                node.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-            with contextlib.suppress(ProcessLookupError):  # the node's processes still there (raylet, GCS, ...)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
+        for node in nodes:
             node.wait(30)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)

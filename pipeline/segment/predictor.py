@@ -5,10 +5,13 @@ TensorFlow or ONNX Runtime is imported only when a model is loaded, so importing
 """
 from __future__ import annotations
 
+import copy
+import os
+
 import numpy as np
 
 from pipeline.data.augment import flip_average, predict_scales
-from pipeline.model.registry import specialist_files
+from pipeline.model.registry import info_path, resolve_model, specialist_files
 from pipeline.model.runinfo import DEFAULT_TILE, RunInfo
 
 
@@ -24,9 +27,29 @@ def _runtime(model_path: str):
     return network
 
 
-def _load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[RunInfo, int, object]:
-    """(run.json, classes, images -> softmax probabilities) of a Keras or ONNX model file."""
-    return _runtime(model_path).open_forward(model_path, threads, use_gpu)
+_LOADED: dict = {}  # this process's loaded models (a Ray worker's blocks, a Segmenter and its Predictor share one)
+_MAX_LOADED = 4
+
+
+def _file_state(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[RunInfo, int, object]:
+    """(run.json, classes, images -> softmax probabilities) of a Keras or ONNX model file, loaded (and checked) once
+    per process while the file and its run.json stay as they are; each caller gets its own copy of the run.json."""
+    path = os.path.abspath(resolve_model(model_path))
+    key = (path, _file_state(path), _file_state(info_path(path)), threads, use_gpu)
+    if key not in _LOADED:
+        while len(_LOADED) >= _MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = _runtime(path).open_forward(path, threads, use_gpu)
+    info, classes, forward = _LOADED[key]
+    return copy.deepcopy(info), classes, forward
 
 
 class Predictor:
@@ -43,11 +66,11 @@ class Predictor:
                  size_normalisation: dict | None = None, specialists: dict | None = None):
         self.batch_size, self.tta, self.tile, self.overlap, self.scales = batch_size, tta, tile, overlap, tuple(scales)
         self.size_normalisation = size_normalisation
-        self.info, self.classes, self.forward = _load_forward(model_path, threads, use_gpu)
+        self.info, self.classes, self.forward = load_forward(model_path, threads, use_gpu)
         self.native = self.info.mode == "native"
         # Kinds of image routed to a model fine-tuned for them: run.json's, or those given (jobs/tune.py trying one).
         files = specialist_files(model_path, self.info) if specialists is None else specialists
-        self.forwards = {kind: _load_forward(path, threads, use_gpu)[2] for kind, path in files.items()}
+        self.forwards = {kind: load_forward(path, threads, use_gpu)[2] for kind, path in files.items()}
 
     def forward_for(self, kind: str = ""):
         """The model function for an image of `kind`: its specialist's, else the model's own."""

@@ -13,7 +13,7 @@ from pipeline.data.protocol import image_kind
 from pipeline.io.images import image_from_array, normalise, resize_image
 from pipeline.model.registry import resolve_model
 from pipeline.segment.postprocess import labels_at_zoom, needs_image_kind, postprocess_settings, prediction_settings
-from pipeline.segment.predictor import Predictor, inspect_model
+from pipeline.segment.predictor import Predictor, load_forward
 
 
 class Segmenter:
@@ -21,7 +21,7 @@ class Segmenter:
 
     def __init__(self, model_path: str, config: SegmentConfig, threads: int = 2):
         self.model_path = model_path
-        self.info = inspect_model(model_path)  # the model's run.json (pipeline.model.runinfo.RunInfo)
+        self.info = load_forward(model_path, threads)[0]  # its run.json (RunInfo); the Predictor reuses the load
         self.post = postprocess_settings(config, self.info)
         self.predictor = Predictor(model_path, batch_size=1, threads=threads, **prediction_settings(config, self.info),
                                    tile=config.tile or self.info.effective_tile, overlap=config.overlap)
