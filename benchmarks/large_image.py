@@ -4,6 +4,7 @@ same pixels segmented whole.
     cd benchmarks && python large_image.py                  # 20,000 x 20,000, blocks of 2048 (the default)
     cd benchmarks && python large_image.py --side 6000      # a quicker look
     cd benchmarks && python large_image.py --folder F --compare-only   # the comparison again, on F's earlier run
+    cd benchmarks && python large_image.py --side 8192 --half-empty   # then its right half empty: time, skipped blocks
 
 The image is a mosaic of 256-pixel tiles of the real DSB2018 fluorescence images (the commonest kind), written
 as a tiled, compressed TIFF without holding it in memory. `jobs/segment.py`'s library call segments it with the
@@ -47,16 +48,28 @@ def fluorescence_tiles(count: int, seed: int = 0) -> list[np.ndarray]:
     return tiles
 
 
-def write_mosaic(path: str, side: int, tiles: list[np.ndarray]) -> None:
-    """A side x side RGB TIFF, tiled 256 x 256 and compressed, written tile by tile (bounded memory)."""
+def background_tile(tiles: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """A tile of empty slide: the tiles' median background with a camera's noise (s.d. 2 grey levels)."""
+    level = np.median(np.stack([np.median(tile, axis=(0, 1)) for tile in tiles]), axis=0)
+    noise = np.random.default_rng(seed).normal(0, 2, (TILE, TILE, 1))
+    return np.clip(level + noise, 0, 255).astype(np.uint8)
+
+
+def write_mosaic(path: str, side: int, tiles: list[np.ndarray], empty_from: int | None = None) -> None:
+    """A side x side RGB TIFF, tiled 256 x 256 and compressed, written tile by tile (bounded memory); from column
+    `empty_from` (pixels) on, empty slide."""
     import tifffile
 
     per_row = -(-side // TILE)
+    empty = background_tile(tiles)
 
     def chunks():
         for row in range(per_row):
             for col in range(per_row):
-                yield tiles[(row * 7 + col * 3 + row * col) % len(tiles)]
+                if empty_from is not None and col * TILE >= empty_from:
+                    yield empty
+                else:
+                    yield tiles[(row * 7 + col * 3 + row * col) % len(tiles)]
 
     tifffile.imwrite(path, chunks(), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
                      compression="zlib", bigtiff=True)
@@ -102,6 +115,9 @@ def main() -> None:
     parser.add_argument("--folder", default="", help="work folder (default: a temporary one, removed at the end)")
     parser.add_argument("--compare-only", action="store_true",
                         help="only the comparison, with the mosaic and blockwise labels an earlier run left in --folder")
+    parser.add_argument("--half-empty", action="store_true",
+                        help="then the same mosaic with its right half empty slide: its time against the full one's "
+                             "and how many blocks were skipped")
     args = parser.parse_args()
 
     from pipeline.api import Segmenter, segment_folder
@@ -154,6 +170,19 @@ def main() -> None:
           f"(>= {margin} px from its edges) against {count_blocks:,} blockwise, difference "
           f"{abs(count_blocks - count_whole) / max(1, count_whole):.2%}; matched {len(matched):,} "
           f"({len(matched) / max(1, count_whole):.1%}) with mean IoU {matched.mean():.3f}", flush=True)
+    if args.half_empty and not args.compare_only:
+        half_folder = os.path.join(folder, "half")
+        os.makedirs(os.path.join(half_folder, "in"), exist_ok=True)
+        write_mosaic(os.path.join(half_folder, "in", "slide.tif"), args.side, fluorescence_tiles(48),
+                     empty_from=args.side // 2 // TILE * TILE)
+        started = time.perf_counter()
+        half = segment_folder(os.path.join(half_folder, "in"), os.path.join(half_folder, "out"),
+                              block_size=args.block_size, report=False).rows[0]
+        half_seconds = time.perf_counter() - started
+        print(f"half empty: {half_seconds:.0f} s, {half['nuclei']:,} nuclei, {half['empty_blocks']} of "
+              f"{half['blocks']} blocks empty (skipped), against {seconds:.0f} s for the full mosaic "
+              f"({row['empty_blocks']} of {row['blocks']} empty)", flush=True)
+        print(f"ratio={half_seconds / seconds:.3f}")
     if not args.folder:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -95,6 +95,31 @@ def test_every_nucleus_is_kept_once_and_whole_across_the_seams(tmp_path, block):
     assert not os.path.exists(tmp_path / "canvas.npy")
 
 
+def test_a_block_of_background_is_empty_and_one_small_dim_nucleus_is_not():
+    """The empty-block test (pipeline.segment.blockwise): background with camera noise is empty; the same
+    background with one nucleus of 5 pixels' radius at a third of the image's nucleus brightness is not; a flat
+    sample (nothing to tell apart) turns the test off."""
+    import cv2
+
+    from pipeline.data.augment import fit_appearance
+    from pipeline.segment.blockwise import empty_cut, is_empty
+
+    image = fluorescence_mosaic(512, 512)
+    fitted = fit_appearance(image, "colour")
+    cut = empty_cut(image, "colour", fitted)
+    assert cut is not None
+    background = np.median(image, axis=(0, 1))
+    window = np.clip(background + np.random.default_rng(1).normal(0, 2, (256, 256, 1)), 0, 255).astype(np.uint8)
+    assert is_empty(window, "colour", fitted, cut)
+    bright = np.percentile(image, 99, axis=(0, 1))
+    dim_nucleus = window.copy()
+    cv2.circle(dim_nucleus, (100, 140), 5, tuple(float(v) for v in background + (bright - background) / 3), -1)
+    assert not is_empty(dim_nucleus, "colour", fitted, cut)
+    assert not is_empty(image[:256, :256], "colour", fitted, cut)
+    flat = np.full((256, 256, 3), 7, np.uint8)
+    assert empty_cut(flat, "colour", fit_appearance(flat, "colour")) is None
+
+
 def test_tiff_windows_read_tiles_as_the_whole_image_holds_them(tmp_path):
     from pipeline.io.images import image_from_array
     from pipeline.io.sources import SampleRef
@@ -183,8 +208,9 @@ def write_large_tiff(path, image, pixel_size_um=0.5):
 
 @pytest.mark.slow
 def test_a_large_image_block_by_block_agrees_with_the_whole_image_and_has_every_output(tmp_path, ray_session):
-    """The shipped model on a 1280 x 1536 TIFF in 384-pixel blocks (20 Ray tasks) against the same image
-    segmented whole: the same nuclei; labels, measurements, GeoJSON, ROI set and OME-TIFF all agree."""
+    """The shipped model on a 1280 x 1536 TIFF in 384-pixel blocks (20 Ray tasks; the right ones empty background,
+    skipped) against the same image segmented whole: the same nuclei; labels, measurements, GeoJSON, ROI set and
+    OME-TIFF all agree."""
     from roifile import roiread
     from shapely.geometry import shape
 
@@ -192,6 +218,9 @@ def test_a_large_image_block_by_block_agrees_with_the_whole_image_and_has_every_
     from pipeline.labels.metric import matched_ious
 
     image = fluorescence_mosaic(1280, 1536)
+    background = np.median(image[:, :1024], axis=(0, 1))  # beyond column 1024 (a tile's edge): background, noise
+    noise = np.random.default_rng(0).normal(0, 2, (1280, 512, 1))
+    image[:, 1024:] = np.clip(background + noise, 0, 255).astype(np.uint8)
     (tmp_path / "in").mkdir()
     write_large_tiff(tmp_path / "in" / "slide.ome.tif", image)
     output = tmp_path / "out"
@@ -199,16 +228,19 @@ def test_a_large_image_block_by_block_agrees_with_the_whole_image_and_has_every_
                             export="geojson,imagej-rois,ome-tiff")
     row = result.rows[0]
     assert row["status"] == "done" and (row["height"], row["width"]) == (1280, 1536)
+    assert row["empty_blocks"] >= 3 and row["blocks"] > row["empty_blocks"]  # the blocks right of column 1152
     labels = tifffile.imread(output / "labels" / "slide.ome.tif")
     whole = Segmenter.load("dsb2018", tile=2048).segment(image)
     assert labels.shape == whole.shape and row["nuclei"] == labels.max() == len(np.unique(labels)) - 1
     # the false-positive filter reads per-image context (object count, median area): a block's differs a little
-    assert abs(int(labels.max()) - int(whole.max())) <= 0.03 * whole.max() and whole.max() > 250
-    matched = matched_ious(whole, labels)
-    assert len(matched) >= 0.97 * whole.max() and matched.mean() > 0.95
+    assert abs(int(labels.max()) - int(whole.max())) <= 0.03 * whole.max() and whole.max() > 150
+    matched = matched_ious(whole, labels)  # blocks at the tissue's edge see fewer neighbours (0.96 here)
+    assert len(matched) >= 0.95 * whole.max() and matched.mean() > 0.95
+    assert whole[:, 1152:].max() == 0 == labels[:, 1152:].max()  # the skipped blocks' cores: nothing to find there
     with open(output / "manifest.csv") as stream:
         manifest = next(csv.DictReader(stream))
     assert manifest["pixel_size_um"] == "0.5" and manifest["pixel_size_source"] == "OME-TIFF PhysicalSizeX"
+    assert manifest["empty_blocks"] == str(row["empty_blocks"])
 
     import pyarrow.dataset as pads
 

@@ -22,7 +22,7 @@ from pipeline.outputs.measure import COLUMNS
 from pipeline.outputs.report import draw_report
 
 MANIFEST_COLUMNS = ("image_id", "path", "height", "width", "nuclei", "mean_area", "covered_fraction", "labels",
-                    "pixel_size_um", "pixel_size_source", *READING_COLUMNS, "status", "error")
+                    "pixel_size_um", "pixel_size_source", *READING_COLUMNS, "blocks", "empty_blocks", "status", "error")
 MEASUREMENTS = "measurements"  # OUTPUT/measurements/: the per-nucleus Parquet dataset, one part per block
 
 

@@ -13,6 +13,8 @@ import os
 import sys
 import tempfile
 import time
+
+import cv2
 import numpy as np
 
 from pipeline.data.augment import apply_appearance, fit_appearance, median_nucleus_area, size_normalising_zoom
@@ -20,7 +22,7 @@ from pipeline.data.protocol import image_kind
 from pipeline.io import fileio
 from pipeline.io.blocks import (ALIGN, ArrayWindows, Block, LabelCanvas, keep_core_nuclei, local_window_path, open_windows,
                              plan_blocks, sample_mosaic, shift_measurements)
-from pipeline.io.images import READING_COLUMNS, normalise
+from pipeline.io.images import READING_COLUMNS, image_from_array, normalise
 from pipeline.io.sources import load_sample, pixel_size_of
 from pipeline.model.runinfo import RunInfo
 from pipeline.outputs.exports import SUFFIXES, geojson_from_outlines, imagej_rois_from_outlines, nucleus_outlines
@@ -48,6 +50,38 @@ def _windows(image, channel: str = "", levels=None, colours=None):
     return open_windows(image, channel, levels, colours) if isinstance(image, str) else ArrayWindows(image)
 
 
+EMPTY_SHRINK = 4  # the empty-block test looks at a window shrunk 4 x 4 (area mean): noise averages out, nuclei stay
+
+
+def _looked_grey(image: np.ndarray, appearance_name: str, fitted: dict) -> np.ndarray:
+    """A window (or the sample mosaic) as the model sees it, grey and shrunk: nuclei bright on a dark background."""
+    looked = apply_appearance(np.ascontiguousarray(image), appearance_name, fitted)
+    grey = cv2.cvtColor(looked, cv2.COLOR_RGB2GRAY) if looked.ndim == 3 else looked
+    height, width = max(1, grey.shape[0] // EMPTY_SHRINK), max(1, grey.shape[1] // EMPTY_SHRINK)
+    return cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def empty_cut(sample: np.ndarray, appearance_name: str, fitted: dict | None) -> float | None:
+    """The grey level a shrunk window must exceed somewhere to be segmented: halfway from the whole image's background
+    (its sample's median) to its Otsu threshold. None (every block segmented) for a model without a look or a sample
+    too flat to tell nuclei from background."""
+    from skimage.filters import threshold_otsu
+
+    if fitted is None:
+        return None
+    grey = _looked_grey(sample, appearance_name, fitted)
+    background = float(np.median(grey))
+    otsu = float(threshold_otsu(grey)) if grey.min() < grey.max() else background
+    return background + 0.5 * (otsu - background) if otsu - background >= 8 else None
+
+
+def is_empty(window: np.ndarray, appearance_name: str, fitted: dict | None, cut: float) -> bool:
+    """Whether a block's window holds nothing brighter than its image's empty cut (no tissue, no nucleus): the
+    model then has nothing to find there, and the block is skipped."""
+    rgb = image_from_array(np.asarray(window), colours="keep").image
+    return not bool((_looked_grey(rgb, appearance_name, fitted) > cut).any())
+
+
 def block_tile(blocks: list[Block]) -> int:
     """The prediction tile that holds every block's window whole (its largest side, on the encoder's grid)."""
     side = max(max(block.window[1] - block.window[0], block.window[3] - block.window[2]) for block in blocks)
@@ -56,20 +90,25 @@ def block_tile(blocks: list[Block]) -> int:
 
 def segment_block(image, block: Block, model_path: str, settings: dict, threads: int, kind: str,
                   appearance: dict | None, image_id: str, measure: bool, outlines: bool,
-                  reading: tuple = ("", None, None)) -> dict:
+                  reading: tuple = ("", None, None), empty_test: tuple[str, float] | None = None) -> dict:
     """One block: its window read and segmented, the nuclei it answers for (labels 1..n, window-sized), their
     measurements and outlines in window coordinates. `image`: a TIFF's or Zarr store's local path, or the decoded
-    image; `reading`: (--nuclear-channel, the whole image's intensity levels and colour choice) for a path."""
+    image; `reading`: (--nuclear-channel, the whole image's intensity levels and colour choice) for a path;
+    `empty_test`: (the model's look, the image's empty_cut): a window with nothing above the cut is not segmented."""
     import ray
 
     reader = _windows(image, *reading)
     window = reader.read(block.window)
-    labels = _segmenter(model_path, settings, threads).segment(window, kind=kind, appearance=appearance)
+    empty = bool(empty_test) and is_empty(window, empty_test[0], appearance, empty_test[1])
+    if empty:  # no model needed: a worker that only meets empty blocks never loads one
+        labels = np.zeros(window.shape[:2], np.int32)
+    else:
+        labels = _segmenter(model_path, settings, threads).segment(window, kind=kind, appearance=appearance)
     kept = keep_core_nuclei(labels, block, reader.height, reader.width)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     return {"labels": kept.astype(np.uint16) if kept.max(initial=0) <= np.iinfo(np.uint16).max else kept, "node": node,
             "rows": measure_nuclei(kept, window, image_id) if measure else None,
-            "outlines": nucleus_outlines(kept) if outlines else None}
+            "outlines": nucleus_outlines(kept) if outlines else None, "empty": empty}
 
 
 def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str, measure: bool,
@@ -87,7 +126,7 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
     os.close(handle)
     canvas = LabelCanvas(canvas_path, reader.height, reader.width)
     try:
-        rows, outlines, nodes = _paste_blocks(canvas, blocks, pending, pixel_size[0], ref.image_id)
+        rows, outlines, nodes, empty = _paste_blocks(canvas, blocks, pending, pixel_size[0], ref.image_id)
         measured = _concatenate(rows) if measure and rows else None
         _write_outputs(canvas, label_file, exports, outlines, measured, pixel_size[0])
         rles = encoder(np.asarray(canvas.array)) if encoder else []
@@ -95,11 +134,11 @@ def segment_large_image(ref, config, model_path: str, info: RunInfo, output: str
                **canvas.summary(), "labels": relative_label_path(output, label_file),
                "pixel_size_um": np.nan if pixel_size[0] is None else pixel_size[0],
                "pixel_size_source": pixel_size[1], **{name: getattr(notes, name) for name in READING_COLUMNS},
-               "status": "done", "error": ""}
+               "blocks": len(blocks), "empty_blocks": empty, "status": "done", "error": ""}
     finally:
         canvas.close()
-    print(f"{ref.image_id}: {reader.height}x{reader.width} in {len(blocks)} blocks on {len(nodes)} node(s), "
-          f"{row['nuclei']} nuclei, {time.time() - started:.1f} s", flush=True)
+    print(f"{ref.image_id}: {reader.height}x{reader.width} in {len(blocks)} blocks on {len(nodes)} node(s) "
+          f"({empty} empty, skipped), {row['nuclei']} nuclei, {time.time() - started:.1f} s", flush=True)
     return row, measured, rles
 
 
@@ -127,23 +166,27 @@ def _start_blocks(ref, config, model_path: str, info: RunInfo, measure: bool, ex
     # tile grid of its own in each block moved 0.8% of the nuclei of a 20k x 20k mosaic), and faster.
     settings["tile"] = config.tile or block_tile(blocks)
     threads = max(1, math.ceil(config.cpus_per_actor * 2))
+    cut = empty_cut(sample, info.appearance, appearance)
+    empty_test = (info.appearance, cut) if cut is not None else None
     task = ray.remote(segment_block).options(num_cpus=config.cpus_per_actor, max_retries=3)
     pending = [task.remote(image, block, model_path, settings, threads, kind, appearance, ref.image_id, measure,
-                           bool(set(exports) & {"geojson", "imagej-rois"}), reading) for block in blocks]
+                           bool(set(exports) & {"geojson", "imagej-rois"}), reading, empty_test) for block in blocks]
     return reader, notes, blocks, pending
 
 
 def _paste_blocks(canvas: LabelCanvas, blocks: list[Block], pending: list, pixel_size_um: float | None,
-                  image_id: str) -> tuple[list[dict], dict, set]:
+                  image_id: str) -> tuple[list[dict], dict, set, int]:
     """Each block's nuclei numbered on the canvas in block order (the same numbering whatever finishes first);
-    returns their measurement rows and outlines in image coordinates, and the nodes that ran them."""
+    returns their measurement rows and outlines in image coordinates, the nodes that ran them and how many blocks
+    were empty (skipped)."""
     import ray
 
-    rows, outlines, nodes = [], {}, set()
+    rows, outlines, nodes, empty = [], {}, set(), 0
     for done, (block, result) in enumerate(zip(blocks, pending), start=1):
         part = ray.get(result)
         offset = canvas.paste(part["labels"], block)
         nodes.add(part["node"])
+        empty += part["empty"]
         top, left = block.window[0], block.window[2]
         if part["rows"] is not None:
             rows.append(shift_measurements(part["rows"], offset, top, left, pixel_size_um))
@@ -151,7 +194,7 @@ def _paste_blocks(canvas: LabelCanvas, blocks: list[Block], pending: list, pixel
             outlines[label + offset] = points + np.asarray([left, top], np.float64)
         pending[done - 1] = None  # the block's result may leave the object store
         print(f"{image_id}: block {done}/{len(blocks)}, {canvas.nuclei} nuclei", file=sys.stderr, flush=True)
-    return rows, outlines, nodes
+    return rows, outlines, nodes, empty
 
 
 def measure_nucleus_area(sample: np.ndarray, model_path: str, settings: dict, threads: int, kind: str,
