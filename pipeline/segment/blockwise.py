@@ -55,8 +55,7 @@ EMPTY_SHRINK = 4  # the empty-block test looks at a window shrunk 4 x 4 (area me
 
 def _looked_grey(image: np.ndarray, appearance_name: str, fitted: dict) -> np.ndarray:
     """A window (or the sample mosaic) as the model sees it, grey and shrunk: nuclei bright on a dark background."""
-    looked = apply_appearance(np.ascontiguousarray(image), appearance_name, fitted)
-    grey = cv2.cvtColor(looked, cv2.COLOR_RGB2GRAY) if looked.ndim == 3 else looked
+    grey = cv2.cvtColor(apply_appearance(np.ascontiguousarray(image), appearance_name, fitted), cv2.COLOR_RGB2GRAY)
     height, width = max(1, grey.shape[0] // EMPTY_SHRINK), max(1, grey.shape[1] // EMPTY_SHRINK)
     return cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
 
@@ -75,7 +74,7 @@ def empty_cut(sample: np.ndarray, appearance_name: str, fitted: dict | None) -> 
     return background + 0.5 * (otsu - background) if otsu - background >= 8 else None
 
 
-def is_empty(window: np.ndarray, appearance_name: str, fitted: dict | None, cut: float) -> bool:
+def is_empty(window: np.ndarray, appearance_name: str, fitted: dict, cut: float) -> bool:
     """Whether a block's window holds nothing brighter than its image's empty cut (no tissue, no nucleus): the
     model then has nothing to find there, and the block is skipped."""
     rgb = image_from_array(np.asarray(window), colours="keep").image

@@ -6,6 +6,7 @@ TensorFlow or ONNX Runtime is imported only when a model is loaded, so importing
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import numpy as np
@@ -27,10 +28,6 @@ def _runtime(model_path: str):
     return network
 
 
-_LOADED: dict = {}  # this process's loaded models (a Ray worker's blocks, a Segmenter and its Predictor share one)
-_MAX_LOADED = 4
-
-
 def _file_state(path: str) -> tuple[int, int] | None:
     try:
         stat = os.stat(path)
@@ -39,16 +36,16 @@ def _file_state(path: str) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
+@functools.lru_cache(maxsize=4)  # a Ray worker's blocks, a Segmenter and its Predictor share one load
+def _opened(path: str, model_state, info_state, threads: int, use_gpu: bool) -> tuple[RunInfo, int, object]:
+    return _runtime(path).open_forward(path, threads, use_gpu)
+
+
 def load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[RunInfo, int, object]:
     """(run.json, classes, images -> softmax probabilities) of a Keras or ONNX model file, loaded (and checked) once
     per process while the file and its run.json stay as they are; each caller gets its own copy of the run.json."""
     path = os.path.abspath(resolve_model(model_path))
-    key = (path, _file_state(path), _file_state(info_path(path)), threads, use_gpu)
-    if key not in _LOADED:
-        while len(_LOADED) >= _MAX_LOADED:
-            _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = _runtime(path).open_forward(path, threads, use_gpu)
-    info, classes, forward = _LOADED[key]
+    info, classes, forward = _opened(path, _file_state(path), _file_state(info_path(path)), threads, use_gpu)
     return copy.deepcopy(info), classes, forward
 
 
