@@ -74,6 +74,22 @@ def _ray_start(ray_bin: str, env: dict, *flags: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _joined(address: str, count: int, seconds: float) -> bool:
+    """Whether the cluster behind the dashboard at `address` has `count` alive nodes within `seconds`."""
+    from ray.util.state import list_nodes
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if len(list_nodes(address=address, filters=[("state", "=", "ALIVE")])) >= count:
+                return True
+        except Exception:  # noqa: BLE001 - the dashboard not answering yet
+            pass
+        if time.time() > deadline:
+            return False
+        time.sleep(1)
+
+
 def _committed_checkpoints(output) -> str:
     """Ray Train's record of the checkpoints it has registered for the run in `output` ('' before the first)."""
     found = glob.glob(str(output / "ray" / "*" / "checkpoint_manager_snapshot.json"))
@@ -131,7 +147,12 @@ def test_a_job_on_two_nodes_killed_mid_run_resumes_stops_at_its_time_limit_and_t
                 break
             except OSError:
                 time.sleep(0.5)
-        nodes.append(_ray_start(ray_bin, env, f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dirs[1]}"))
+        for _ in range(3):  # the worker node must have joined before a STRICT_SPREAD job is placed (once it never did)
+            nodes.append(_ray_start(ray_bin, env, f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dirs[1]}"))
+            if _joined(address, 2, seconds=90):
+                break
+            os.killpg(nodes.pop().pid, signal.SIGKILL)  # another try, with ports of its own
+        assert _joined(address, 2, seconds=1), "the second node never joined the head"
         submission = "nuclei-two-nodes-first"
         first = submit(submission, "--epochs", "5", "--data", "synthetic", "--synthetic-count", "16", "--workers", "2",
                        "--placement", "STRICT_SPREAD", "--cpus-per-worker", "0.5", "--mode", "native",
