@@ -37,6 +37,25 @@ def test_12_bit_data_in_16_bits_and_a_camera_offset_read_as_their_8_bit_export()
     assert read_image(cv2.imencode(".png", grey)[1].tobytes()).intensity == ""  # 8-bit: as it is, no cost
 
 
+def test_a_dim_8_bit_image_is_stretched_like_its_16_bit_original_and_keeps_its_kind():
+    """A quarter-brightness 8-bit export (99.9th percentile under 128) is stretched at reading, so a dim bright-field
+    image is still bright-field (its light background is under 128 as it is); an in-range image is left as it is."""
+    from pipeline.data.protocol import image_kind
+
+    def png(array) -> bytes:
+        return cv2.imencode(".png", array)[1].tobytes()
+
+    grey = nuclei_image()
+    dim = read_image(png(grey // 4))
+    deep = read_image(tiff(grey.astype(np.uint16) * 16))
+    assert dim.intensity.startswith("dim uint8") and deep.intensity.startswith("uint16")
+    assert np.abs(dim.image.astype(int) - deep.image.astype(int)).max() <= 8  # the dim file's 4-level steps
+    bright_field = 255 - grey
+    assert image_kind(read_image(png(bright_field // 4)).image) == "bright-field"
+    assert image_kind(cv2.cvtColor(bright_field // 4, cv2.COLOR_GRAY2RGB)) == "fluorescence"  # unstretched: wrong
+    assert read_image(png(grey)).intensity == "" and read_image(png(bright_field)).intensity == ""
+
+
 def test_float_signed_nan_flat_and_tiny_images_get_a_stated_choice():
     grey = nuclei_image().astype(np.float32)
     with_nan = grey.copy()
@@ -121,13 +140,13 @@ def test_ome_tiff_ids_drop_the_whole_suffix(tmp_path):
     assert [ref.image_id for ref in list_images(str(tmp_path)).refs] == ["well_A1"]
 
 
-def test_the_shipped_model_finds_the_same_nuclei_in_16_bit_one_colour_and_stack_files(real_zip):
+def test_the_shipped_model_finds_the_same_nuclei_in_16_bit_dim_one_colour_and_stack_files(real_zip):
     """Real test-split images written as a lab's files (pipeline.data.shifts): each variant, read from its bytes, scores
     within 0.01 of the plain 8-bit image with the shipped model and its stored settings."""
     from pipeline.api import Segmenter
     from pipeline.data.datasets import protocol_refs
     from pipeline.labels.metric import image_score
-    from pipeline.data.shifts import channel_stack, one_colour, sixteen_bit
+    from pipeline.data.shifts import channel_stack, dim, one_colour, sixteen_bit
     from pipeline.io.sources import list_kaggle, load_sample, read_file
 
     refs = protocol_refs(list_kaggle(real_zip).refs)["test"][::15]  # 8 images, fluorescence and stained
@@ -139,6 +158,6 @@ def test_the_shipped_model_finds_the_same_nuclei_in_16_bit_one_colour_and_stack_
                               for sample, data in zip(samples, files)]))
 
     plain = mean_score([read_file(ref, ref.image_path) for ref in refs])
-    for shift in (sixteen_bit, one_colour, channel_stack):
+    for shift in (sixteen_bit, dim, one_colour, channel_stack):
         shifted = mean_score([shift(sample.image, sample.labels)[1] for sample in samples])
         assert abs(shifted - plain) <= 0.01, (shift.__name__, shifted, plain)

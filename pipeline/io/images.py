@@ -152,6 +152,8 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 STRETCH_PERCENTILES = (0.1, 99.9)  # the model's own look (pipeline.data.augment) stretches further, per image
+DIM_8BIT = 128  # an 8-bit image whose 99.9th percentile is under this is dim: stretched like a deeper one
+AS_IS = (0.0, 255.0)  # levels that leave an 8-bit image as it is: a block already read by its whole image's levels
 
 
 def intensity_levels(values: np.ndarray) -> tuple[float, float]:
@@ -173,13 +175,26 @@ def intensity_levels(values: np.ndarray) -> tuple[float, float]:
     return low, high
 
 
+def _looks_dim(values: np.ndarray) -> bool:
+    """Whether an 8-bit image's 99.9th percentile is under DIM_8BIT (under 0.1% of its values that high), in one
+    comparison: the usual image pays nothing more, a dim one then gets its intensity_levels measured."""
+    return values.size > 0 and np.count_nonzero(values >= DIM_8BIT) <= (1.0 - STRETCH_PERCENTILES[1] / 100.0) * values.size
+
+
 def intensity_to_uint8(values: np.ndarray, levels: tuple[float, float] | None = None) -> tuple[np.ndarray, str]:
-    """(uint8 image, note): 8-bit stays as it is; any other depth, range or sign (12/16-bit, float, camera offsets,
-    NaNs) is stretched from its own `intensity_levels` to 0-255, so that a 16-bit original and its 8-bit export
-    give the model the same image."""
+    """(uint8 image, note): 8-bit stays as it is unless dim (99.9th percentile under DIM_8BIT); a dim 8-bit image and
+    any other depth, range or sign (12/16-bit, float, camera offsets, NaNs) are stretched from their own
+    `intensity_levels` to 0-255, so that a 16-bit original, its 8-bit export and a dim export give the model the same
+    image (a dim bright-field image left as it is would be read as fluorescence: its light background is under 128)."""
     values = np.asarray(values)
     if values.dtype == np.uint8:
-        return values, ""
+        if levels is None and not _looks_dim(values):  # the usual 8-bit image: as it is, at a glance's cost
+            return values, ""
+        low, high = intensity_levels(values) if levels is None else levels
+        if high >= DIM_8BIT or high <= low:
+            return values, ""
+        table = np.clip(np.rint((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low))), 0, 255)
+        return table.astype(np.uint8)[values], f"dim uint8 {low:g}-{high:g} -> 0-255"
     if values.dtype == bool:
         return values.astype(np.uint8) * 255, "binary -> 0, 255"
     note = ""

@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.config import SegmentConfig
 from pipeline.data.augment import apply_appearance
 from pipeline.data.protocol import image_kind
-from pipeline.io.images import image_from_array, normalise, resize_image
+from pipeline.io.images import AS_IS, image_from_array, normalise, resize_image
 from pipeline.model.registry import resolve_model
 from pipeline.segment.postprocess import labels_at_zoom, needs_image_kind, postprocess_settings, prediction_settings
 from pipeline.segment.predictor import Predictor, load_forward
@@ -45,7 +45,9 @@ class Segmenter:
         For a block of a larger image, `kind` (pipeline.data.protocol.image_kind) and `appearance`
         (pipeline.data.augment.fit_appearance) measured on the whole image make every block segmented alike."""
         # RGB(A) order, as PIL gives; a block of a larger image (`appearance` given) was read by its whole image's rules
-        rgb = image_from_array(np.asarray(image), axes, names, str(channel),
+        image = np.asarray(image)
+        block = appearance is not None and image.dtype == np.uint8  # a dim block is not stretched again on its own
+        rgb = image_from_array(image, axes, names, str(channel), levels=AS_IS if block else None,
                                colours="keep" if appearance is not None else "auto").image
         if kind is None:
             kind = image_kind(rgb) if self.needs_kind else ""
