@@ -94,11 +94,26 @@ def test_size_normalisation_zooms_an_image_so_its_median_nucleus_has_the_target_
     zoomed = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200})
     assert seen == [(96, 96), (192, 192)]  # a first pass measures the nuclei, then the image is predicted at 2x
     assert zoomed.shape == (96, 96, 3) and (zoomed[labels > 0, 0] < 0.5).mean() > 0.9
-    at_zoom, zoom = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200}, keep_zoom=True)
+    at_zoom, zoom, measured = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200},
+                                             keep_zoom=True)
     assert zoom == 2.0 and at_zoom.shape == (192, 192, 3)  # for post-processing at the size the model knows
+    assert measured is None  # the measurement's nuclei are of the first pass, not of these probabilities
     seen.clear()
     kept = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200, "within": (40, 60)})
     assert seen == [(96, 96)] and kept.shape == (96, 96, 3)  # in range: the measuring pass is the prediction
+    from pipeline.segment.postprocess import PostSettings, labels_at_zoom
+
+    in_range = predict_scales(image, forward, (1.0,), keep_zoom=True, size_normalisation={
+        "nucleus_area": 200, "within": (40, 60), "threshold": 0.5, "min_size": 10})
+    settings = PostSettings(threshold=0.5, min_size=10)
+    assert in_range.zoom == 1.0 and in_range.measured[0] == (0.5, None, 10)
+    fresh = labels_at_zoom(in_range.probabilities, 96, 96, 1.0, None, settings)
+    assert fresh.max() == labels.max()  # every disc
+    assert np.array_equal(labels_at_zoom(in_range.probabilities, 96, 96, 1.0, None, settings, in_range.measured), fresh)
+    stand_in = ((0.5, None, 10), np.zeros((96, 96), np.int32))  # the measurement's nuclei are used as they are...
+    assert labels_at_zoom(in_range.probabilities, 96, 96, 1.0, None, settings, stand_in).max() == 0
+    other = PostSettings(threshold=0.6, min_size=10)  # ...only when found with the same settings
+    assert labels_at_zoom(in_range.probabilities, 96, 96, 1.0, None, other, stand_in).max() == labels.max()
     seen.clear()
     assert np.array_equal(predict_scales(image, forward, (1.0,)), forward(image[None])[0])  # off: one pass as is
     assert seen == [(96, 96), (96, 96)]

@@ -10,7 +10,7 @@ No Ray or TensorFlow here: the model comes in as a function from a float32 NHWC 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import cv2
 import numpy as np
@@ -218,6 +218,16 @@ def true_median_area(labels: np.ndarray) -> float:
     return float(np.median(areas)) if len(areas) else 0.0
 
 
+class AtZoom(NamedTuple):
+    """predict_scales' result with `keep_zoom`: probabilities at the zoomed size, the zoom, and the size measurement's
+    nuclei ((threshold, seed_threshold, min_size), labels) where they are these very probabilities' (zoom 1, one
+    plain pass), so that post-processing with the same settings does not find them a second time."""
+
+    probabilities: np.ndarray
+    zoom: float
+    measured: tuple | None = None
+
+
 def predict_scales(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray], scales: tuple[float, ...] = (1.0,),
                    tile: int = 1024, overlap: int = 64, flips: bool = False,
                    size_normalisation: dict | None = None, keep_zoom: bool = False):
@@ -229,19 +239,23 @@ def predict_scales(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray
     nucleus with those settings and every scale is multiplied by the zoom that brings it to `nucleus_area` (none
     when it is `within` [low, high] pixels); its `diameter` (pixels) gives the image's nucleus size instead, without
     the first pass.
-    `keep_zoom`: return (probabilities at the zoomed size, zoom), for post-processing at the size the model knows.
+    `keep_zoom`: return an AtZoom (probabilities at the zoomed size, zoom, the measurement's nuclei), for
+    post-processing at the size the model knows.
     """
     height, width = image.shape[:2]
-    first, zoom = None, 1.0
+    first, zoom, first_nuclei = None, 1.0, None
     if size_normalisation and size_normalisation.get("nucleus_area", 0) > 0:
         diameter = float(size_normalisation.get("diameter") or 0.0)
         if diameter > 0:
             measured, within = np.pi * diameter ** 2 / 4, None
         else:
             first = predict_full_image(image, forward, tile, overlap, False)
-            measured = median_nucleus_area(first, size_normalisation.get("threshold", 0.5),
-                                           size_normalisation.get("seed_threshold"),
-                                           size_normalisation.get("min_size", 10))
+            seed_threshold = size_normalisation.get("seed_threshold")
+            key = (float(size_normalisation.get("threshold", 0.5)),
+                   None if seed_threshold is None else float(seed_threshold), int(size_normalisation.get("min_size", 10)))
+            first_nuclei = (key, instances_from_probabilities(np.asarray(first, np.float32), threshold=key[0],
+                                                              min_size=key[2], seed_threshold=key[1]))
+            measured = true_median_area(first_nuclei[1])
             within = size_normalisation.get("within")
         zoom = size_normalising_zoom(measured, size_normalisation["nucleus_area"],
                                      within=tuple(within) if within else None)
@@ -258,4 +272,7 @@ def predict_scales(image: np.ndarray, forward: Callable[[np.ndarray], np.ndarray
             probabilities = cv2.resize(probabilities, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
             probabilities = probabilities.reshape(out_h, out_w, -1)
         total = probabilities if total is None else total + probabilities
-    return (total / len(scales), zoom) if keep_zoom else total / len(scales)
+    if not keep_zoom:
+        return total / len(scales)
+    own = first is not None and scales == (1.0,) and zoom == 1.0 and not flips  # `total` is the first pass itself
+    return AtZoom(total / len(scales), zoom, first_nuclei if own else None)

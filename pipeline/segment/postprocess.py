@@ -49,11 +49,14 @@ def settings_for_kind(threshold: float, seed_threshold: float | None, min_size: 
 
 
 def labels_at_zoom(probabilities: np.ndarray, height: int, width: int, zoom: float, image: np.ndarray | None,
-                   settings: PostSettings) -> np.ndarray:
+                   settings: PostSettings, measured: tuple | None = None) -> np.ndarray:
     """Labels of an image whose probabilities were predicted at `zoom` (size normalisation): nuclei made at that
-    size, where they have the sizes the post-processing was tuned on, then brought to the image's own size."""
+    size, where they have the sizes the post-processing was tuned on, then brought to the image's own size.
+    `measured`: the size measurement's nuclei of these probabilities (pipeline.data.augment.AtZoom), used as they are
+    when they were found with these settings' thresholds and minimum size."""
     if zoom == 1.0:
-        return labels_at_original_size(probabilities, height, width, settings, image)
+        own = measured is not None and measured[0] == (settings.threshold, settings.seed_threshold, settings.min_size)
+        return labels_at_original_size(probabilities, height, width, settings, image, measured[1] if own else None)
     zoomed_h, zoomed_w = probabilities.shape[:2]
     if image is not None:
         image = cv2.resize(image, (zoomed_w, zoomed_h), interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR)
@@ -63,17 +66,17 @@ def labels_at_zoom(probabilities: np.ndarray, height: int, width: int, zoom: flo
 
 
 def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, settings: PostSettings,
-                            image: np.ndarray | None = None) -> np.ndarray:
+                            image: np.ndarray | None = None, nuclei: np.ndarray | None = None) -> np.ndarray:
     """Upsample model-size probabilities to the image's own size, split them into nuclei (cutting merged clumps
     when the settings split clumps), drop rejected ones, and re-decide their outlines from the probabilities and the
-    original `image` (when a refiner is given)."""
+    original `image` (when a refiner is given). `nuclei`: the first of those steps' result, when already known."""
     upsampled = probabilities.astype(np.float32)
     if upsampled.shape[:2] != (int(height), int(width)):
         upsampled = cv2.resize(upsampled, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
     if upsampled.ndim == 2:
         upsampled = upsampled[..., None]
-    labels = instances_from_probabilities(upsampled, threshold=settings.threshold, min_size=settings.min_size,
-                                          seed_threshold=settings.seed_threshold)
+    labels = nuclei if nuclei is not None else instances_from_probabilities(
+        upsampled, threshold=settings.threshold, min_size=settings.min_size, seed_threshold=settings.seed_threshold)
     if settings.clump_split and upsampled.shape[-1] == 3:
         labels = split_clumps(labels, upsampled[..., 2],
                               **{key: settings.clump_split[key] for key in CLUMP_SPLIT_KEYS})

@@ -86,7 +86,8 @@ class Predictor:
 
     def predict_whole(self, image: np.ndarray, kind: str = "", keep_zoom: bool = False):
         """Probabilities of one image at its own size (native-mode models), by its kind's specialist if it has one;
-        `keep_zoom`: (probabilities at the size normalisation's zoom, the zoom), for labels_at_zoom."""
+        `keep_zoom`: an AtZoom (probabilities at the size normalisation's zoom, the zoom, the size measurement's
+        nuclei), for labels_at_zoom."""
         return predict_scales(np.asarray(image, np.float32), self.forward_for(kind), self.scales, self.tile,
                               self.overlap, self.tta, self.size_normalisation, keep_zoom=keep_zoom)
 
@@ -100,7 +101,9 @@ class Predictor:
             kinds = batch["image_kind"] if "image_kind" in batch else [""] * len(ok)
             for row in range(len(ok)):
                 if ok[row]:
-                    found, zooms[row] = self.predict_whole(batch["image"][row], str(kinds[row]), keep_zoom=True)
+                    # the size measurement's nuclei stay here: they are of float32 probabilities, these are sent
+                    # on as float16, from which the finishing step finds its own
+                    found, zooms[row], _ = self.predict_whole(batch["image"][row], str(kinds[row]), keep_zoom=True)
                     probabilities[row] = found.astype(np.float16)
                 else:
                     probabilities[row] = np.zeros((1, 1, classes), np.float16)

@@ -54,9 +54,9 @@ class Segmenter:
         prepared = apply_appearance(rgb, self.info.appearance, appearance)
         zoom = 1.0
         if self.info.mode == "native":
-            probabilities, zoom = self.predictor.predict_whole(normalise(prepared), kind, keep_zoom=True)
+            probabilities, zoom, measured = self.predictor.predict_whole(normalise(prepared), kind, keep_zoom=True)
         else:
             size = self.info.image_size or 128
-            probabilities = self.predictor.predict(normalise(resize_image(prepared, size))[None])[0]
-        return labels_at_zoom(probabilities, rgb.shape[0], rgb.shape[1], zoom, rgb,
-                              self.post.for_kind(kind)).astype(np.int32)
+            probabilities, measured = self.predictor.predict(normalise(resize_image(prepared, size))[None])[0], None
+        return labels_at_zoom(probabilities, rgb.shape[0], rgb.shape[1], zoom, rgb, self.post.for_kind(kind),
+                              measured).astype(np.int32)
