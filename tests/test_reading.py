@@ -54,6 +54,12 @@ def test_a_dim_8_bit_image_is_stretched_like_its_16_bit_original_and_keeps_its_k
     assert image_kind(read_image(png(bright_field // 4)).image) == "bright-field"
     assert image_kind(cv2.cvtColor(bright_field // 4, cv2.COLOR_GRAY2RGB)) == "fluorescence"  # unstretched: wrong
     assert read_image(png(grey)).intensity == "" and read_image(png(bright_field)).intensity == ""
+    from pipeline.io.images import encode_png
+    from pipeline.io.synthetic import render_sample
+
+    tinted = read_image(encode_png(render_sample(3, 1, with_masks=False).image))  # dim, tinted, with noise per colour
+    assert tinted.intensity == "" and image_kind(tinted.image) == "fluorescence"  # colour as it is: stretched, it
+    # would be colourful enough to pass for stained tissue
 
 
 def test_float_signed_nan_flat_and_tiny_images_get_a_stated_choice():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.io.channels import colour_choice, select_plane
-from pipeline.io.images import channel_names, image_from_array, intensity_levels
+from pipeline.io.images import channel_names, image_from_array, intensity_levels, uint8_levels
 from pipeline.io import fileio
 from pipeline.io.ome import ome_axes, ome_channel_names, ome_multiscales
 from pipeline.io.samples import open_zip
@@ -218,9 +218,9 @@ class _FileWindows:
             self._colours = (colour_choice(np.concatenate([part.reshape(-1, 1, 3) for part in parts]))
                              if parts[0].ndim == 3 else "keep")
         if needs_levels:
-            self._levels = intensity_levels(np.concatenate([
-                select_plane(part, "YXS" if part.ndim == 3 else "YX", colours=self._colours)[0].ravel()
-                for part in parts]))
+            planes = [select_plane(part, "YXS" if part.ndim == 3 else "YX", colours=self._colours)[0] for part in parts]
+            pixels = np.concatenate([plane.reshape(-1, plane.shape[2] if plane.ndim == 3 else 1) for plane in planes])
+            self._levels = uint8_levels(pixels) if pixels.dtype == np.uint8 else intensity_levels(pixels)
 
     @property
     def notes(self):

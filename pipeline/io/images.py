@@ -177,21 +177,37 @@ def intensity_levels(values: np.ndarray) -> tuple[float, float]:
 
 def _looks_dim(values: np.ndarray) -> bool:
     """Whether an 8-bit image's 99.9th percentile is under DIM_8BIT (under 0.1% of its values that high), in one
-    comparison: the usual image pays nothing more, a dim one then gets its intensity_levels measured."""
+    comparison: the usual image pays nothing more."""
     return values.size > 0 and np.count_nonzero(values >= DIM_8BIT) <= (1.0 - STRETCH_PERCENTILES[1] / 100.0) * values.size
 
 
+def _is_grey(values: np.ndarray) -> bool:
+    """One plane, or channels (the last axis) that are all equal."""
+    if values.ndim < 3 or values.shape[-1] == 1:
+        return True
+    return all(np.array_equal(values[..., 0], values[..., c]) for c in range(1, values.shape[-1]))
+
+
+def uint8_levels(values: np.ndarray) -> tuple[float, float]:
+    """The levels an 8-bit image is read with: its own intensity_levels when it is dim and grey (a dim bright-field
+    image would otherwise be read as fluorescence: its light background is under 128), else AS_IS. Colour stays as
+    it is: stretching it would make a dim tinted image colourful enough to pass for stained tissue."""
+    if _looks_dim(values) and _is_grey(values):
+        low, high = intensity_levels(values)
+        if low < high < DIM_8BIT:
+            return low, high
+    return AS_IS
+
+
 def intensity_to_uint8(values: np.ndarray, levels: tuple[float, float] | None = None) -> tuple[np.ndarray, str]:
-    """(uint8 image, note): 8-bit stays as it is unless dim (99.9th percentile under DIM_8BIT); a dim 8-bit image and
-    any other depth, range or sign (12/16-bit, float, camera offsets, NaNs) are stretched from their own
+    """(uint8 image, note): 8-bit stays as it is unless dim and grey (uint8_levels); a dim grey 8-bit image and any
+    other depth, range or sign (12/16-bit, float, camera offsets, NaNs) are stretched from their own
     `intensity_levels` to 0-255, so that a 16-bit original, its 8-bit export and a dim export give the model the same
-    image (a dim bright-field image left as it is would be read as fluorescence: its light background is under 128)."""
+    image. `levels`: the whole image's, for a window of it (AS_IS: an 8-bit window as it is)."""
     values = np.asarray(values)
     if values.dtype == np.uint8:
-        if levels is None and not _looks_dim(values):  # the usual 8-bit image: as it is, at a glance's cost
-            return values, ""
-        low, high = intensity_levels(values) if levels is None else levels
-        if high >= DIM_8BIT or high <= low:
+        low, high = uint8_levels(values) if levels is None else levels
+        if (low, high) == AS_IS or high <= low:  # the usual 8-bit image: as it is, at a glance's cost
             return values, ""
         table = np.clip(np.rint((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low))), 0, 255)
         return table.astype(np.uint8)[values], f"dim uint8 {low:g}-{high:g} -> 0-255"
