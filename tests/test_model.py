@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.model.network import BackboneWeightsError, ModelFileError, build_unet, load_model, save_model
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("size, classes", [(128, 2), (256, 3)])
@@ -265,7 +266,7 @@ def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
 
 def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model(tmp_path):
     """run.json routes stained images to a specialist beside the model: Predictor, package and ONNX export agree."""
-    from pipeline.segment.predictor import Predictor
+    from pipeline.segment.predictor import Predictor, inspect_model
     from pipeline.model.network import package_model, save_for_inference
     from pipeline.model.onnx import export_onnx
     from pipeline.model.registry import ModelFileError
@@ -314,7 +315,23 @@ def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model
         stream.write(b"\0")
     with pytest.raises(ModelFileError, match="sha256 differs"):
         Predictor(str(shipped / "model.keras"), 1, 1)
+    with pytest.raises(ModelFileError, match="sha256 differs"):  # and by the driver's check, which loads nothing
+        inspect_model(str(shipped / "model.keras"))
     info.postprocess.specialists = {"stained": "../stained/model.keras"}  # outside the model's folder
     info.write(str(tmp_path / "general" / "run.json"))
     with pytest.raises(ModelFileError, match="a file beside the model"):
         Predictor(paths["general"], 1, 1)
+
+
+def test_the_shipped_model_is_checked_without_loading_tensorflow():
+    """A packaged model (run.json records its sha256, classes and input size) is checked by its hash on the driver:
+    a run that only schedules never imports TensorFlow (4 s); any other file is loaded to check it."""
+    import subprocess
+    import sys
+
+    check = ("import sys; from pipeline.model.registry import resolve_model; "
+             "from pipeline.segment.predictor import inspect_model; "
+             "info = inspect_model(resolve_model('dsb2018')); "
+             "print(info.num_classes, info.image_size, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.split() == ["3", "128", "False"]

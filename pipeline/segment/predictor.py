@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from pipeline.data.augment import flip_average, predict_scales
-from pipeline.model.registry import info_path, resolve_model, specialist_files
+from pipeline.model.registry import info_path, read_model_info, resolve_model, specialist_files
 from pipeline.model.runinfo import DEFAULT_TILE, RunInfo
 
 
@@ -117,5 +117,13 @@ class Predictor:
 
 
 def inspect_model(model_path: str) -> RunInfo:
-    """Load a model once (Keras or ONNX) to check it; returns its run.json settings."""
+    """A model's run.json settings, checked before any work. A packaged Keras model (its run.json records the file's
+    sha256, which matches, and its classes and input size) is not loaded here: the same bytes loaded when they were
+    packaged, and a driver that only schedules then never imports TensorFlow (4 s); any other file is loaded once
+    (Keras or ONNX) to check it."""
+    if not model_path.endswith(".onnx"):
+        info = read_model_info(model_path)  # refuses a file whose sha256 differs from the recorded one
+        if info.sha256.get(os.path.basename(model_path)) and info.num_classes and info.image_size:
+            specialist_files(model_path, info)  # checks theirs too
+            return info
     return _runtime(model_path).checked_info(model_path)
