@@ -16,12 +16,23 @@ prediction (no flips, scales, size normalisation, clump splitting, filter or ref
 `--compare steps`: plain prediction, then clump splitting, the false-positive filter and the outline refiner added
 one at a time, then the stored settings: each step's cost in seconds per image. `--split tune` takes the images
 from the evaluation protocol's tune split, the images the tune step scored each step on.
+`--compare throughput`: every throughput row of the project in one run, the forward pass the reference: in one
+process over --images shared images (forward pass alone, Segmenter with plain prediction, with the stored settings);
+a folder of --images as `python jobs/segment.py` (a fresh command: its first label file and its end) against a
+one-process Segmenter loop writing label PNGs; a --mosaic-side tiled TIFF mosaic of real fluorescence images
+block by block, with each Ray worker's peak memory. Stored settings unless said; last line `ratio=<job/loop>`.
+
+    cd benchmarks && python segment.py --model dsb2018 --compare throughput --images 600
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -179,18 +190,123 @@ def compare(args, work: str, images: str, count: int) -> None:
     print(f"ratio={rates['onnxruntime'] / rates['tensorflow']:.2f}")
 
 
+def throughput(args, work: str, images: str) -> None:
+    """--compare throughput: the rows of the throughput table, side by side in this run (see the module's doc)."""
+    from common import interleaved_medians
+    from large_image import fluorescence_tiles, worker_peaks, write_mosaic
+    from pipeline.api import Segmenter, segment_folder
+    from pipeline.data.augment import apply_appearance
+    from pipeline.data.protocol import image_kind
+    from pipeline.io.images import encode_png, normalise
+    from pipeline.io.sources import list_images, load_sample
+
+    refs = list_images(images).refs
+    decoded = [load_sample(ref, with_masks=False).image for ref in refs]
+    mpx = sum(image.shape[0] * image.shape[1] for image in decoded) / 1e6
+    inside = decoded[:args.in_process]
+    inside_mpx = sum(image.shape[0] * image.shape[1] for image in inside) / 1e6
+    plain, stored = Segmenter.load(args.model, **BARE), Segmenter.load(args.model)
+    prepared = [(normalise(apply_appearance(image, plain.info.appearance)),
+                 image_kind(image) if stored.needs_kind else "") for image in inside]
+
+    def forward() -> None:
+        for array, kind in prepared:
+            plain.predictor.predict_whole(array, kind)
+
+    forward()  # warm up: TensorFlow builds its function for each new image size once
+    for image in inside[:2]:
+        stored.segment(image)
+
+    medians = interleaved_medians({"forward": forward,
+                                   "plain": lambda: [plain.segment(image) for image in inside],
+                                   "stored": lambda: [stored.segment(image) for image in inside]}, args.repeats)
+    reference = inside_mpx / medians["forward"]
+    print(f"in one process, {len(inside)} shared images ({inside_mpx:.1f} Mpx), medians of {args.repeats} "
+          f"interleaved turns:", flush=True)
+    for name, label in (("forward", "forward pass alone (the reference)"),
+                        ("plain", "Segmenter.segment, plain prediction"),
+                        ("stored", "Segmenter.segment, stored settings")):
+        rate = inside_mpx / medians[name]
+        print(f"  {label:40s} {rate:5.2f} Mpx/s  {medians[name] / medians['forward']:.2f}x the forward pass's time "
+              f"(+{medians[name] / medians['forward'] - 1:.2f} beyond it)", flush=True)
+
+    loop_output = os.path.join(work, "loop")
+    began = time.perf_counter()
+    for ref in refs:  # what a user would write without Ray: read, segment, write the label PNG
+        labels = stored.segment(load_sample(ref, with_masks=False).image)
+        target = os.path.join(loop_output, ref.image_id + ".png")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as stream:
+            stream.write(encode_png(labels.astype(np.uint16)))
+    loop = time.perf_counter() - began
+    del plain, stored
+    print(f"a folder of {len(refs)} shared images ({mpx:.1f} Mpx), stored settings, label PNGs:", flush=True)
+    print(f"  one-process Segmenter loop                {mpx / loop:5.2f} Mpx/s  {loop:.1f} s", flush=True)
+    ratios = []
+    for flags in ([], *([shlex.split(args.job_flags)] if args.job_flags else [])):
+        seconds, first = job_seconds(args.model, images, os.path.join(work, "job"), flags)
+        ratios.append(loop / seconds)
+        print(f"  python jobs/segment.py {' '.join(flags) or '(a fresh command)':18s} {mpx / seconds:5.2f} Mpx/s  "
+              f"{seconds:.1f} s, first image done after {first:.1f} s; loop / job {loop / seconds:.2f}", flush=True)
+
+    if args.mosaic_side:
+        slide = os.path.join(work, "slide")
+        os.makedirs(slide)
+        write_mosaic(os.path.join(slide, "slide.tif"), args.mosaic_side, fluorescence_tiles(48))
+        others = frozenset(worker_peaks())
+        began = time.perf_counter()
+        row = segment_folder(slide, os.path.join(work, "slide-out"), report=False).rows[0]
+        slide_seconds = time.perf_counter() - began
+        peaks = sorted(worker_peaks(others).values(), reverse=True)
+        driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"a {args.mosaic_side:,} x {args.mosaic_side:,} tiled TIFF mosaic of real fluorescence images, block by "
+              f"block: {args.mosaic_side ** 2 / 1e6 / slide_seconds:.2f} Mpx/s ({slide_seconds:.0f} s, "
+              f"{row['nuclei']:,} nuclei, {row.get('empty_blocks', 0)} of {row.get('blocks', 1)} blocks empty), "
+              f"{args.mosaic_side ** 2 / 1e6 / slide_seconds / reference:.2f}x the forward pass's rate; peak memory "
+              f"per Ray worker {', '.join(f'{peak / 2 ** 30:.2f}' for peak in peaks[:4])} GiB, this process "
+              f"{driver / 2 ** 30:.2f} GiB", flush=True)
+    print(f"ratio={ratios[0]:.2f}")
+
+
+def job_seconds(model: str, images: str, output: str, flags: list[str]) -> tuple[float, float]:
+    """(seconds, seconds to its first label file) of `python jobs/segment.py` over `images` as a user starts it: a
+    fresh process and its own Ray, label files only."""
+    shutil.rmtree(output, ignore_errors=True)
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs", "segment.py"),
+               "--model", model, "--input", images, "--output", output, "--no-measurements", "--no-report",
+               "--overlays", "0", *flags]
+    began, first = time.perf_counter(), float("nan")
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as job:
+        while job.poll() is None:
+            if first != first and any(files for _, _, files in os.walk(os.path.join(output, "labels"))):
+                first = time.perf_counter() - began
+            time.sleep(0.25)
+    if job.returncode:
+        raise SystemExit(f"jobs/segment.py failed with exit status {job.returncode}: {' '.join(command)}")
+    return time.perf_counter() - began, first
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="runs/quickstart/run/model.keras")
     parser.add_argument("--images", type=int, default=1000, help="images for the rates and the first memory reading")
     parser.add_argument("--large", type=int, default=10000, help="image count for the second memory reading")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--compare", choices=("", "runtimes", "measurements", "stored", "steps", *SWITCHES),
+    parser.add_argument("--compare", choices=("", "throughput", "runtimes", "measurements", "stored", "steps",
+                                              *SWITCHES),
                         default="",
                         help="runtimes: TensorFlow vs ONNX Runtime; measurements / outlines / clumps: segment.py "
                              "with and without them (the model's outline refiner; clump splitting); stored: the "
                              "model's stored settings against plain prediction; steps: plain prediction, then "
-                             "each post-processing step added in turn, then the stored settings")
+                             "each post-processing step added in turn, then the stored settings; throughput: every "
+                             "row of the throughput table in one run (forward pass, Segmenter, a folder, a mosaic)")
+    parser.add_argument("--in-process", type=int, default=120,
+                        help="throughput: images of the folder segmented in one process for the first rows")
+    parser.add_argument("--job-flags", default="",
+                        help="throughput: also run jobs/segment.py with these flags, e.g. '--concurrency 2 "
+                             "--cpus-per-actor 0.5'")
+    parser.add_argument("--mosaic-side", type=int, default=8192,
+                        help="throughput: side of the tiled TIFF mosaic segmented block by block (0: none)")
     parser.add_argument("--split", choices=("", "tune", "test"), default="",
                         help="take the images from this split of the evaluation protocol (the shared 600 images)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved turns of each side (--compare)")
@@ -199,7 +315,10 @@ def main() -> None:
         work = tempfile.mkdtemp()
         images = os.path.join(work, "images")
         make_folder(args.images, images, args.split)
-        compare(args, work, images, args.images)
+        if args.compare == "throughput":
+            throughput(args, work, images)
+        else:
+            compare(args, work, images, args.images)
         shutil.rmtree(work, ignore_errors=True)
         return
     if not os.path.isfile(args.model):
