@@ -113,3 +113,27 @@ def test_split_clumps_follows_the_models_border_and_spares_convex_or_ordinary_ob
     assert split_clumps(merged, border, max_solidity=0.8).max() == 7  # the pair is not that concave: left whole
     assert split_clumps(merged, border, min_area_ratio=3.0).max() == 7  # nor three times the median
     assert split_clumps(np.zeros((20, 20), np.int32)).max() == 0
+
+
+def test_convex_areas_and_renumbering_are_scikit_images_exactly():
+    """The filter's solidity (pipeline.labels.instance_filter.convex_area) and the renumbering
+    (pipeline.labels.instances.sequential) stand in for scikit-image's for speed: the same numbers on random shapes
+    of every size, holes, thin lines and single pixels included."""
+    from scipy import ndimage
+    from skimage.measure import regionprops_table
+    from skimage.segmentation import relabel_sequential
+
+    from pipeline.labels.instance_filter import convex_area
+    from pipeline.labels.instances import sequential
+
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        mask = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.uniform(0.05, 0.95)
+        labels = ndimage.label(mask)[0]
+        if labels.max() == 0:
+            continue
+        table = regionprops_table(labels, properties=("label", "area", "area_convex"))
+        ours = [convex_area(labels[box] == index) for index, box in enumerate(ndimage.find_objects(labels), start=1)]
+        assert ours == list(np.asarray(table["area_convex"])[np.argsort(table["label"])])
+        scattered = np.where(labels > 0, labels * 7 + 3, 0).astype(np.int32)
+        assert np.array_equal(sequential(scattered), relabel_sequential(scattered)[0])

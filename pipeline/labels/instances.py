@@ -11,10 +11,22 @@ import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.measure import regionprops
-from skimage.segmentation import relabel_sequential, watershed
+from skimage.segmentation import watershed
 
 DEFAULT_MIN_SIZE = 10  # pixels; smaller predicted objects are noise
 DEFAULT_THRESHOLD = 0.5  # probability above which a pixel is nucleus (and, for 3 classes, seeds one)
+
+
+def sequential(labels: np.ndarray) -> np.ndarray:
+    """`labels` renumbered 1..N in their order, 0 staying background: scikit-image's relabel_sequential's labels, by
+    one bincount and a lookup (about twice as fast; it runs several times per image)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels.ravel())
+    present = counts > 0
+    present[0] = False
+    lookup = np.zeros(len(counts), labels.dtype)
+    lookup[present] = np.arange(1, int(np.count_nonzero(present)) + 1)
+    return lookup[labels]
 
 
 def fill_holes(binary: np.ndarray) -> np.ndarray:
@@ -34,7 +46,7 @@ def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
     small[0] = False
     labels = np.where(small[labels], 0, labels)
     if not (fill_holes(labels > 0) & (labels == 0)).any():  # the usual case: nothing to fill
-        return relabel_sequential(labels)[0].astype(np.int32)
+        return sequential(labels).astype(np.int32, copy=False)
     filled = labels.copy()
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
         if region is None:
@@ -42,7 +54,7 @@ def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
         own = labels[region] == index
         holes = fill_holes(own) & (labels[region] == 0)
         filled[region][holes] = index
-    return relabel_sequential(filled)[0].astype(np.int32)
+    return sequential(filled).astype(np.int32, copy=False)
 
 
 def split_touching(binary: np.ndarray, min_distance: int = 4) -> np.ndarray:
@@ -142,7 +154,7 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
     large = np.bincount(result.ravel()) >= min_area_ratio * median  # only these may be clumps: no hull for the rest
     large[0] = False
     if not large.any():
-        return relabel_sequential(result)[0].astype(np.int32)
+        return sequential(result).astype(np.int32, copy=False)
     for region in regionprops(np.where(large[result], result, 0)):
         if region.solidity >= max_solidity:
             continue
@@ -165,7 +177,7 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
         for part in range(2, len(peaks) + 1):
             window[(parts == part) & region.image] = next_label
             next_label += 1
-    return relabel_sequential(result)[0].astype(np.int32)
+    return sequential(result).astype(np.int32, copy=False)
 
 
 def border_targets(labels: np.ndarray, width: int = 2) -> np.ndarray:

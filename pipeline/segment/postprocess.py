@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from skimage.segmentation import relabel_sequential
 
 from pipeline.config import SegmentConfig
 from pipeline.labels.instance_filter import apply_filter
-from pipeline.labels.instances import CLUMP_SPLIT_KEYS, DEFAULT_CLUMP_SPLIT, instances_from_probabilities, split_clumps
+from pipeline.labels.instances import (CLUMP_SPLIT_KEYS, DEFAULT_CLUMP_SPLIT, instances_from_probabilities, sequential,
+                                       split_clumps)
 from pipeline.labels.outlines import refine_outlines
 from pipeline.model.registry import specialist_files
 from pipeline.model.runinfo import RunInfo
@@ -62,7 +62,7 @@ def labels_at_zoom(probabilities: np.ndarray, height: int, width: int, zoom: flo
         image = cv2.resize(image, (zoomed_w, zoomed_h), interpolation=cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR)
     labels = labels_at_original_size(probabilities, zoomed_h, zoomed_w, settings, image)
     labels = cv2.resize(labels.astype(np.int32), (int(width), int(height)), interpolation=cv2.INTER_NEAREST)
-    return relabel_sequential(labels)[0]
+    return sequential(labels)
 
 
 def labels_at_original_size(probabilities: np.ndarray, height: int, width: int, settings: PostSettings,
