@@ -69,7 +69,11 @@ def test_the_reader_opens_a_segment_output_folder(segmented, tmp_path):
     assert get_reader(str(tmp_path / "in" / "a.png")) is None and get_reader(str(tmp_path / "in")) is None
     layers = get_reader(str(tmp_path / "out"))(str(tmp_path / "out"))
     assert [(meta["name"], kind) for _, meta, kind in layers] == [("a", "image"), ("a nuclei", "labels")]
-    np.testing.assert_array_equal(layers[0][0], image)
+    # the image as the model read it (a dim grey 8-bit file like this one stretched, pipeline.io.images.uint8_levels)
+    from pipeline.io.images import intensity_to_uint8, uint8_levels
+
+    assert uint8_levels(image) != (0.0, 255.0)
+    np.testing.assert_array_equal(layers[0][0], intensity_to_uint8(image)[0])
     np.testing.assert_array_equal(layers[1][0], labels)
     assert isinstance(layers[1][1]["features"], pd.DataFrame) and len(layers[1][1]["features"]) == labels.max()
 
