@@ -209,7 +209,7 @@ class _FileWindows:
         return self._colours
 
     def _measure(self) -> None:
-        needs_levels = self._levels is None  # 8-bit too: a dim 8-bit image is stretched (intensity_to_uint8)
+        needs_levels = self._levels is None  # 8-bit too: a dim grey one is stretched (uint8_levels)
         if self._colours is not None and not needs_levels:
             return
         parts = [select_plane(self._raw(window), self.axes, self.names, self.channel, "keep")[0]

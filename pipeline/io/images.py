@@ -178,7 +178,8 @@ def intensity_levels(values: np.ndarray) -> tuple[float, float]:
 def _looks_dim(values: np.ndarray) -> bool:
     """Whether an 8-bit image's 99.9th percentile is under DIM_8BIT (under 0.1% of its values that high), in one
     comparison: the usual image pays nothing more."""
-    return values.size > 0 and np.count_nonzero(values >= DIM_8BIT) <= (1.0 - STRETCH_PERCENTILES[1] / 100.0) * values.size
+    above = 1.0 - STRETCH_PERCENTILES[1] / 100.0  # the share of values above the 99.9th percentile
+    return values.size > 0 and np.count_nonzero(values >= DIM_8BIT) <= above * values.size
 
 
 def _is_grey(values: np.ndarray) -> bool:
