@@ -239,7 +239,6 @@ def throughput(args, work: str, images: str) -> None:
         with open(target, "wb") as stream:
             stream.write(encode_png(labels.astype(np.uint16)))
     loop = time.perf_counter() - began
-    del plain, stored
     print(f"a folder of {len(refs)} shared images ({mpx:.1f} Mpx), stored settings, label PNGs:", flush=True)
     print(f"  one-process Segmenter loop                {mpx / loop:5.2f} Mpx/s  {loop:.1f} s", flush=True)
     ratios = []
@@ -278,7 +277,7 @@ def job_seconds(model: str, images: str, output: str, flags: list[str]) -> tuple
     began, first = time.perf_counter(), float("nan")
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as job:
         while job.poll() is None:
-            if first != first and any(files for _, _, files in os.walk(os.path.join(output, "labels"))):
+            if np.isnan(first) and any(files for _, _, files in os.walk(os.path.join(output, "labels"))):
                 first = time.perf_counter() - began
             time.sleep(0.25)
     if job.returncode:

@@ -82,8 +82,9 @@ def convex_area(mask: np.ndarray) -> int:
     crosses = (np.minimum(y0, y1) <= y) & (y <= np.maximum(y0, y1))
     den = np.abs(y1 - y0)
     num = (x0 * (y1 - y0) + (y - y0) * (x1 - x0)) * np.sign(y1 - y0)  # the edge meets row y at x = num / den
-    first = np.where(crosses, num / den, np.inf).argmin(axis=1)
-    last = np.where(crosses, num / den, -np.inf).argmax(axis=1)
+    x = num / den  # only to find each row's first and last crossing; the columns come from num and den exactly
+    first = np.where(crosses, x, np.inf).argmin(axis=1)
+    last = np.where(crosses, x, -np.inf).argmax(axis=1)
     every = np.arange(height)
     low = np.maximum(-(-num[every, first] // (2 * den[first])), 0)  # the first column whose centre is inside
     high = np.minimum(num[every, last] // (2 * den[last]), width - 1)

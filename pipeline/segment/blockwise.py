@@ -22,7 +22,7 @@ from pipeline.data.protocol import image_kind
 from pipeline.io import fileio
 from pipeline.io.blocks import (ALIGN, ArrayWindows, Block, LabelCanvas, keep_core_nuclei, local_window_path, open_windows,
                              plan_blocks, sample_mosaic, shift_measurements)
-from pipeline.io.images import AS_IS, READING_COLUMNS, image_from_array, normalise
+from pipeline.io.images import READING_COLUMNS, normalise
 from pipeline.io.sources import load_sample, pixel_size_of
 from pipeline.model.runinfo import RunInfo
 from pipeline.outputs.exports import SUFFIXES, geojson_from_outlines, imagej_rois_from_outlines, nucleus_outlines
@@ -77,8 +77,7 @@ def empty_cut(sample: np.ndarray, appearance_name: str, fitted: dict | None) -> 
 def is_empty(window: np.ndarray, appearance_name: str, fitted: dict, cut: float) -> bool:
     """Whether a block's window holds nothing brighter than its image's empty cut (no tissue, no nucleus): the
     model then has nothing to find there, and the block is skipped."""
-    rgb = image_from_array(np.asarray(window), levels=AS_IS, colours="keep").image  # read already: no stretch
-    return not bool((_looked_grey(rgb, appearance_name, fitted) > cut).any())
+    return not bool((_looked_grey(window, appearance_name, fitted) > cut).any())  # a window read already: RGB uint8
 
 
 def block_tile(blocks: list[Block]) -> int:
