@@ -80,6 +80,11 @@ def is_empty(window: np.ndarray, appearance_name: str, fitted: dict, cut: float)
     return not bool((_looked_grey(window, appearance_name, fitted) > cut).any())  # a window read already: RGB uint8
 
 
+def block_cpus(config) -> float:
+    """The CPUs each block's task reserves: --cpus-per-actor, else one (its TensorFlow two threads)."""
+    return config.cpus_per_actor or 1.0
+
+
 def block_tile(blocks: list[Block]) -> int:
     """The prediction tile that holds every block's window whole (its largest side, on the encoder's grid)."""
     side = max(max(block.window[1] - block.window[0], block.window[3] - block.window[2]) for block in blocks)
@@ -159,14 +164,15 @@ def _start_blocks(ref, config, model_path: str, info: RunInfo, measure: bool, ex
     appearance = fit_appearance(sample, info.appearance)
     blocks = plan_blocks(reader.height, reader.width, config.block_size)
     settings = {name: getattr(config, name) for name in SEGMENTER_SETTINGS}
-    settings.update(_whole_image_size(sample, model_path, config, info, kind, appearance, settings))
+    settings.update(_whole_image_size(sample, model_path, config, info, kind, appearance, settings, len(blocks)))
     # Each window in one forward pass, not in tiles: the model then sees every block as it sees the whole image (a
     # tile grid of its own in each block moved 0.8% of the nuclei of a 20k x 20k mosaic), and faster.
     settings["tile"] = config.tile or block_tile(blocks)
-    threads = max(1, math.ceil(config.cpus_per_actor * 2))
+    cpus = block_cpus(config)
+    threads = max(1, math.ceil(cpus * 2))
     cut = empty_cut(sample, info.appearance, appearance)
     empty_test = (info.appearance, cut) if cut is not None else None
-    task = ray.remote(segment_block).options(num_cpus=config.cpus_per_actor, max_retries=3)
+    task = ray.remote(segment_block).options(num_cpus=cpus, max_retries=3)
     pending = [task.remote(image, block, model_path, settings, threads, kind, appearance, ref.image_id, measure,
                            bool(set(exports) & {"geojson", "imagej-rois"}), reading, empty_test) for block in blocks]
     return reader, notes, blocks, pending
@@ -205,8 +211,13 @@ def measure_nucleus_area(sample: np.ndarray, model_path: str, settings: dict, th
                                measured_with.get("min_size", 10))
 
 
+def warm_worker(model_path: str, threads: int, kind: str) -> None:
+    """Load the model and `kind`'s specialist into this worker's cache (a Ray task): its blocks then find them."""
+    Segmenter.load(model_path, threads=threads).predictor.forward_for(kind)(np.zeros((1, ALIGN, ALIGN, 3), np.float32))
+
+
 def _whole_image_size(sample, model_path: str, config, info: RunInfo, kind: str, appearance: dict | None,
-                      settings: dict) -> dict:
+                      settings: dict, blocks: int) -> dict:
     """The size normalisation every block of an image shares (its own measurement would differ block by block): the
     stored range measured once on the image's sample mosaic, then given to the blocks as a diameter, or turned off."""
     import ray
@@ -214,9 +225,17 @@ def _whole_image_size(sample, model_path: str, config, info: RunInfo, kind: str,
     size = prediction_settings(config, info)["size_normalisation"]
     if not size or config.diameter:
         return {}
-    task = ray.remote(measure_nucleus_area).options(num_cpus=config.cpus_per_actor)
-    area = ray.get(task.remote(sample, model_path, settings, max(1, math.ceil(config.cpus_per_actor * 2)), kind,
-                               appearance, size))
+    cpus = block_cpus(config)
+    threads = max(1, math.ceil(cpus * 2))
+    task = ray.remote(measure_nucleus_area).options(num_cpus=cpus)
+    measuring = task.remote(sample, model_path, settings, threads, kind, appearance, size)
+    # the other workers that will run blocks load the model meanwhile (6 s of an 8,192 x 8,192 mosaic's 70 s); a
+    # failure to load shows in the blocks
+    others = min(blocks, int(ray.cluster_resources().get("CPU", 1) // cpus)) - 1
+    warm = ray.remote(warm_worker).options(num_cpus=cpus)
+    for _ in range(others):
+        warm.remote(model_path, threads, kind)
+    area = ray.get(measuring)
     within = size.get("within")
     if size_normalising_zoom(area, size["nucleus_area"], within=tuple(within) if within else None) == 1.0:
         return {"nucleus_area": 0}
