@@ -230,23 +230,34 @@ def throughput(args, work: str, images: str) -> None:
         print(f"  {label:40s} {rate:5.2f} Mpx/s  {medians[name] / medians['forward']:.2f}x the forward pass's time "
               f"(+{medians[name] / medians['forward'] - 1:.2f} beyond it)", flush=True)
 
-    loop_output = os.path.join(work, "loop")
-    began = time.perf_counter()
-    for ref in refs:  # what a user would write without Ray: read, segment, write the label PNG
-        labels = stored.segment(load_sample(ref, with_masks=False).image)
-        target = os.path.join(loop_output, ref.image_id + ".png")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "wb") as stream:
-            stream.write(encode_png(labels.astype(np.uint16)))
-    loop = time.perf_counter() - began
-    print(f"a folder of {len(refs)} shared images ({mpx:.1f} Mpx), stored settings, label PNGs:", flush=True)
-    print(f"  one-process Segmenter loop                {mpx / loop:5.2f} Mpx/s  {loop:.1f} s", flush=True)
+    def loop() -> float:
+        began = time.perf_counter()
+        for ref in refs:  # what a user would write without Ray: read, segment, write the label PNG
+            labels = stored.segment(load_sample(ref, with_masks=False).image)
+            target = os.path.join(work, "loop", ref.image_id + ".png")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as stream:
+                stream.write(encode_png(labels.astype(np.uint16)))
+        return time.perf_counter() - began
+
+    flag_sets = [[], *([shlex.split(args.job_flags)] if args.job_flags else [])]
+    loops, jobs = [], [[] for _ in flag_sets]
+    for _ in range(args.repeats):  # interleaved turns: the box's noise falls on every side alike
+        loops.append(loop())
+        for runs, flags in zip(jobs, flag_sets):
+            runs.append(job_seconds(args.model, images, os.path.join(work, "job"), flags))
+    looped = float(np.median(loops))
+    print(f"a folder of {len(refs)} shared images ({mpx:.1f} Mpx), stored settings, label PNGs, medians of "
+          f"{args.repeats} interleaved turns:", flush=True)
+    print(f"  one-process Segmenter loop                {mpx / looped:5.2f} Mpx/s  {looped:.1f} s "
+          f"({', '.join(f'{seconds:.1f}' for seconds in loops)})", flush=True)
     ratios = []
-    for flags in ([], *([shlex.split(args.job_flags)] if args.job_flags else [])):
-        seconds, first = job_seconds(args.model, images, os.path.join(work, "job"), flags)
-        ratios.append(loop / seconds)
+    for runs, flags in zip(jobs, flag_sets):
+        seconds, first = (float(np.median([run[index] for run in runs])) for index in (0, 1))
+        ratios.append(looped / seconds)
         print(f"  python jobs/segment.py {' '.join(flags) or '(a fresh command)':18s} {mpx / seconds:5.2f} Mpx/s  "
-              f"{seconds:.1f} s, first image done after {first:.1f} s; loop / job {loop / seconds:.2f}", flush=True)
+              f"{seconds:.1f} s ({', '.join(f'{run[0]:.1f}' for run in runs)}), first image done after {first:.1f} s; "
+              f"loop / job {looped / seconds:.2f}", flush=True)
 
     if args.mosaic_side:
         slide = os.path.join(work, "slide")
@@ -302,8 +313,8 @@ def main() -> None:
     parser.add_argument("--in-process", type=int, default=120,
                         help="throughput: images of the folder segmented in one process for the first rows")
     parser.add_argument("--job-flags", default="",
-                        help="throughput: also run jobs/segment.py with these flags, e.g. '--concurrency 2 "
-                             "--cpus-per-actor 0.5'")
+                        help="throughput: also run jobs/segment.py with these flags, e.g. '--concurrency 1 "
+                             "--cpus-per-actor 1' (one replica of two threads)")
     parser.add_argument("--mosaic-side", type=int, default=8192,
                         help="throughput: side of the tiled TIFF mosaic segmented block by block (0: none)")
     parser.add_argument("--split", choices=("", "tune", "test"), default="",

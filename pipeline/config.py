@@ -194,8 +194,12 @@ class SegmentConfig(DataConfig):
     input: str = option("", "folder or .zip of images (Kaggle test layout or any tree), local or URI")
     output: str = option("", "output folder (segment.py) or submission CSV (submit.py)")
     batch_size: int = option(32, "images per model call")
-    concurrency: int = option(1, "model replicas (Ray actors); one per GPU or per few CPUs")
-    cpus_per_actor: float = option(1.0, "CPUs reserved per model replica (fractional leaves room for decoding)")
+    concurrency: int = option(0, "model replicas (Ray actors); 0: one per GPU where GPUs are used, else as many as "
+                                 "reserve half the cluster's CPUs (one per CPU by default), at most one per 3 GiB "
+                                 "of its memory")
+    cpus_per_actor: float = option(0.0, "CPUs reserved per model replica (its TensorFlow threads: twice this, "
+                                        "rounded up) and per block of a large image; 0: half a CPU per replica "
+                                        "on CPUs (the rest reads and writes), one per GPU replica and per block")
     gpu: str = option("auto", "use a GPU per model replica: auto, yes or no", choices=("auto", "yes", "no"))
     min_size: int = option(0, "drop predicted nuclei smaller than this many pixels (0: the model's run.json, else 10)")
     threshold: float = option(0.0, "probability above which a pixel is nucleus (0: the model's run.json, else 0.5)")

@@ -266,6 +266,7 @@ def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
 
 def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model(tmp_path):
     """run.json routes stained images to a specialist beside the model: Predictor, package and ONNX export agree."""
+    from pipeline.io.images import normalise
     from pipeline.segment.predictor import Predictor, inspect_model
     from pipeline.model.network import package_model, save_for_inference
     from pipeline.model.onnx import export_onnx
@@ -290,13 +291,16 @@ def test_a_kind_specialist_predicts_its_kind_of_image_and_travels_with_the_model
     assert written["postprocess"] == {"threshold": 0.6, "specialists": {"stained": "specialist-stained.keras"}}
     assert "specialist-stained.keras" in written["sha256"]
 
-    image = np.random.default_rng(0).random((96, 64, 3)).astype(np.float32)
+    rgb = np.random.default_rng(0).integers(0, 256, (96, 64, 3), dtype=np.uint8)  # an image as read
+    image = normalise(rgb)  # as the model sees it (its look: as is)
     alone = {name: Predictor(path, batch_size=1, threads=1).predict_whole(image) for name, path in paths.items()}
     assert not np.allclose(alone["general"], alone["stained"], atol=1e-3)
     routed = Predictor(paths["general"], batch_size=1, threads=1)
     np.testing.assert_allclose(routed.predict_whole(image, "stained"), alone["stained"], atol=1e-6)
     np.testing.assert_allclose(routed.predict_whole(image, "fluorescence"), alone["general"], atol=1e-6)
-    batch = {"image": np.array([image, image], dtype=object), "ok": np.array([True, True]),
+    column = np.empty(2, dtype=object)  # a ragged column, as Ray Data gives images of any size
+    column[0], column[1] = rgb, rgb
+    batch = {"image": column, "ok": np.array([True, True]),
              "image_kind": np.array(["stained", "bright-field"])}
     out = routed(batch)["probabilities"]
     np.testing.assert_allclose(out[0], alone["stained"], atol=1e-3)  # float16 in the batch

@@ -219,14 +219,16 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
                          appearance: str = "rgb", kinds: bool = True, channel: str = "") -> dict:
     """Ray Data UDF: decode images for prediction; lenient (a bad file becomes ok=False + error).
 
-    mode 'resize': image_size x image_size arrays, written in place into one batch array; mode 'native': each
-    image at its own size (ragged). `kinds`: classify each image (pipeline.data.protocol.image_kind), which only a
+    mode 'resize': image_size x image_size arrays (the model's look, normalised), written in place into one batch
+    array; mode 'native': each image at its own size (ragged) as read, RGB uint8: the replica that predicts it gives
+    it the model's look (a quarter of the bytes through the object store, and the image itself for the outline
+    refiner). `kinds`: classify each image (pipeline.data.protocol.image_kind), which only a
     model with per-kind settings or a specialist needs; otherwise the column is left empty. `channel`:
     --nuclear-channel; the channel, plane and intensity columns say what reading each file chose.
     """
     count = len(batch["image_id"])
     native = mode == "native"
-    images = [np.zeros((1, 1, 3), np.float32)] * count if native else np.zeros((count, image_size, image_size, 3),
+    images = [np.zeros((1, 1, 3), np.uint8)] * count if native else np.zeros((count, image_size, image_size, 3),
                                                                                 np.float32)
     heights, widths = np.zeros(count, np.int64), np.zeros(count, np.int64)
     ok, errors, kind_of = np.zeros(count, bool), [""] * count, [""] * count
@@ -237,11 +239,10 @@ def preprocess_inference(batch: dict, image_size: int, max_pixels: int, mode: st
         except Exception as error:  # noqa: BLE001 - lenient: every failure is reported, none stops the run
             errors[row] = str(error).splitlines()[0] or type(error).__name__
             continue
-        image = apply_appearance(sample.image, appearance)
         if native:
-            images[row] = normalise(image)
+            images[row] = sample.image
         else:
-            normalise(resize_image(image, image_size), out=images[row])
+            normalise(resize_image(apply_appearance(sample.image, appearance), image_size), out=images[row])
         heights[row], widths[row], ok[row] = sample.height, sample.width, True
         for name in READING_COLUMNS:
             readings[name][row] = getattr(sample.reading, name, "")

@@ -108,8 +108,10 @@ def measured_image_ids(output: str) -> set[str]:
         return set()
     import pyarrow.dataset as pads
 
-    table = pads.dataset(folder, filesystem=fs, format="parquet").to_table(columns=["image_id"])
-    return set(table.column("image_id").unique().to_pylist())
+    dataset = pads.dataset(folder, filesystem=fs, format="parquet")
+    if not dataset.files:  # a folder whose every part was lost
+        return set()
+    return set(dataset.to_table(columns=["image_id"]).column("image_id").unique().to_pylist())
 
 
 def clear_measurements(output: str) -> None:

@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from pipeline.data.augment import flip_average, predict_scales
+from pipeline.data.augment import apply_appearance, flip_average, predict_scales
+from pipeline.io.images import normalise
 from pipeline.model.registry import info_path, read_model_info, resolve_model, specialist_files
 from pipeline.model.runinfo import DEFAULT_TILE, RunInfo
 
@@ -49,6 +50,19 @@ def load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[
     return copy.deepcopy(info), classes, forward
 
 
+def _loaded_when_called(model_path: str, threads: int, use_gpu: bool):
+    """A model's forward pass that loads it at its first call: a replica that meets no image of a specialist's kind
+    never loads it, and the others start sooner (1.7 s a model)."""
+    loaded = []
+
+    def forward(images):
+        if not loaded:
+            loaded.append(load_forward(model_path, threads, use_gpu)[2])
+        return loaded[0](images)
+
+    return forward
+
+
 class Predictor:
     """Ray Data actor: holds one model replica and turns image batches into class probabilities.
 
@@ -65,9 +79,10 @@ class Predictor:
         self.size_normalisation = size_normalisation
         self.info, self.classes, self.forward = load_forward(model_path, threads, use_gpu)
         self.native = self.info.mode == "native"
-        # Kinds of image routed to a model fine-tuned for them: run.json's, or those given (jobs/tune.py trying one).
+        # Kinds of image routed to a model fine-tuned for them: run.json's (their files checked here), or those given
+        # (jobs/tune.py trying one); each loaded at its first image.
         files = specialist_files(model_path, self.info) if specialists is None else specialists
-        self.forwards = {kind: load_forward(path, threads, use_gpu)[2] for kind, path in files.items()}
+        self.forwards = {kind: _loaded_when_called(path, threads, use_gpu) for kind, path in files.items()}
 
     def forward_for(self, kind: str = ""):
         """The model function for an image of `kind`: its specialist's, else the model's own."""
@@ -103,7 +118,8 @@ class Predictor:
                 if ok[row]:
                     # the size measurement's nuclei stay here: they are of float32 probabilities, these are sent
                     # on as float16, from which the finishing step finds its own
-                    found, zooms[row], _ = self.predict_whole(batch["image"][row], str(kinds[row]), keep_zoom=True)
+                    image = normalise(apply_appearance(batch["image"][row], self.info.appearance))  # RGB as read
+                    found, zooms[row], _ = self.predict_whole(image, str(kinds[row]), keep_zoom=True)
                     probabilities[row] = found.astype(np.float16)
                 else:
                     probabilities[row] = np.zeros((1, 1, classes), np.float16)

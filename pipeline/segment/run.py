@@ -1,7 +1,9 @@
 """Bulk segmentation with Ray Data (jobs/segment.py): stream images through a pool of model replicas to label files.
 
-read -> decode -> resize (tasks) -> batched prediction (actor pool, model loaded once per actor) ->
-upsample probabilities to each image's original size -> instances -> label file and outputs (tasks).
+read -> decode -> a pool of model replicas (actors, the model loaded once per actor) -> label file and outputs. A CPU
+replica of a native-mode model segments each image and writes its files itself (Labeller: only manifest rows leave
+it); a GPU replica or a resize-mode batch sends probabilities on to output tasks, which make the nuclei at each
+image's size and write them.
 Large images go block by block (pipeline.segment.blockwise). Finished images are skipped on a rerun; every bad
 file becomes a manifest line, never a stop.
 """
@@ -31,8 +33,10 @@ from pipeline.segment.blockwise import segment_large_image
 from pipeline.segment.postprocess import (PostSettings, labels_at_zoom, needs_image_kind, postprocess_settings,
                                           prediction_settings)
 from pipeline.segment.predictor import Predictor, inspect_model
+from pipeline.segment.segmenter import Segmenter
 
 
+FINISH_BATCH = 8  # predicted images per output task (a measurement part each)
 NATIVE_BATCH = 4  # images per batch to a native-mode predictor: the first image done 3 s sooner (600 shared images)
 
 
@@ -66,6 +70,35 @@ class Writing:
     measure: bool = False
 
 
+class Labeller:
+    """Ray Data actor for a CPU replica of a native-mode model: each image segmented and its files written where it
+    was predicted (Segmenter.labels, then finish_batch): only manifest rows leave it, the size measurement's nuclei
+    are reused and the image is not read again. A failing image is its manifest line."""
+
+    def __init__(self, model_path: str, config: SegmentConfig, threads: int, output: str, writing: Writing,
+                 encoder=None):
+        self.segmenter = Segmenter(model_path, config, threads)
+        self.output, self.writing, self.encoder = output, writing, encoder
+
+    def __call__(self, batch: dict) -> dict:
+        ok, errors = np.asarray(batch["ok"], bool).copy(), np.asarray(batch["error"], dtype=object).copy()
+        nuclei = np.empty(len(ok), dtype=object)
+        kinds = batch["image_kind"] if "image_kind" in batch else [""] * len(ok)
+        for row in range(len(ok)):
+            nuclei[row] = np.zeros((1, 1), np.int32)
+            if ok[row]:
+                try:
+                    nuclei[row] = self.segmenter.labels(batch["image"][row], str(kinds[row]))
+                except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
+                    ok[row], errors[row] = False, _failure_line(failure)
+        return finish_batch({**batch, "ok": ok, "error": errors, "nuclei": nuclei}, self.output, self.segmenter.post,
+                            self.writing, self.encoder)
+
+
+def _failure_line(failure: Exception) -> str:
+    return f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+
+
 def _existing_row(ref: SampleRef, output: str, label_path: str, encoder=None) -> tuple[dict, list[str]]:
     """Manifest row (and RLEs) of an image finished by an earlier run, read back from its label file."""
     labels = read_labels(label_path)
@@ -76,19 +109,23 @@ def _existing_row(ref: SampleRef, output: str, label_path: str, encoder=None) ->
 
 
 def finish_image(batch: dict, row: int, output: str, settings: PostSettings, writing: Writing, encoder=None):
-    """One predicted image's labels at its own size and every file of it (exports first, then the label file: a
-    finished image always has them all, so a rerun may skip it). Returns (summary, label file, (pixel size, its
-    source), measurement rows or None, RLE text)."""
+    """One image's labels at its own size (a Labeller's, else made here from a Predictor's probabilities) and every
+    file of it (exports first, then the label file: a finished image always has them all, so a rerun may skip it).
+    Returns (summary, label file, (pixel size, its source), measurement rows or None, RLE text)."""
     kind = str(batch["image_kind"][row]) if "image_kind" in batch else ""
     path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
     ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]), source=str(batch["source"][row]), image_path=path)
-    image = load_sample(ref, with_masks=False, max_pixels=writing.max_pixels,
-                        channel=writing.channel).image if settings.outline_refiner else None
     # the TIFF is read again for its metadata only where the size is used
     size = pixel_size_of(ref, writing.pixel_size) if writing.measure or "ome-tiff" in writing.exports else (None, "")
-    zoom = float(batch["zoom"][row]) if "zoom" in batch else 1.0
-    labels = labels_at_zoom(batch["probabilities"][row], batch["height"][row], batch["width"][row], zoom, image,
-                            settings.for_kind(kind))
+    image = None
+    if "nuclei" in batch:  # a Labeller's, beside the image as read
+        labels, image = batch["nuclei"][row], batch["image"][row]
+    else:
+        if settings.outline_refiner:
+            image = load_sample(ref, with_masks=False, max_pixels=writing.max_pixels, channel=writing.channel).image
+        zoom = float(batch["zoom"][row]) if "zoom" in batch else 1.0
+        labels = labels_at_zoom(batch["probabilities"][row], batch["height"][row], batch["width"][row], zoom, image,
+                                settings.for_kind(kind))
     rows, measuring = None, (writing.measure or "geojson" in writing.exports) and labels.max()
     if image_id in writing.overlay_ids or measuring:
         if image is None:
@@ -116,7 +153,7 @@ def finish_batch(batch: dict, output: str, settings: PostSettings, writing: Writ
             try:
                 finished = finish_image(batch, row, output, settings, writing, encoder)
             except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
-                error = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+                error = _failure_line(failure)
         summary, label_file, size, rows, encoded = finished
         if rows is not None:
             measured.append(rows)
@@ -197,14 +234,43 @@ def _still_to_do(listing, config: SegmentConfig, output: str, encoder, result: S
     return todo
 
 
+REPLICA_MEMORY = 3 * 2 ** 30  # bytes of cluster memory per model replica started by default (a replica peaks at 1.x GiB)
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """A folder run's model replicas: how many, the CPUs each reserves, whether each holds a GPU."""
+
+    count: int
+    cpus: float
+    gpu: bool
+
+    @property
+    def threads(self) -> int:
+        """TensorFlow's threads in each replica: twice its CPUs, rounded up (half a CPU: one thread)."""
+        return max(1, math.ceil(self.cpus * 2))
+
+
+def plan_replicas(config: SegmentConfig, cpus: float, gpus: float, memory: float) -> Replicas:
+    """--concurrency, --cpus-per-actor and --gpu against the cluster's CPUs, GPUs and memory (bytes). By default one
+    replica per GPU; without GPUs, replicas of one thread that reserve half the CPUs, the other half left for reading
+    and writing (on two cores two replicas overlap one's forward pass with the other's post-processing)."""
+    if config.gpu == "yes" or (config.gpu == "auto" and gpus >= max(1, config.concurrency)):
+        return Replicas(config.concurrency or max(1, int(gpus)), config.cpus_per_actor or 1.0, True)
+    each = config.cpus_per_actor or 0.5
+    fit = int(memory // REPLICA_MEMORY) if memory else 1
+    return Replicas(config.concurrency or max(1, min(int(cpus / (2 * each)), fit)), each, False)
+
+
 def _segment_images(todo: list[SampleRef], config: SegmentConfig, model_path: str, info: RunInfo, output: str,
                     encoder, result: SegmentationResult) -> None:
-    """Images that fit in memory, streamed through Ray Data: read tasks, a pool of predictor actors, finishing tasks."""
+    """Images that fit in memory, streamed through Ray Data: reading, a pool of model replicas (plan_replicas) that
+    segment and write (Labeller), or predict for output tasks (Predictor, finish_batch)."""
     import ray  # here, not at the top: a Segmenter in a plain process never starts Ray
 
     ensure_ray()
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = config.gpu == "yes" or (config.gpu == "auto" and gpus >= config.concurrency)
+    resources = ray.cluster_resources()
+    replicas = plan_replicas(config, resources.get("CPU", 1), resources.get("GPU", 0), resources.get("memory", 0))
     wanted = len(todo) if config.overlays < 0 else config.overlays
     overlay_ids = frozenset(ref.image_id for ref in sorted(todo, key=lambda r: r.image_id)[:wanted])
     post = postprocess_settings(config, info)
@@ -213,22 +279,26 @@ def _segment_images(todo: list[SampleRef], config: SegmentConfig, model_path: st
                                 kinds=needs_image_kind(post, model_path, info), channel=config.nuclear_channel)
     # A native-mode model predicts each image alone whatever the batch: small batches only send the first on sooner.
     batch_size = min(config.batch_size, NATIVE_BATCH) if info.mode == "native" else config.batch_size
-    dataset = dataset.map_batches(
-        Predictor, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
-                               "threads": max(1, math.ceil(config.cpus_per_actor * 2)),
-                               **prediction_settings(config, info),
-                               "tile": config.tile or info.effective_tile, "overlap": config.overlap,
-                               "use_gpu": use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
-    dataset = dataset.map_batches(
-        finish_batch, batch_size=8, batch_format="numpy",
-        fn_kwargs={"output": output if fileio.is_uri(output) else os.path.abspath(output), "settings": post,
-                   "writing": Writing(overlay_ids=overlay_ids, exports=parse_exports(config.export),
-                                      pixel_size=config.pixel_size, channel=config.nuclear_channel,
-                                      max_pixels=config.max_pixels, measure=config.measurements),
-                   "encoder": encoder})
+    finishing = {"output": output if fileio.is_uri(output) else os.path.abspath(output),
+                 "writing": Writing(overlay_ids=overlay_ids, exports=parse_exports(config.export),
+                                    pixel_size=config.pixel_size, channel=config.nuclear_channel,
+                                    max_pixels=config.max_pixels, measure=config.measurements),
+                 "encoder": encoder}
+    pool = {"batch_size": batch_size, "batch_format": "numpy", "num_cpus": replicas.cpus,
+            "compute": ray.data.ActorPoolStrategy(size=replicas.count)}
+    if info.mode == "native" and not replicas.gpu:  # a CPU replica finishes its own images: only manifest rows leave it
+        dataset = dataset.map_batches(Labeller, fn_constructor_kwargs={"model_path": model_path, "config": config,
+                                                                        "threads": replicas.threads, **finishing},
+                                      **pool)
+    else:  # a GPU replica (or a resize-mode batch) sends probabilities on: post-processing off its critical path
+        dataset = dataset.map_batches(
+            Predictor, num_gpus=1 if replicas.gpu else 0, **pool,
+            fn_constructor_kwargs={"model_path": model_path, "batch_size": config.batch_size,
+                                   "threads": replicas.threads, **prediction_settings(config, info),
+                                   "tile": config.tile or info.effective_tile, "overlap": config.overlap,
+                                   "use_gpu": replicas.gpu})
+        dataset = dataset.map_batches(finish_batch, batch_size=min(batch_size, FINISH_BATCH), batch_format="numpy",
+                                      fn_kwargs={"settings": post, **finishing})
     for row in dataset.iter_rows():
         rles = str(row.pop("rles") or "")
         result.rows.append({key: (value.item() if hasattr(value, "item") else value) for key, value in row.items()})

@@ -49,6 +49,11 @@ class Segmenter:
         block = appearance is not None and image.dtype == np.uint8  # a dim block is not stretched again on its own
         rgb = image_from_array(image, axes, names, str(channel), levels=AS_IS if block else None,
                                colours="keep" if appearance is not None else "auto").image
+        return self.labels(rgb, kind, appearance)
+
+    def labels(self, rgb: np.ndarray, kind: str | None = None, appearance: dict | None = None) -> np.ndarray:
+        """Nucleus labels of an image already read (RGB uint8, pipeline.io.images' reading): the model's look,
+        prediction (its kind's specialist) and post-processing, the size measurement's nuclei reused."""
         if kind is None:
             kind = image_kind(rgb) if self.needs_kind else ""
         prepared = apply_appearance(rgb, self.info.appearance, appearance)
