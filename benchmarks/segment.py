@@ -240,7 +240,7 @@ def throughput(args, work: str, images: str) -> None:
                 stream.write(encode_png(labels.astype(np.uint16)))
         return time.perf_counter() - began
 
-    flag_sets = [[], *([shlex.split(args.job_flags)] if args.job_flags else [])]
+    flag_sets = [[], *(shlex.split(flags) for flags in args.job_flags.split(";") if flags.strip())]
     loops, jobs = [], [[] for _ in flag_sets]
     for _ in range(args.repeats):  # interleaved turns: the box's noise falls on every side alike
         loops.append(loop())
@@ -313,8 +313,8 @@ def main() -> None:
     parser.add_argument("--in-process", type=int, default=120,
                         help="throughput: images of the folder segmented in one process for the first rows")
     parser.add_argument("--job-flags", default="",
-                        help="throughput: also run jobs/segment.py with these flags, e.g. '--concurrency 1 "
-                             "--cpus-per-actor 1' (one replica of two threads)")
+                        help="throughput: also run jobs/segment.py with these flags (sets apart by ';'), e.g. "
+                             "'--concurrency 1 --cpus-per-actor 1; --model dsb2018.onnx'")
     parser.add_argument("--mosaic-side", type=int, default=8192,
                         help="throughput: side of the tiled TIFF mosaic segmented block by block (0: none)")
     parser.add_argument("--split", choices=("", "tune", "test"), default="",

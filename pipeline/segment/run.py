@@ -84,22 +84,9 @@ class Labeller:
         self.output, self.writing, self.encoder = output, writing, encoder
 
     def __call__(self, batch: dict) -> dict:
-        ok, errors = np.asarray(batch["ok"], bool).copy(), np.asarray(batch["error"], dtype=object).copy()
-        nuclei = np.empty(len(ok), dtype=object)
-        kinds = batch["image_kind"] if "image_kind" in batch else [""] * len(ok)
-        for row in range(len(ok)):
-            nuclei[row] = np.zeros((1, 1), np.int32)
-            if ok[row]:
-                try:
-                    nuclei[row] = self.segmenter.labels(batch["image"][row], str(kinds[row]))
-                except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
-                    ok[row], errors[row] = False, _failure_line(failure)
-        return finish_batch({**batch, "ok": ok, "error": errors, "nuclei": nuclei}, self.output, self.segmenter.post,
-                            self.writing, self.encoder)
-
-
-def _failure_line(failure: Exception) -> str:
-    return f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+        kinds = batch["image_kind"] if "image_kind" in batch else [""] * len(batch["ok"])
+        return finish_batch(batch, self.output, self.segmenter.post, self.writing, self.encoder,
+                            segment=lambda row: self.segmenter.labels(batch["image"][row], str(kinds[row])))
 
 
 def _existing_row(ref: SampleRef, output: str, label_path: str, encoder=None) -> tuple[dict, list[str]]:
@@ -111,18 +98,20 @@ def _existing_row(ref: SampleRef, output: str, label_path: str, encoder=None) ->
     return row, (encoder(labels) if encoder else [])
 
 
-def finish_image(batch: dict, row: int, output: str, settings: PostSettings, writing: Writing, encoder=None):
-    """One image's labels at its own size (a Labeller's, else made here from a Predictor's probabilities) and every
-    file of it (exports first, then the label file: a finished image always has them all, so a rerun may skip it).
-    Returns (summary, label file, (pixel size, its source), measurement rows or None, RLE text)."""
+def finish_image(batch: dict, row: int, output: str, settings: PostSettings, writing: Writing, encoder=None,
+                 segment=None):
+    """One image's labels at its own size (`segment(row)`'s, a Labeller's, else made here from a Predictor's
+    probabilities) and every file of it (exports first, then the label file: a finished image always has them all,
+    so a rerun may skip it). Returns (summary, label file, (pixel size, its source), measurement rows or None, RLE
+    text)."""
     kind = str(batch["image_kind"][row]) if "image_kind" in batch else ""
     path, image_id = str(batch["path"][row]), str(batch["image_id"][row])
     ref = SampleRef(image_id=image_id, kind=str(batch["kind"][row]), source=str(batch["source"][row]), image_path=path)
     # the TIFF is read again for its metadata only where the size is used
     size = pixel_size_of(ref, writing.pixel_size) if writing.measure or "ome-tiff" in writing.exports else (None, "")
     image = None
-    if "nuclei" in batch:  # a Labeller's, beside the image as read
-        labels, image = batch["nuclei"][row], batch["image"][row]
+    if segment is not None:  # a Labeller's, of the image as read
+        labels, image = segment(row), batch["image"][row]
     else:
         if settings.outline_refiner:
             image = load_sample(ref, with_masks=False, max_pixels=writing.max_pixels, channel=writing.channel).image
@@ -143,10 +132,12 @@ def finish_image(batch: dict, row: int, output: str, settings: PostSettings, wri
             "\n".join(encoder(labels)) if encoder else "")
 
 
-def finish_batch(batch: dict, output: str, settings: PostSettings, writing: Writing, encoder=None) -> dict:
-    """Ray Data UDF: each image of a predicted batch finished (finish_image), its failure its manifest line; the
-    batch's nuclei written as one measurement part (after the label files: an image whose labels exist but whose
-    rows do not is redone by the next run). Returns the manifest fields (+ RLE rows)."""
+def finish_batch(batch: dict, output: str, settings: PostSettings, writing: Writing, encoder=None,
+                 segment=None) -> dict:
+    """Ray Data UDF: each image of a batch finished in turn (finish_image; `segment`: row -> its labels, else the
+    batch's probabilities), its failure its manifest line; the batch's nuclei written as one measurement part (after
+    the label files: an image whose labels exist but whose rows do not is redone by the next run). Returns the
+    manifest fields (+ RLE rows)."""
     count = len(batch["image_id"])
     summaries, status, errors, rles, label_files, measured, sizes = [], [], [], [], [], [], []
     for row in range(count):
@@ -154,9 +145,9 @@ def finish_batch(batch: dict, output: str, settings: PostSettings, writing: Writ
         finished = (image_summary(np.zeros((1, 1), np.int32)), "", (None, ""), None, "")
         if batch["ok"][row]:
             try:
-                finished = finish_image(batch, row, output, settings, writing, encoder)
+                finished = finish_image(batch, row, output, settings, writing, encoder, segment)
             except Exception as failure:  # noqa: BLE001 - reported in the manifest, the run goes on
-                error = _failure_line(failure)
+                error = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
         summary, label_file, size, rows, encoded = finished
         if rows is not None:
             measured.append(rows)
