@@ -196,7 +196,7 @@ class SegmentConfig(DataConfig):
     batch_size: int = option(32, "images per model call")
     concurrency: int = option(0, "model replicas (Ray actors); 0: one per GPU where GPUs are used, else as many as "
                                  "reserve half the cluster's CPUs (one per CPU by default), at most one per 3 GiB "
-                                 "of its memory")
+                                 "of its memory and one per 32 images")
     cpus_per_actor: float = option(0.0, "CPUs reserved per model replica (its TensorFlow threads: twice this, "
                                         "rounded up) and per block of a large image; 0: half a CPU per replica "
                                         "on CPUs (the rest reads and writes), one per GPU replica and per block")

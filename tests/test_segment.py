@@ -404,21 +404,24 @@ def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tm
 
 def test_replicas_are_one_thread_per_cpu_one_per_gpu_and_what_the_flags_say():
     """--concurrency / --cpus-per-actor 0 (the defaults): one replica per GPU, else one-thread replicas reserving
-    half the CPUs, as many as the memory holds; given values are kept."""
+    half the CPUs, as many as the memory holds and the images need; given values are kept."""
     from pipeline.config import SegmentConfig
-    from pipeline.segment.run import REPLICA_MEMORY, Replicas, plan_replicas
+    from pipeline.segment.run import IMAGES_PER_REPLICA, REPLICA_MEMORY, Replicas, plan_replicas
 
-    auto, memory = SegmentConfig(), 64 * REPLICA_MEMORY
-    assert plan_replicas(auto, cpus=2, gpus=0, memory=memory) == Replicas(2, 0.5, False)
-    assert plan_replicas(auto, cpus=2, gpus=0, memory=memory).threads == 1
-    assert plan_replicas(auto, cpus=16, gpus=0, memory=5.5 * REPLICA_MEMORY).count == 5  # memory-bound
-    assert plan_replicas(auto, cpus=16, gpus=2, memory=memory) == Replicas(2, 1.0, True)
-    assert plan_replicas(SegmentConfig(gpu="no"), cpus=16, gpus=2, memory=memory) == Replicas(16, 0.5, False)
+    auto, memory, many = SegmentConfig(), 64 * REPLICA_MEMORY, 1000
+    assert plan_replicas(auto, cpus=2, gpus=0, memory=memory, images=many) == Replicas(2, 0.5, False)
+    assert plan_replicas(auto, cpus=2, gpus=0, memory=memory, images=many).threads == 1
+    assert plan_replicas(auto, cpus=2, gpus=0, memory=memory, images=IMAGES_PER_REPLICA).count == 1  # a small folder
+    assert plan_replicas(auto, cpus=16, gpus=0, memory=5.5 * REPLICA_MEMORY, images=many).count == 5  # memory-bound
+    assert plan_replicas(auto, cpus=16, gpus=2, memory=memory, images=many) == Replicas(2, 1.0, True)
+    assert plan_replicas(SegmentConfig(gpu="no"), cpus=16, gpus=2, memory=memory, images=many) == \
+        Replicas(16, 0.5, False)
     given = SegmentConfig(concurrency=1, cpus_per_actor=1.0)
-    assert plan_replicas(given, cpus=2, gpus=0, memory=memory) == Replicas(1, 1.0, False)
-    assert plan_replicas(given, cpus=2, gpus=0, memory=memory).threads == 2
-    assert plan_replicas(SegmentConfig(cpus_per_actor=1.0), cpus=8, gpus=0, memory=memory).count == 4
-    assert not plan_replicas(SegmentConfig(concurrency=3), cpus=8, gpus=2, memory=memory).gpu  # one GPU each
+    assert plan_replicas(given, cpus=2, gpus=0, memory=memory, images=many) == Replicas(1, 1.0, False)
+    assert plan_replicas(given, cpus=2, gpus=0, memory=memory, images=many).threads == 2
+    assert plan_replicas(SegmentConfig(concurrency=3), cpus=2, gpus=0, memory=memory, images=1).count == 3
+    assert plan_replicas(SegmentConfig(cpus_per_actor=1.0), cpus=8, gpus=0, memory=memory, images=many).count == 4
+    assert not plan_replicas(SegmentConfig(concurrency=3), cpus=8, gpus=2, memory=memory, images=many).gpu  # a GPU each
 
 
 def test_the_readme_python_snippet_runs(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ def load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[
 
 def _loaded_when_called(model_path: str, threads: int, use_gpu: bool):
     """A model's forward pass that loads it at its first call: a replica that meets no image of a specialist's kind
-    never loads it, and the others start sooner (1.7 s a model)."""
+    never loads it, and the others start sooner (1.8 s a model)."""
     loaded = []
 
     def forward(images):
@@ -66,8 +66,8 @@ def _loaded_when_called(model_path: str, threads: int, use_gpu: bool):
 class Predictor:
     """Ray Data actor: holds one model replica and turns image batches into class probabilities.
 
-    Resize-mode models get fixed-size batches; native-mode models get each image whole (padded to a
-    multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes; `scales`
+    Resize-mode models get fixed-size batches; native-mode models get each image whole, as read (RGB uint8: given
+    the model's look here; padded to a multiple of 32, tiled when larger than `tile`). `tta` averages over flips in both modes; `scales`
     (native-mode models) averages over the image resized by each factor, and `size_normalisation` first
     zooms each image so its median nucleus has about the model's `nucleus_area` pixels.
     """

@@ -229,6 +229,9 @@ def _still_to_do(listing, config: SegmentConfig, output: str, encoder, result: S
 
 
 REPLICA_MEMORY = 3 * 2 ** 30  # memory per replica started by default (600 shared images: peaks of 1.4-1.6 GiB)
+# Images per replica started by default: a replica's start (TensorFlow and the model, ~6 CPU-seconds) pays for itself
+# from about 35 DSB2018-sized images (0.17 s each on one thread), so a small folder gets fewer replicas.
+IMAGES_PER_REPLICA = 32
 
 
 @dataclass(frozen=True)
@@ -245,15 +248,17 @@ class Replicas:
         return max(1, math.ceil(self.cpus * 2))
 
 
-def plan_replicas(config: SegmentConfig, cpus: float, gpus: float, memory: float) -> Replicas:
-    """--concurrency, --cpus-per-actor and --gpu against the cluster's CPUs, GPUs and memory (bytes). By default one
-    replica per GPU; without GPUs, replicas of one thread that reserve half the CPUs, the other half left for reading
-    and writing (on two cores two replicas overlap one's forward pass with the other's post-processing)."""
+def plan_replicas(config: SegmentConfig, cpus: float, gpus: float, memory: float, images: int) -> Replicas:
+    """--concurrency, --cpus-per-actor and --gpu against the cluster's CPUs, GPUs and memory (bytes) and the number of
+    images. By default one replica per GPU; without GPUs, replicas of one thread that reserve half the CPUs, the other
+    half left for reading and writing (on two cores two replicas overlap one's forward pass with the other's
+    post-processing); never more than one per IMAGES_PER_REPLICA images."""
+    enough = max(1, math.ceil(images / IMAGES_PER_REPLICA))
     if config.gpu == "yes" or (config.gpu == "auto" and gpus >= max(1, config.concurrency)):
-        return Replicas(config.concurrency or max(1, int(gpus)), config.cpus_per_actor or 1.0, True)
+        return Replicas(config.concurrency or max(1, min(int(gpus), enough)), config.cpus_per_actor or 1.0, True)
     each = config.cpus_per_actor or 0.5
     fit = int(memory // REPLICA_MEMORY) if memory else 1
-    return Replicas(config.concurrency or max(1, min(int(cpus / (2 * each)), fit)), each, False)
+    return Replicas(config.concurrency or max(1, min(int(cpus / (2 * each)), fit, enough)), each, False)
 
 
 def _segment_images(todo: list[SampleRef], config: SegmentConfig, model_path: str, info: RunInfo, output: str,
@@ -264,7 +269,8 @@ def _segment_images(todo: list[SampleRef], config: SegmentConfig, model_path: st
 
     ensure_ray()
     resources = ray.cluster_resources()
-    replicas = plan_replicas(config, resources.get("CPU", 1), resources.get("GPU", 0), resources.get("memory", 0))
+    replicas = plan_replicas(config, resources.get("CPU", 1), resources.get("GPU", 0), resources.get("memory", 0),
+                             len(todo))
     wanted = len(todo) if config.overlays < 0 else config.overlays
     overlay_ids = frozenset(ref.image_id for ref in sorted(todo, key=lambda r: r.image_id)[:wanted])
     post = postprocess_settings(config, info)
