@@ -37,7 +37,7 @@ from pipeline.segment.segmenter import Segmenter
 
 
 FINISH_BATCH = 8  # predicted images per output task (a measurement part each)
-# Blocks queued at each replica: with Ray Data's default (two) one of two replicas waited 10-19 s at a time for its
+# Blocks queued at each replica: with Ray Data's default (two) one of two replicas waited up to 10 s at a time for its
 # next block (600 shared images, 80 s against 68 s with four; every block was read long before).
 TASKS_IN_FLIGHT = 4
 NATIVE_BATCH = 4  # images per batch to a native-mode predictor: the first image done 3 s sooner (600 shared images)
