@@ -24,11 +24,13 @@ from pipeline.io.blocks import (ALIGN, ArrayWindows, Block, LabelCanvas, keep_co
                              plan_blocks, sample_mosaic, shift_measurements)
 from pipeline.io.images import READING_COLUMNS, normalise
 from pipeline.io.sources import load_sample, pixel_size_of
+from pipeline.model.registry import specialist_files
 from pipeline.model.runinfo import RunInfo
 from pipeline.outputs.exports import SUFFIXES, geojson_from_outlines, imagej_rois_from_outlines, nucleus_outlines
 from pipeline.outputs.folder import label_candidates, relative_label_path
 from pipeline.outputs.measure import measure_nuclei
 from pipeline.segment.postprocess import needs_image_kind, postprocess_settings, prediction_settings
+from pipeline.segment.predictor import load_forward, threads_for
 from pipeline.segment.segmenter import Segmenter
 
 # The SegmentConfig fields a block's Segmenter takes (the stored settings they override).
@@ -164,12 +166,12 @@ def _start_blocks(ref, config, model_path: str, info: RunInfo, measure: bool, ex
     appearance = fit_appearance(sample, info.appearance)
     blocks = plan_blocks(reader.height, reader.width, config.block_size)
     settings = {name: getattr(config, name) for name in SEGMENTER_SETTINGS}
-    settings.update(_whole_image_size(sample, model_path, config, info, kind, appearance, settings, len(blocks)))
+    cpus = block_cpus(config)
+    threads = threads_for(cpus)
+    settings.update(_whole_image_size(sample, model_path, config, info, kind, appearance, settings, len(blocks), cpus))
     # Each window in one forward pass, not in tiles: the model then sees every block as it sees the whole image (a
     # tile grid of its own in each block moved 0.8% of the nuclei of a 20k x 20k mosaic), and faster.
     settings["tile"] = config.tile or block_tile(blocks)
-    cpus = block_cpus(config)
-    threads = max(1, math.ceil(cpus * 2))
     cut = empty_cut(sample, info.appearance, appearance)
     empty_test = (info.appearance, cut) if cut is not None else None
     task = ray.remote(segment_block).options(num_cpus=cpus, max_retries=3)
@@ -213,11 +215,13 @@ def measure_nucleus_area(sample: np.ndarray, model_path: str, settings: dict, th
 
 def warm_worker(model_path: str, threads: int, kind: str) -> None:
     """Load the model and `kind`'s specialist into this worker's cache (a Ray task): its blocks then find them."""
-    Segmenter.load(model_path, threads=threads).predictor.forward_for(kind)(np.zeros((1, ALIGN, ALIGN, 3), np.float32))
+    specialist = specialist_files(model_path, load_forward(model_path, threads)[0]).get(kind)
+    if specialist:
+        load_forward(specialist, threads)
 
 
 def _whole_image_size(sample, model_path: str, config, info: RunInfo, kind: str, appearance: dict | None,
-                      settings: dict, blocks: int) -> dict:
+                      settings: dict, blocks: int, cpus: float) -> dict:
     """The size normalisation every block of an image shares (its own measurement would differ block by block): the
     stored range measured once on the image's sample mosaic, then given to the blocks as a diameter, or turned off."""
     import ray
@@ -225,8 +229,7 @@ def _whole_image_size(sample, model_path: str, config, info: RunInfo, kind: str,
     size = prediction_settings(config, info)["size_normalisation"]
     if not size or config.diameter:
         return {}
-    cpus = block_cpus(config)
-    threads = max(1, math.ceil(cpus * 2))
+    threads = threads_for(cpus)
     task = ray.remote(measure_nucleus_area).options(num_cpus=cpus)
     measuring = task.remote(sample, model_path, settings, threads, kind, appearance, size)
     # the other workers that will run blocks load the model meanwhile (6 s of an 8,192 x 8,192 mosaic's 70 s); a

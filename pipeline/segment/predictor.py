@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 
 import numpy as np
@@ -48,6 +49,12 @@ def load_forward(model_path: str, threads: int, use_gpu: bool = False) -> tuple[
     path = os.path.abspath(resolve_model(model_path))
     info, classes, forward = _opened(path, _file_state(path), _file_state(info_path(path)), threads, use_gpu)
     return copy.deepcopy(info), classes, forward
+
+
+def threads_for(cpus: float) -> int:
+    """TensorFlow's (or ONNX Runtime's) threads in a Ray worker that reserves `cpus`: twice that, rounded up (half a
+    CPU: one thread)."""
+    return max(1, math.ceil(cpus * 2))
 
 
 def _loaded_when_called(model_path: str, threads: int, use_gpu: bool):

@@ -32,7 +32,7 @@ from pipeline.outputs.measure import image_summary, measure_nuclei
 from pipeline.segment.blockwise import segment_large_image
 from pipeline.segment.postprocess import (PostSettings, labels_at_zoom, needs_image_kind, postprocess_settings,
                                           prediction_settings)
-from pipeline.segment.predictor import Predictor, inspect_model
+from pipeline.segment.predictor import Predictor, inspect_model, threads_for
 from pipeline.segment.segmenter import Segmenter
 
 
@@ -244,8 +244,8 @@ class Replicas:
 
     @property
     def threads(self) -> int:
-        """TensorFlow's threads in each replica: twice its CPUs, rounded up (half a CPU: one thread)."""
-        return max(1, math.ceil(self.cpus * 2))
+        """TensorFlow's threads in each replica (threads_for its CPUs)."""
+        return threads_for(self.cpus)
 
 
 def plan_replicas(config: SegmentConfig, cpus: float, gpus: float, memory: float, images: int) -> Replicas:
