@@ -80,6 +80,9 @@ class TrainConfig(DataConfig):
     stain_augment: float = option(0.0, "with --augment: each epoch, scale each stain's amount (haematoxylin, eosin, "
                                        "DAB) in coloured crops by 1 +- this and shift it by a quarter of it, as "
                                        "staining varies between labs (0: off; e.g. 0.25)")
+    low_resolution: float = option(0.0, "with --augment: each epoch, this share of the crops shown at 0.4-0.7x their "
+                                        "resolution and zoomed back (their outlines kept), as images at half the "
+                                        "training magnification reach the model once inference zooms them (0: off)")
     loss: str = option("ce", "ce: cross-entropy; ce+dice: plus soft Dice of the nucleus classes (DSB2018 1st place)",
                        choices=("ce", "ce+dice"))
     border_weight: float = option(1.0, "loss weight of the border class (3 classes), which is rare but splits nuclei")

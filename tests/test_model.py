@@ -241,6 +241,36 @@ def test_epoch_augmentation_moves_mask_with_image_and_shuffles_only_colour():
     assert plain == {(0.9, 0.5, 0.1)}  # without colour: geometry only
 
 
+def test_low_resolution_crops_are_what_inference_sees_of_a_half_size_image_and_keep_their_mask():
+    """A coarse crop is the crop shrunk and zoomed back as OpenCV does it at inference; its mask stays sharp."""
+    import cv2
+
+    from pipeline.model.tfkeras import tf
+    from pipeline.train.worker import epoch_augmentation, low_resolution
+
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.random((64, 64, 3)).astype(np.float32), (0, 0), 1.5)
+    opencv = cv2.resize(cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA), (64, 64),
+                        interpolation=cv2.INTER_LINEAR)
+    assert np.abs(low_resolution(tf.constant(image), 0.5).numpy() - opencv).max() < 1e-5
+
+    def detail(crop):  # mean difference between neighbouring pixels: fine structure
+        return float(np.abs(np.diff(crop, axis=0)).mean() + np.abs(np.diff(crop, axis=1)).mean())
+
+    mask = np.zeros((64, 64, 1), np.uint8)
+    mask[10:30, 20:25] = 1
+    tf.random.set_seed(5)
+    sharp = [epoch_augmentation(tf.constant(image), tf.constant(mask)) for _ in range(8)]
+    coarse = [epoch_augmentation(tf.constant(image), tf.constant(mask), coarse=1.0) for _ in range(8)]
+    assert all(abs(detail(out.numpy()) - detail(image)) < 1e-6 for out, _ in sharp)  # only turned
+    assert all(detail(out.numpy()) < 0.8 * detail(image) for out, _ in coarse)
+    assert all(int(out_mask.numpy().sum()) == 100 for _, out_mask in coarse)  # outlines at full resolution
+    tf.random.set_seed(5)
+    shares = [detail(epoch_augmentation(tf.constant(image), tf.constant(mask), coarse=0.3)[0].numpy()) < 0.8 * detail(image)
+              for _ in range(60)]
+    assert 8 <= sum(shares) <= 30  # about 30% of the crops
+
+
 def test_stain_jitter_changes_the_stains_of_coloured_crops_only():
     from pipeline.model.tfkeras import tf
     from pipeline.train.worker import STAIN_VECTORS, epoch_augmentation, stain_jitter

@@ -45,13 +45,24 @@ def stain_jitter(image, scale, shift, min_colour: float = 0.04):
     return tf.where(coloured, tf.clip_by_value(jittered, 0.0, 1.0), image)
 
 
-def epoch_augmentation(image, mask, colour: bool = False, stain: float = 0.0):
+def low_resolution(image, factor):
+    """A crop as a camera `factor` times coarser would have seen it, zoomed back to its size: shrunk by area
+    averaging, enlarged bilinearly (how a half-magnification image reaches the model once inference's size
+    normalisation has zoomed it x2: cv2's INTER_AREA then INTER_LINEAR)."""
+    size = tf.shape(image)[:2]
+    small = tf.maximum(1, tf.cast(tf.round(tf.cast(size, tf.float32) * factor), tf.int32))
+    return tf.image.resize(tf.image.resize(image, small, method="area"), size, method="bilinear")
+
+
+def epoch_augmentation(image, mask, colour: bool = False, stain: float = 0.0, coarse: float = 0.0):
     """A fresh random flip and 90-degree turn of a training crop every epoch (image and mask alike).
 
     With `colour`, also a random channel order (half the crops) and grey (one in five) for the image alone:
     DSB2018's 1st place found channel shuffle and colour/grey remapping "very important" for stained tissue,
     so the model learns nuclei by their contrast with their surroundings rather than one stain's hue.
     `stain` > 0: each stain's amount scaled by 1 +- stain and shifted by +- stain / 4 (see stain_jitter).
+    `coarse` > 0: that share of the crops shown at 0.4-0.7x their resolution and zoomed back (low_resolution), the
+    mask kept at full resolution, so nuclei imaged at half the training magnification keep their outlines.
     """
     both = tf.concat([image, tf.cast(mask, image.dtype)], axis=-1)
     both = tf.image.random_flip_left_right(both)
@@ -65,6 +76,9 @@ def epoch_augmentation(image, mask, colour: bool = False, stain: float = 0.0):
     if stain > 0:
         image = stain_jitter(image, tf.random.uniform([3], 1.0 - stain, 1.0 + stain),
                              tf.random.uniform([3], -stain / 4, stain / 4))
+    if coarse > 0:
+        image = tf.cond(tf.random.uniform([]) < coarse,
+                        lambda: low_resolution(image, tf.random.uniform([], 0.4, 0.7)), lambda: image)
     return image, mask
 
 
@@ -180,7 +194,7 @@ def _worker_datasets(config: TrainConfig, rank: int, strategy) -> tuple[object, 
         return tf.cast(image, tf.float32) * (1.0 / 255.0), mask  # pipeline.io.images.normalise, bit for bit
 
     def flip_and_turn(image, mask):
-        return epoch_augmentation(image, mask, config.colour_augment, config.stain_augment)
+        return epoch_augmentation(image, mask, config.colour_augment, config.stain_augment, config.low_resolution)
 
     class_weights = tf.constant([1.0, 1.0, config.border_weight], tf.float32)
 
