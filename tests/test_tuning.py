@@ -148,6 +148,30 @@ def _run_json(folder, holdout, postprocess, **config):
     return folder / "model.keras"
 
 
+def test_the_size_range_is_the_training_images_nucleus_sizes_and_starts_higher_after_coarse_crops(tmp_path,
+                                                                                                  synthetic_folder):
+    """Images inside the sizes a model trained on are left as they are; one trained with --low-resolution is zoomed
+    up from the 10th percentile of its training images' median nucleus areas instead of the 2nd."""
+    import numpy as np
+
+    from pipeline.data.augment import true_median_area
+    from pipeline.io.sources import load_sample
+    from pipeline.model.registry import read_model_info
+    from pipeline.train.size_range import store_size_range, trained_refs
+
+    trained = {"data": synthetic_folder, "val_fraction": 0.25}
+    plain = _run_json(tmp_path / "plain", "random", {"threshold": 0.6, "seed_threshold": 0.5, "min_size": 12}, **trained)
+    coarse = _run_json(tmp_path / "coarse", "random", {"threshold": 0.6}, low_resolution=0.5, **trained)
+    refs = trained_refs(read_model_info(str(plain)))
+    areas = [true_median_area(load_sample(ref).labels) for ref in refs]
+    assert len(set(areas)) > 5 and np.percentile(areas, 10) > np.percentile(areas, 2)
+    stored = store_size_range(str(plain))
+    assert stored["within"] == [round(float(np.percentile(areas, q)), 1) for q in (2, 98)]
+    assert stored["nucleus_area"] == round(float(np.median(areas)), 1) and stored["min_size"] == 12
+    assert read_model_info(str(plain)).postprocess.size_normalisation == stored  # written into run.json
+    assert store_size_range(str(coarse))["within"] == [round(float(np.percentile(areas, q)), 1) for q in (10, 98)]
+
+
 def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
     import hashlib
     import json
