@@ -157,7 +157,7 @@ def test_the_size_range_is_the_training_images_nucleus_sizes_and_starts_higher_a
     from pipeline.data.augment import true_median_area
     from pipeline.io.sources import load_sample
     from pipeline.model.registry import read_model_info
-    from pipeline.train.size_range import store_size_range, trained_refs
+    from pipeline.train.size_range import size_range, store_size_range, trained_refs
 
     trained = {"data": synthetic_folder, "val_fraction": 0.25}
     plain = _run_json(tmp_path / "plain", "random", {"threshold": 0.6, "seed_threshold": 0.5, "min_size": 12}, **trained)
@@ -170,6 +170,10 @@ def test_the_size_range_is_the_training_images_nucleus_sizes_and_starts_higher_a
     assert stored["nucleus_area"] == round(float(np.median(areas)), 1) and stored["min_size"] == 12
     assert read_model_info(str(plain)).postprocess.size_normalisation == stored  # written into run.json
     assert store_size_range(str(coarse))["within"] == [round(float(np.percentile(areas, q)), 1) for q in (10, 98)]
+    measured_as_tuned = size_range(read_model_info(str(plain)), measure={"threshold": 0.4, "seed_threshold": 0.3,
+                                                                         "min_size": 20})
+    assert (measured_as_tuned["threshold"], measured_as_tuned["seed_threshold"], measured_as_tuned["min_size"]) == (
+        0.4, 0.3, 20)  # the tune step measures nuclei with the settings it chose
 
 
 def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):

@@ -32,18 +32,20 @@ def trained_refs(info: RunInfo, data: str = "") -> list:
     return split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))[0]
 
 
-def size_range(info: RunInfo, data: str = "") -> dict:
+def size_range(info: RunInfo, data: str = "", measure: dict | None = None) -> dict:
     """Size normalisation that zooms only images whose median nucleus is outside the sizes the model trained on
     (the 2nd-98th percentiles of its training images' median true nucleus areas; the 10th-98th for a model trained
     with --low-resolution), towards their median: on the tune split, x0.5 images 0.473 -> 0.566 with the plain
-    images unchanged (docs/accuracy-trials.md)."""
+    images unchanged (docs/accuracy-trials.md). A nucleus is measured with `measure`'s threshold, seed_threshold and
+    min_size (the tuned settings), else with the stored ones."""
     refs = trained_refs(info, data)
     areas = [true_median_area(load_sample(ref).labels) for ref in refs]
-    saved = info.postprocess
+    keys = ("threshold", "seed_threshold", "min_size")
+    saved = {key: measure[key] for key in keys} if measure else {key: getattr(info.postprocess, key) for key in keys}
     coarse = float((info.config or {}).get("low_resolution") or 0.0) > 0
     low, high = (round(float(np.percentile(areas, q)), 1)
                  for q in (COARSE_SIZE_RANGE_PERCENTILES if coarse else SIZE_RANGE_PERCENTILES))
-    return {"threshold": saved.threshold, "seed_threshold": saved.seed_threshold, "min_size": saved.min_size,
+    return {"threshold": saved["threshold"], "seed_threshold": saved["seed_threshold"], "min_size": saved["min_size"],
             "nucleus_area": round(float(np.median(areas)), 1), "within": [low, high],
             "measured_on": f"median true nucleus areas of the {len(refs)} images it trained on"}
 
