@@ -197,6 +197,16 @@ def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):
     assert settings["threshold"] == 0.7 and settings["tta"] is True and "same recipe" in settings["tuned_on"]
     assert f"sha256 {hashlib.sha256(b'not read').hexdigest()[:12]}" in settings["tuned_on"]  # the source, by content
     assert json.loads((tmp_path / "refit" / "run.json").read_text())["postprocess"] == settings
+    # Fine-tunes of the two (--init-from) are the same recipe; a fine-tune of another start is not.
+    sibling_tune = _run_json(tmp_path / "sibling_tune", "protocol", tuned, init_from=str(sibling), low_resolution=0.5)
+    refit_tune = _run_json(tmp_path / "refit_tune", "refit", {"threshold": 0.6}, init_from=str(refit),
+                           low_resolution=0.5)
+    assert copy_settings(str(refit_tune), str(sibling_tune))["threshold"] == 0.7
+    stranger = _run_json(tmp_path / "stranger", "protocol", tuned)
+    (tmp_path / "stranger" / "model.keras").write_bytes(b"another start")
+    sibling_tune = _run_json(tmp_path / "sibling_tune", "protocol", tuned, init_from=str(stranger), low_resolution=0.5)
+    with pytest.raises(ValueError, match="init_from differ"):
+        copy_settings(str(refit_tune), str(sibling_tune))
     untuned = _run_json(tmp_path / "untuned", "protocol", {"threshold": 0.6})
     with pytest.raises(ValueError, match="no tuned settings"):
         copy_settings(str(refit), str(untuned))

@@ -118,11 +118,21 @@ def _check_refit_specialist(kind: str, path: str, model_path: str, info: RunInfo
         raise ValueError(f"--specialists {kind}={path}: not this refit's own {kind} specialist: {'; '.join(problems)}")
 
 
+def _sibling_starts(refit_start: str | None, source_start: str | None) -> bool:
+    """Whether two fine-tunes started from a refit and its protocol sibling: the refit's start took its settings
+    from the source's start, as its run.json says by the sibling's sha256 (copy_settings writes it)."""
+    if not refit_start or not source_start or not os.path.isfile(refit_start) or not os.path.isfile(source_start):
+        return False
+    copied = read_model_info(refit_start).postprocess.tuned_on or ""
+    return f"sha256 {sha256_of(source_start)[:12]}" in copied
+
+
 def copy_settings(model: str, source: str, specialists: dict[str, str] | None = None) -> dict:
     """Give `model` (a --holdout refit run) the inference settings tuned for `source`, the same recipe trained
     with --holdout protocol, whose tune split was unseen; returns the settings written into model's run.json.
 
-    Refuses a source that was not tuned, or whose recipe (apart from holdout, seed and paths) differs. The
+    Refuses a source that was not tuned, or whose recipe (apart from holdout, seed and paths) differs; two fine-tunes
+    are the same recipe when the refit's start is the refit of the source's start (_sibling_starts). The
     specialists those settings were tuned with come along, unless `specialists` gives the refit its own: their
     recipe trained with --holdout refit from the refit model, as the refit is the source's recipe trained on the
     train and tune splits together (the recipe itself is the caller's to keep the same).
@@ -135,6 +145,8 @@ def copy_settings(model: str, source: str, specialists: dict[str, str] | None = 
     if tuned.config.get("holdout") != "protocol":
         raise ValueError(f"{source}: settings must come from a --holdout protocol run (its tune split unseen)")
     differ = recipe_differences(info.kept_weights_config(), tuned.kept_weights_config())
+    if "init_from" in differ and _sibling_starts(info.config.get("init_from"), tuned.config.get("init_from")):
+        differ.remove("init_from")
     if differ:
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info.postprocess = copy.deepcopy(settings)  # the same keys as the source's, in the same order
