@@ -41,12 +41,11 @@ def size_range(info: RunInfo, data: str = "", measure: dict | None = None) -> di
     refs = trained_refs(info, data)
     areas = [true_median_area(load_sample(ref).labels) for ref in refs]
     keys = ("threshold", "seed_threshold", "min_size")
-    saved = {key: measure[key] for key in keys} if measure else {key: getattr(info.postprocess, key) for key in keys}
+    measuring = {key: measure[key] if measure else getattr(info.postprocess, key) for key in keys}
     coarse = float((info.config or {}).get("low_resolution") or 0.0) > 0
     low, high = (round(float(np.percentile(areas, q)), 1)
                  for q in (COARSE_SIZE_RANGE_PERCENTILES if coarse else SIZE_RANGE_PERCENTILES))
-    return {"threshold": saved["threshold"], "seed_threshold": saved["seed_threshold"], "min_size": saved["min_size"],
-            "nucleus_area": round(float(np.median(areas)), 1), "within": [low, high],
+    return {**measuring, "nucleus_area": round(float(np.median(areas)), 1), "within": [low, high],
             "measured_on": f"median true nucleus areas of the {len(refs)} images it trained on"}
 
 

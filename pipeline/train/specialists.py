@@ -118,13 +118,18 @@ def _check_refit_specialist(kind: str, path: str, model_path: str, info: RunInfo
         raise ValueError(f"--specialists {kind}={path}: not this refit's own {kind} specialist: {'; '.join(problems)}")
 
 
+def _by_content(digest: str) -> str:
+    """How a refit's run.json names the model whose settings it took (copy_settings), so it can be found again."""
+    return f"sha256 {digest[:12]}"
+
+
 def _sibling_starts(refit_start: str | None, source_start: str | None) -> bool:
     """Whether two fine-tunes started from a refit and its protocol sibling: the refit's start took its settings
     from the source's start, as its run.json says by the sibling's sha256 (copy_settings writes it)."""
     if not refit_start or not source_start or not os.path.isfile(refit_start) or not os.path.isfile(source_start):
         return False
     copied = read_model_info(refit_start).postprocess.tuned_on or ""
-    return f"sha256 {sha256_of(source_start)[:12]}" in copied
+    return _by_content(sha256_of(source_start)) in copied
 
 
 def copy_settings(model: str, source: str, specialists: dict[str, str] | None = None) -> dict:
@@ -151,7 +156,7 @@ def copy_settings(model: str, source: str, specialists: dict[str, str] | None = 
         raise ValueError(f"{source} is a different recipe ({', '.join(differ)} differ): its settings do not transfer")
     info.postprocess = copy.deepcopy(settings)  # the same keys as the source's, in the same order
     digest = (tuned.sha256 or {}).get("model.keras")  # names the source after it is replaced on disk
-    by_content = f"model.keras sha256 {digest[:12]}, " if digest else ""
+    by_content = f"model.keras {_by_content(digest)}, " if digest else ""
     info.postprocess.tuned_on = (f"{settings.tuned_on}, for {os.path.relpath(source_path)} "
                                  f"({by_content}same recipe, tune split unseen)")
     carried = specialist_files(source_path, tuned) if settings.specialists else {}
