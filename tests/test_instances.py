@@ -116,24 +116,74 @@ def test_split_clumps_follows_the_models_border_and_spares_convex_or_ordinary_ob
 
 
 def test_convex_areas_and_renumbering_are_scikit_images_exactly():
-    """The filter's solidity (pipeline.labels.instance_filter.convex_area) and the renumbering
-    (pipeline.labels.instances.sequential) stand in for scikit-image's for speed: the same numbers on random shapes
-    of every size, holes, thin lines and single pixels included."""
+    """The filter's and clump splitting's convex hulls (pipeline.labels.instance_filter.convex_areas, all objects at
+    once) and the renumbering (pipeline.labels.instances.sequential) stand in for scikit-image's for speed: the same
+    numbers on random shapes of every size, holes, thin lines, single pixels and labels in several pieces included."""
     from scipy import ndimage
     from skimage.measure import regionprops_table
     from skimage.segmentation import relabel_sequential
 
-    from pipeline.labels.instance_filter import convex_area
+    from pipeline.labels.instance_filter import convex_areas
     from pipeline.labels.instances import sequential
 
     rng = np.random.default_rng(0)
-    for _ in range(400):
+    for turn in range(400):
         mask = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.uniform(0.05, 0.95)
         labels = ndimage.label(mask)[0]
+        if turn % 2:  # objects of several pieces, numbers with gaps
+            labels = np.where(labels > 0, labels % 5 * 3 + 1, 0)
         if labels.max() == 0:
             continue
         table = regionprops_table(labels, properties=("label", "area", "area_convex"))
-        ours = [convex_area(labels[box] == index) for index, box in enumerate(ndimage.find_objects(labels), start=1)]
-        assert ours == list(np.asarray(table["area_convex"])[np.argsort(table["label"])])
+        assert list(convex_areas(labels)) == list(np.asarray(table["area_convex"])[np.argsort(table["label"])])
         scattered = np.where(labels > 0, labels * 7 + 3, 0).astype(np.int32)
         assert np.array_equal(sequential(scattered), relabel_sequential(scattered)[0])
+
+
+def test_instance_features_are_scikit_images_measurements():
+    """The filter's features, computed by label in one pass, equal regionprops' (area, solidity, eccentricity,
+    intensity mean, min and max, the box touching the edge) on random objects, some in several pieces."""
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    from pipeline.labels.instance_filter import FEATURES, instance_features
+
+    rng = np.random.default_rng(1)
+    for turn in range(60):
+        shape = (int(rng.integers(8, 60)), int(rng.integers(8, 60)))
+        labels = ndimage.label(rng.random(shape) < 0.5)[0]
+        if turn % 2:
+            labels = np.where(labels > 0, labels % 4 + 1, 0)
+        probabilities = rng.dirichlet([1, 1, 1], size=shape).astype(np.float32)
+        features = instance_features(labels, probabilities)
+        regions = regionprops(labels, intensity_image=np.stack([1 - probabilities[..., 0], probabilities[..., 1]], -1))
+        column = {name: features[:, FEATURES.index(name)] for name in FEATURES}
+        assert np.allclose(np.exp(column["log_area"]), [region.area for region in regions])
+        assert np.allclose(column["solidity"], [region.solidity for region in regions])
+        assert np.allclose(column["eccentricity"], [region.eccentricity for region in regions], atol=1e-6)
+        assert np.allclose(column["mean_nucleus"], [region.intensity_mean[0] for region in regions], atol=1e-6)
+        assert np.array_equal(column["min_nucleus"], [region.intensity_min[0] for region in regions])
+        assert np.array_equal(column["max_interior"], [region.intensity_max[1] for region in regions])
+        touches = [float(region.bbox[0] == 0 or region.bbox[1] == 0 or region.bbox[2] == shape[0] or
+                         region.bbox[3] == shape[1]) for region in regions]
+        assert np.array_equal(column["touches_edge"], touches)
+
+
+def test_holes_are_filled_in_each_nucleus_only():
+    """A nucleus' own holes are filled (a ring becomes a disc, one inside another's hole included); background that
+    several nuclei enclose together stays background."""
+    from pipeline.labels.instances import _finish
+
+    yy, xx = np.mgrid[:60, :90]
+    ring = (np.hypot(yy - 30, xx - 25) < 18) & (np.hypot(yy - 30, xx - 25) > 9)
+    inner = np.hypot(yy - 30, xx - 25) < 4  # a nucleus inside the ring's hole
+    square = (np.abs(yy - 30) < 14) & (np.abs(xx - 68) < 14)
+    enclosed = (np.abs(yy - 30) < 5) & (np.abs(xx - 68) < 5)
+    left, right = square & ~enclosed & (xx < 68), square & ~enclosed & (xx >= 68)  # two halves around a gap
+    labels = np.zeros((60, 90), np.int32)
+    for index, part in enumerate((ring, inner, left, right), start=1):
+        labels[part] = index
+    filled = _finish(labels, 1)
+    assert (filled[np.hypot(yy - 30, xx - 25) < 18] > 0).all()  # the ring's hole filled around the inner nucleus
+    assert len(np.unique(filled[inner])) == 1 and filled[30, 25] != filled[30, 12]
+    assert (filled[enclosed] == 0).all()  # enclosed by two nuclei together: not a hole of either

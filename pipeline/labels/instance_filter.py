@@ -19,9 +19,8 @@ FEATURES = ("log_area", "log_area_vs_median", "mean_nucleus", "min_nucleus", "me
 def instance_features(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     """(N, len(FEATURES)) features of the N nuclei of `labels` (rows in label order) from HxWxC probabilities.
 
-    Sums and extremes by label in one pass each (NumPy, SciPy); each object's convex hull by convex_area."""
-    from scipy import ndimage
-
+    Sums by label in one pass each, extremes and boxes over the pixels sorted by label once (NumPy); the convex
+    hulls by convex_areas."""
     labels = labels.astype(np.int32, copy=False)
     if labels.max(initial=0) == 0:
         return np.zeros((0, len(FEATURES)), np.float64)
@@ -32,11 +31,18 @@ def instance_features(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarr
     counts = np.bincount(flat)
     present = np.flatnonzero(counts)  # rows in label order
     area = counts[present].astype(np.float64)
+    order = np.argsort(flat, kind="stable")  # by label, each label's pixels in row-major order
+    firsts = np.r_[0, np.cumsum(counts[present])[:-1]]
+    convex = convex_areas(labels, (rows[order], cols[order]))
 
     def by_label(values: np.ndarray) -> np.ndarray:
         return np.bincount(flat, weights=values, minlength=len(counts))[present]
 
     nucleus_values, interior_values = nucleus[rows, cols], interior[rows, cols]
+    height, width = labels.shape
+    touches = ((rows[order][firsts] == 0) | (rows[order][np.r_[firsts[1:], len(flat)] - 1] == height - 1) |
+               (np.minimum.reduceat(cols[order], firsts) == 0) |
+               (np.maximum.reduceat(cols[order], firsts) == width - 1)).astype(np.float64)
     rows, cols = rows.astype(np.float64), cols.astype(np.float64)
     mean_r, mean_c = by_label(rows) / area, by_label(cols) / area
     # central second moments over the area: skimage's inertia tensor, whose eigenvalues give the eccentricity
@@ -46,55 +52,74 @@ def instance_features(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarr
     spread = np.sqrt(((rr - cc) / 2) ** 2 + rc ** 2)
     major, minor = (rr + cc) / 2 + spread, (rr + cc) / 2 - spread
     eccentricity = np.where(major > 0, np.sqrt(np.clip(1.0 - minor / np.where(major > 0, major, 1.0), 0.0, 1.0)), 0.0)
-    boxes = ndimage.find_objects(labels)
-    height, width = labels.shape
-    touches = np.array([box[0].start == 0 or box[1].start == 0 or box[0].stop == height or box[1].stop == width
-                        for box in (boxes[label - 1] for label in present)], np.float64)
-    solidity = area / np.array([convex_area(labels[boxes[label - 1]] == label) for label in present], np.float64)
+    solidity = area / convex
     count = len(area)
     columns = [np.log(area), np.log(area / np.median(area)), by_label(nucleus_values) / area,
-               ndimage.minimum(nucleus_values, flat, present), by_label(interior_values) / area,
-               ndimage.maximum(interior_values, flat, present), solidity, eccentricity, touches,
+               np.minimum.reduceat(nucleus_values[order], firsts), by_label(interior_values) / area,
+               np.maximum.reduceat(interior_values[order], firsts), solidity, eccentricity, touches,
                np.full(count, np.log(count))]
     return np.column_stack([np.asarray(column, np.float64) for column in columns])
 
 
-def convex_area(mask: np.ndarray) -> int:
-    """Pixels of a mask's convex hull as scikit-image's regionprops counts them (convex_hull_image: the hull of each
-    pixel's four edge midpoints, then every pixel centre inside it or on its edge), exactly, at a third of its time:
-    the hull of each row's end pixels (OpenCV, in doubled integer coordinates), then each row's span of pixel
-    centres inside it by integer arithmetic."""
+def convex_areas(labels: np.ndarray, pixels: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Pixels of each object's convex hull (objects in label order) as scikit-image's regionprops counts them
+    (convex_hull_image: the hull of each pixel's four edge midpoints, then every pixel centre inside it or on its
+    edge), exactly, for all objects at once: the hull of each row's end pixels (OpenCV, in doubled integer
+    coordinates), then each row's span of pixel centres inside it by integer arithmetic. `pixels`: np.nonzero(labels),
+    when already known."""
     import cv2
 
-    rows, cols = np.nonzero(mask)
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    rows, cols = np.nonzero(labels) if pixels is None else pixels
+    owner = labels[rows, cols]
+    order = np.argsort(owner, kind="stable")  # by object, each object's pixels still in row-major order
+    owner, rows, cols = owner[order], rows[order].astype(np.int64), cols[order].astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, (owner[1:] != owner[:-1]) | (rows[1:] != rows[:-1])])  # runs: object, row
     ends = np.r_[starts[1:], len(rows)] - 1
-    row, left, right = (2 * values.astype(np.int64) for values in (rows[starts], cols[starts], cols[ends]))
-    xs = np.concatenate([left - 1, right + 1, left, left, right, right])  # x = 2 column, y = 2 row
-    ys = np.concatenate([row, row, row - 1, row + 1, row - 1, row + 1])
-    hull = cv2.convexHull(np.stack([xs, ys], 1).astype(np.int32))[:, 0, :].astype(np.int64)
-    x0, y0 = hull[:, 0], hull[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    run_owner, row, left, right = owner[starts], 2 * rows[starts], 2 * cols[starts], 2 * cols[ends]
+    firsts = np.flatnonzero(np.r_[True, run_owner[1:] != run_owner[:-1]])  # each object's first run
+    lasts = np.r_[firsts[1:], len(run_owner)]
+    points = np.stack([np.stack([left - 1, right + 1, left, left, right, right], 1),  # x = 2 column, y = 2 row
+                       np.stack([row, row, row - 1, row + 1, row - 1, row + 1], 1)], 2).astype(np.int32)
+    hulls = [cv2.convexHull(points[first:last].reshape(-1, 2))[:, 0, :] for first, last in zip(firsts, lasts)]
+    sizes = np.array([len(hull) for hull in hulls])
+    vertex = np.concatenate(hulls).astype(np.int64)
+    following = np.arange(len(vertex)) + 1  # each vertex's next one around its own hull
+    following[np.cumsum(sizes) - 1] -= sizes
+    x0, y0, x1, y1 = vertex[:, 0], vertex[:, 1], vertex[following, 0], vertex[following, 1]
+    edge_object = np.repeat(np.arange(len(hulls)), sizes)
     slanted = y0 != y1  # a row of pixel centres never lies on a horizontal edge: only the others cross it
-    x0, y0, x1, y1 = x0[slanted], y0[slanted], x1[slanted], y1[slanted]
-    height, width = mask.shape
-    y = 2 * np.arange(height)[:, None]
-    crosses = (np.minimum(y0, y1) <= y) & (y <= np.maximum(y0, y1))
-    den = np.abs(y1 - y0)
-    num = (x0 * (y1 - y0) + (y - y0) * (x1 - x0)) * np.sign(y1 - y0)  # the edge meets row y at x = num / den
-    x = num / den  # only to find each row's first and last crossing; the columns come from num and den exactly
-    first = np.where(crosses, x, np.inf).argmin(axis=1)
-    last = np.where(crosses, x, -np.inf).argmax(axis=1)
-    every = np.arange(height)
-    low = np.maximum(-(-num[every, first] // (2 * den[first])), 0)  # the first column whose centre is inside
-    high = np.minimum(num[every, last] // (2 * den[last]), width - 1)
-    return int(np.maximum(high - low + 1, 0).sum())
+    x0, y0, x1, y1, edge_object = x0[slanted], y0[slanted], x1[slanted], y1[slanted], edge_object[slanted]
+    edges = np.bincount(edge_object, minlength=len(hulls))
+    edge_start = np.r_[0, np.cumsum(edges)[:-1]]
+    top, bottom = row[firsts] // 2, row[lasts - 1] // 2  # rows of each object's box
+    box_left = np.minimum.reduceat(left, firsts) // 2
+    box_right = np.maximum.reduceat(right, firsts) // 2
+    heights = bottom - top + 1
+    # one pair per (object, row of its box, slanted edge of its hull), ordered so, each (object, row) a block
+    pairs = heights * edges
+    pair_object = np.repeat(np.arange(len(hulls)), pairs)
+    within = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    per_row = edges[pair_object]
+    edge = edge_start[pair_object] + within % per_row
+    y = 2 * (top[pair_object] + within // per_row)
+    ex0, ey0, ex1, ey1 = x0[edge], y0[edge], x1[edge], y1[edge]
+    crosses = (np.minimum(ey0, ey1) <= y) & (y <= np.maximum(ey0, ey1))
+    den = np.abs(ey1 - ey0)
+    num = (ex0 * (ey1 - ey0) + (y - ey0) * (ex1 - ex0)) * np.sign(ey1 - ey0)  # the edge meets row y at x = num / den
+    big = np.iinfo(np.int64).max
+    block = np.r_[0, np.cumsum(np.repeat(edges, heights))[:-1]]  # each (object, row)'s first pair
+    low = np.minimum.reduceat(np.where(crosses, -(-num // (2 * den)), big), block)  # first column whose centre is in
+    high = np.maximum.reduceat(np.where(crosses, num // (2 * den), -big), block)
+    row_object = np.repeat(np.arange(len(hulls)), heights)
+    low, high = np.maximum(low, box_left[row_object]), np.minimum(high, box_right[row_object])
+    return np.add.reduceat(np.maximum(high - low + 1, 0), np.r_[0, np.cumsum(heights)[:-1]])
 
 
 def keep_probability(features: np.ndarray, params: dict) -> np.ndarray:
     """P(true nucleus) of each row of `features` under a fitted filter's parameters."""
-    scaled = (features - np.asarray(params["mean"])) / np.asarray(params["scale"])
-    return 1.0 / (1.0 + np.exp(-(scaled @ np.asarray(params["coef"]) + float(params["intercept"]))))
+    weights = np.asarray(params["coef"], np.float64) / np.asarray(params["scale"], np.float64)  # the scaling folded
+    offset = float(params["intercept"]) - float(np.asarray(params["mean"], np.float64) @ weights)  # into the weights
+    return 1.0 / (1.0 + np.exp(-(features @ weights + offset)))
 
 
 def apply_filter(labels: np.ndarray, probabilities: np.ndarray, params: dict | None) -> np.ndarray:

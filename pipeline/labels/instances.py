@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
-from skimage.measure import regionprops
 from skimage.segmentation import watershed
+
+from pipeline.labels.instance_filter import convex_areas
 
 DEFAULT_MIN_SIZE = 10  # pixels; smaller predicted objects are noise
 DEFAULT_THRESHOLD = 0.5  # probability above which a pixel is nucleus (and, for 3 classes, seeds one)
@@ -45,16 +46,30 @@ def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
     small = sizes < min_size
     small[0] = False
     labels = np.where(small[labels], 0, labels)
-    if not (fill_holes(labels > 0) & (labels == 0)).any():  # the usual case: nothing to fill
+    holes = fill_holes(labels > 0) & (labels == 0)  # background enclosed by nuclei: every nucleus' own holes among it
+    if not holes.any():  # the usual case: nothing to fill
         return sequential(labels).astype(np.int32, copy=False)
     filled = labels.copy()
-    for index, region in enumerate(ndimage.find_objects(labels), start=1):
-        if region is None:
-            continue
+    boxes = ndimage.find_objects(labels)
+    for index in _boxes_holding(holes, boxes):
+        region = boxes[index - 1]
         own = labels[region] == index
-        holes = fill_holes(own) & (labels[region] == 0)
-        filled[region][holes] = index
+        filled[region][fill_holes(own) & (labels[region] == 0)] = index
     return sequential(filled).astype(np.int32, copy=False)
+
+
+def _boxes_holding(pixels: np.ndarray, boxes: list) -> np.ndarray:
+    """The labels (1-based) of the boxes (ndimage.find_objects') that hold at least one of the `pixels` (a mask), by
+    one summed-area table: only those objects may have holes of their own to fill."""
+    table = np.pad(pixels.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    present = [(index, box) for index, box in enumerate(boxes, start=1) if box is not None]
+    if not present:
+        return np.zeros(0, np.int64)
+    index = np.array([label for label, _ in present])
+    top, bottom, left, right = (np.array([getattr(box[axis], end) for _, box in present])
+                                for axis, end in ((0, "start"), (0, "stop"), (1, "start"), (1, "stop")))
+    held = table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
+    return index[held > 0]
 
 
 def split_touching(binary: np.ndarray, min_distance: int = 4) -> np.ndarray:
@@ -155,11 +170,15 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
     large[0] = False
     if not large.any():
         return sequential(result).astype(np.int32, copy=False)
-    for region in regionprops(np.where(large[result], result, 0)):
-        if region.solidity >= max_solidity:
-            continue
-        top, left, bottom, right = region.bbox
-        mask = np.pad(region.image, 1)
+    candidates = np.where(large[result], result, 0)
+    present = np.flatnonzero(large)  # label order, as regionprops'
+    solidity = np.bincount(candidates.ravel())[present] / convex_areas(candidates)  # regionprops' solidity, sooner
+    boxes = ndimage.find_objects(candidates)
+    for label in present[solidity < max_solidity]:
+        box = boxes[label - 1]
+        image = candidates[box] == label
+        top, left, bottom, right = box[0].start, box[1].start, box[0].stop, box[1].stop
+        mask = np.pad(image, 1)
         depth = ndimage.distance_transform_edt(mask)
         peaks = peak_local_max(depth, min_distance=max(2, int(spacing * radius)), labels=mask.astype(np.int32),
                                exclude_border=False)
@@ -175,7 +194,7 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
         parts = watershed(landscape, markers, mask=mask)[1:-1, 1:-1]
         window = result[top:bottom, left:right]
         for part in range(2, len(peaks) + 1):
-            window[(parts == part) & region.image] = next_label
+            window[(parts == part) & image] = next_label
             next_label += 1
     return sequential(result).astype(np.int32, copy=False)
 

@@ -50,34 +50,64 @@ def band_features_expanded(labels: np.ndarray, probabilities: np.ndarray, image:
     if image.ndim == 3:
         grey /= np.float32(image.shape[2])
     inside = labels > 0
-    outside_distance, (rows, cols) = ndimage.distance_transform_edt(~inside, return_indices=True)
-    nearest = labels[rows, cols]
+    outside_distance, nearest = _nearest_object(labels, inside)
     expanded = np.where(outside_distance <= band + 1, nearest, 0).astype(labels.dtype)
     inside_distance = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    signed = np.where(inside, inside_distance, -outside_distance).astype(np.float32)
+    signed = inside_distance - outside_distance  # one of the two is 0 at every pixel
     mask = np.abs(signed) <= band
+    rows, cols = np.nonzero(mask)  # the band's pixels, in row-major order as every column below
     far = outside_distance > 2 * band
     background = float(np.median(grey[far] if far.any() else grey))
     ids = np.arange(1, int(labels.max()) + 1)
     medians = ndimage.median(grey[inside], labels[inside], ids)  # over the nuclei's own pixels: the same, sooner
     object_median = np.concatenate([[background + 1.0], np.asarray(medians, np.float64)])
     object_area = np.concatenate([[1.0], np.bincount(labels.ravel(), minlength=len(ids) + 1)[1:].astype(np.float64)])
-    contrast = object_median[nearest] - background  # a nucleus may be darker than its background (stained)
+    contrast = object_median - background  # a nucleus may be darker than its background (stained)
     contrast = np.where(np.abs(contrast) < 1.0, np.where(contrast >= 0, 1.0, -1.0), contrast)
-    grey_vs_nucleus = ((grey - background) / contrast).astype(np.float32)
+    grey_vs_nucleus = ((grey - background) / contrast[nearest]).astype(np.float32)
     nuclei = float(np.median(grey[inside])) - background
     grey_vs_image = (grey - background) / (nuclei if abs(nuclei) >= 1.0 else 1.0)
-    outward_y, outward_x = (slope[mask] for slope in np.gradient(signed))
+    slopes_at = _slopes_at(labels.shape, rows, cols)
+    outward_y, outward_x = slopes_at(signed)
     # Each whole-image column is cut to the band at once, so a large image holds only a few full-size arrays.
     columns = [probabilities[..., 0][mask], probabilities[..., 1][mask], probabilities[..., 2][mask], signed[mask],
                np.log(object_area[nearest[mask]] + 1.0), grey_vs_nucleus[mask], grey_vs_image[mask]]
     for scale in SCALES:
         smooth = _gaussian(grey_vs_nucleus, scale)
-        slope_y, slope_x = (slope[mask] for slope in np.gradient(smooth))
+        slope_y, slope_x = slopes_at(smooth)
         columns += [smooth[mask], np.hypot(slope_y, slope_x), slope_y * outward_y + slope_x * outward_x,
                     cv2.Laplacian(smooth, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)[mask]]
     columns += [_gaussian(probabilities[..., 0], 1.5)[mask], _gaussian(probabilities[..., 2], 1.5)[mask]]
     return np.stack([np.asarray(column, np.float32) for column in columns], axis=-1), mask, expanded
+
+
+def _nearest_object(labels: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each pixel's exact Euclidean distance to the nearest object pixel, float32; that object's label) by OpenCV:
+    the distance by its exact transform, the object by its 5x5-mask one, which names another of two objects at
+    near-equal distances than scipy's exact transform (0.2% of the pixels within 16 of a nucleus, 600 shared images)
+    at a fifth of its time."""
+    outside = (~inside).astype(np.uint8)
+    _, pixel = cv2.distanceTransformWithLabels(outside, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
+    owner = np.zeros(int(pixel.max()) + 1, labels.dtype)  # each object pixel's number -> its label
+    owner[pixel[inside]] = labels[inside]
+    return cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE), owner[pixel]
+
+
+def _slopes_at(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray):
+    """np.gradient (central differences, one-sided at the edges) at the pixels (rows, cols) only: a function of an
+    image of `shape` -> (slope along rows, slope along columns) there, each pixel's neighbours found once."""
+    height, width = shape
+    flat = rows * width + cols
+    above, below = flat + np.where(rows + 1 < height, width, 0), flat - np.where(rows > 0, width, 0)
+    right, left = flat + (cols + 1 < width), flat - (cols > 0)
+    along_rows = np.where(above - below == 2 * width, 0.5, 1.0).astype(np.float32)  # halved between two neighbours
+    along_cols = np.where(right - left == 2, 0.5, 1.0).astype(np.float32)
+
+    def slopes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = values.ravel()
+        return (values[above] - values[below]) * along_rows, (values[right] - values[left]) * along_cols
+
+    return slopes
 
 
 def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -110,7 +140,7 @@ def refine_outlines(labels: np.ndarray, probabilities: np.ndarray, image: np.nda
     if tuple(params["features"]) != FEATURES:
         raise ValueError("this model's outline refiner was fitted with other features: re-run jobs/tune.py")
     features, mask, expanded = band_features_expanded(labels, probabilities, image, int(params["band"]))
-    return relabel(labels, mask, keep_probability(features.astype(np.float64), params), float(params["cutoff"]),
+    return relabel(labels, mask, keep_probability(features, params), float(params["cutoff"]),
                    int(params["band"]), expanded)
 
 
