@@ -172,6 +172,8 @@ def predict_full_image(image: np.ndarray, forward: Callable[[np.ndarray], np.nda
     def predict_view(view: np.ndarray) -> np.ndarray:
         return (flip_average(view[None], forward) if flips else forward(view[None]))[0]
 
+    if (tile_h, tile_w) == (padded_h, padded_w):  # one tile: its probabilities as they are (the blend's weights are 1)
+        return predict_view(padded).astype(np.float32, copy=False)[:height, :width]
     total, weights = None, None
     window = np.outer(_ramp(tile_h, overlap if padded_h > tile_h else 0),
                       _ramp(tile_w, overlap if padded_w > tile_w else 0))[..., None]

@@ -60,14 +60,14 @@ def _finish(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 def _boxes_holding(pixels: np.ndarray, boxes: list) -> np.ndarray:
     """The labels (1-based) of the boxes (ndimage.find_objects') that hold at least one of the `pixels` (a mask), by
-    one summed-area table: only those objects may have holes of their own to fill."""
-    table = np.pad(pixels.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    present = [(index, box) for index, box in enumerate(boxes, start=1) if box is not None]
-    if not present:
-        return np.zeros(0, np.int64)
-    index = np.array([label for label, _ in present])
-    top, bottom, left, right = (np.array([getattr(box[axis], end) for _, box in present])
-                                for axis, end in ((0, "start"), (0, "stop"), (1, "start"), (1, "stop")))
+    one summed-area table over the pixels' own bounding box: only those objects may have holes of their own to fill."""
+    (rows, cols), = ndimage.find_objects(pixels.astype(np.uint8))
+    table = np.pad(pixels[rows, cols].astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    extents = np.array([(index, box[0].start, box[0].stop, box[1].start, box[1].stop)
+                        for index, box in enumerate(boxes, start=1) if box is not None], np.int64).reshape(-1, 5)
+    index, top, bottom, left, right = extents.T
+    top, bottom = (np.clip(side - rows.start, 0, rows.stop - rows.start) for side in (top, bottom))
+    left, right = (np.clip(side - cols.start, 0, cols.stop - cols.start) for side in (left, right))
     held = table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
     return index[held > 0]
 
