@@ -164,3 +164,19 @@ def test_size_normalised_training_crops_zoom_each_image_towards_the_target_nucle
         return np.median(np.concatenate(areas))
 
     assert median_crop_nucleus(4 * native) > 2 * median_crop_nucleus(0)  # every image zoomed 2x
+
+
+def test_a_job_joins_a_cluster_only_where_ray_init_would(monkeypatch, tmp_path):
+    """ensure_ray sends the environment with the job (a runtime_env) only to a cluster it joins: RAY_ADDRESS, or the
+    address `ray start` leaves in Ray's folder; otherwise it starts a Ray of its own, whose workers inherit it."""
+    from pipeline.data.datasets import _joins_a_cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert not _joins_a_cluster(None)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:6379")
+    assert _joins_a_cluster(None)
+    assert not _joins_a_cluster(2)  # tests: a Ray of the process's own
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert _joins_a_cluster(2)
