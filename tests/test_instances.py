@@ -116,15 +116,14 @@ def test_split_clumps_follows_the_models_border_and_spares_convex_or_ordinary_ob
 
 
 def test_convex_areas_and_renumbering_are_scikit_images_exactly():
-    """The filter's and clump splitting's convex hulls (pipeline.labels.instance_filter.convex_areas, all objects at
+    """The filter's and clump splitting's convex hulls (pipeline.labels.instances.convex_areas, all objects at
     once) and the renumbering (pipeline.labels.instances.sequential) stand in for scikit-image's for speed: the same
     numbers on random shapes of every size, holes, thin lines, single pixels and labels in several pieces included."""
     from scipy import ndimage
     from skimage.measure import regionprops_table
     from skimage.segmentation import relabel_sequential
 
-    from pipeline.labels.instance_filter import convex_areas
-    from pipeline.labels.instances import sequential
+    from pipeline.labels.instances import convex_areas, sequential
 
     rng = np.random.default_rng(0)
     for turn in range(400):

@@ -12,8 +12,6 @@ from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
-from pipeline.labels.instance_filter import convex_areas
-
 DEFAULT_MIN_SIZE = 10  # pixels; smaller predicted objects are noise
 DEFAULT_THRESHOLD = 0.5  # probability above which a pixel is nucleus (and, for 3 classes, seeds one)
 
@@ -141,6 +139,58 @@ def instances_from_probabilities(probabilities: np.ndarray, threshold: float = D
         return instances_from_interior(probabilities[..., 1], 1.0 - probabilities[..., 0], threshold, min_size,
                                        seed_threshold)
     raise ValueError(f"expected 2 or 3 classes, got {probabilities.shape[-1]}")
+
+
+def convex_areas(labels: np.ndarray, pixels: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Pixels of each object's convex hull (objects in label order) as scikit-image's regionprops counts them
+    (convex_hull_image: the hull of each pixel's four edge midpoints, then every pixel centre inside it or on its
+    edge), exactly, for all objects at once: the hull of each row's end pixels (OpenCV, in doubled integer
+    coordinates), then each row's span of pixel centres inside it by integer arithmetic. `pixels`: np.nonzero(labels),
+    when already known."""
+    rows, cols = np.nonzero(labels) if pixels is None else pixels
+    owner = labels[rows, cols]
+    order = np.argsort(owner, kind="stable")  # by object, each object's pixels still in row-major order
+    owner, rows, cols = owner[order], rows[order].astype(np.int64), cols[order].astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, (owner[1:] != owner[:-1]) | (rows[1:] != rows[:-1])])  # runs: object, row
+    ends = np.r_[starts[1:], len(rows)] - 1
+    run_owner, row, left, right = owner[starts], 2 * rows[starts], 2 * cols[starts], 2 * cols[ends]
+    firsts = np.flatnonzero(np.r_[True, run_owner[1:] != run_owner[:-1]])  # each object's first run
+    lasts = np.r_[firsts[1:], len(run_owner)]
+    points = np.stack([np.stack([left - 1, right + 1, left, left, right, right], 1),  # x = 2 column, y = 2 row
+                       np.stack([row, row, row - 1, row + 1, row - 1, row + 1], 1)], 2).astype(np.int32)
+    hulls = [cv2.convexHull(points[first:last].reshape(-1, 2))[:, 0, :] for first, last in zip(firsts, lasts)]
+    sizes = np.array([len(hull) for hull in hulls])
+    vertex = np.concatenate(hulls).astype(np.int64)
+    following = np.arange(len(vertex)) + 1  # each vertex's next one around its own hull
+    following[np.cumsum(sizes) - 1] -= sizes
+    x0, y0, x1, y1 = vertex[:, 0], vertex[:, 1], vertex[following, 0], vertex[following, 1]
+    edge_object = np.repeat(np.arange(len(hulls)), sizes)
+    slanted = y0 != y1  # a row of pixel centres never lies on a horizontal edge: only the others cross it
+    x0, y0, x1, y1, edge_object = x0[slanted], y0[slanted], x1[slanted], y1[slanted], edge_object[slanted]
+    edges = np.bincount(edge_object, minlength=len(hulls))
+    edge_start = np.r_[0, np.cumsum(edges)[:-1]]
+    top, bottom = row[firsts] // 2, row[lasts - 1] // 2  # rows of each object's box
+    box_left = np.minimum.reduceat(left, firsts) // 2
+    box_right = np.maximum.reduceat(right, firsts) // 2
+    heights = bottom - top + 1
+    # one pair per (object, row of its box, slanted edge of its hull), ordered so, each (object, row) a block
+    pairs = heights * edges
+    pair_object = np.repeat(np.arange(len(hulls)), pairs)
+    within = np.arange(int(pairs.sum())) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    per_row = edges[pair_object]
+    edge = edge_start[pair_object] + within % per_row
+    y = 2 * (top[pair_object] + within // per_row)
+    ex0, ey0, ex1, ey1 = x0[edge], y0[edge], x1[edge], y1[edge]
+    crosses = (np.minimum(ey0, ey1) <= y) & (y <= np.maximum(ey0, ey1))
+    den = np.abs(ey1 - ey0)
+    num = (ex0 * (ey1 - ey0) + (y - ey0) * (ex1 - ex0)) * np.sign(ey1 - ey0)  # the edge meets row y at x = num / den
+    big = np.iinfo(np.int64).max
+    block = np.r_[0, np.cumsum(np.repeat(edges, heights))[:-1]]  # each (object, row)'s first pair
+    low = np.minimum.reduceat(np.where(crosses, -(-num // (2 * den)), big), block)  # first column whose centre is in
+    high = np.maximum.reduceat(np.where(crosses, num // (2 * den), -big), block)
+    row_object = np.repeat(np.arange(len(hulls)), heights)
+    low, high = np.maximum(low, box_left[row_object]), np.minimum(high, box_right[row_object])
+    return np.add.reduceat(np.maximum(high - low + 1, 0), np.r_[0, np.cumsum(heights)[:-1]])
 
 
 CLUMP_SPLIT_KEYS = ("min_area_ratio", "max_solidity", "spacing")
