@@ -114,14 +114,20 @@ class WorkerKiller(threading.Thread):
             return sum(1 for line in stream if line.strip())
 
     def _workers(self) -> set[int]:
-        """Pids of this session's live RayTrainWorker actors (ray.util.state.ActorState: class_name, state, pid)."""
-        import ray
-        from ray.util.state import list_actors
-
-        context = ray.get_runtime_context()
-        actors = list_actors(address=context.gcs_address, filters=[
-            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", context.get_job_id())])
-        return {actor.pid for actor in actors if actor.pid and _descends_from(actor.pid, os.getpid())}
+        """Pids of this session's live Ray Train workers: the processes this test process started (its own local
+        Ray) whose title Ray set to the actor's class, `ray::RayTrainWorker...` (no dashboard, so no state API)."""
+        workers = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as stream:
+                    title = stream.read().split(b"\0", 1)[0]
+            except OSError:  # gone meanwhile
+                continue
+            if title.startswith(b"ray::RayTrainWorker") and _descends_from(int(entry), os.getpid()):
+                workers.add(int(entry))
+        return workers
 
     def run(self) -> None:
         try:
