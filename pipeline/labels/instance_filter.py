@@ -34,16 +34,17 @@ def instance_features(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarr
     area = counts[present].astype(np.float64)
     order = np.argsort(flat, kind="stable")  # by label, each label's pixels in row-major order
     firsts = np.r_[0, np.cumsum(counts[present])[:-1]]
-    convex = convex_areas(labels, (rows[order], cols[order]))
+    sorted_rows, sorted_cols = rows[order], cols[order]
+    convex = convex_areas(labels, (sorted_rows, sorted_cols))
 
     def by_label(values: np.ndarray) -> np.ndarray:
         return np.bincount(flat, weights=values, minlength=len(counts))[present]
 
     nucleus_values, interior_values = nucleus[rows, cols], interior[rows, cols]
     height, width = labels.shape
-    touches = ((rows[order][firsts] == 0) | (rows[order][np.r_[firsts[1:], len(flat)] - 1] == height - 1) |
-               (np.minimum.reduceat(cols[order], firsts) == 0) |
-               (np.maximum.reduceat(cols[order], firsts) == width - 1)).astype(np.float64)
+    touches = ((sorted_rows[firsts] == 0) | (sorted_rows[np.r_[firsts[1:], len(flat)] - 1] == height - 1) |
+               (np.minimum.reduceat(sorted_cols, firsts) == 0) |
+               (np.maximum.reduceat(sorted_cols, firsts) == width - 1)).astype(np.float64)
     rows, cols = rows.astype(np.float64), cols.astype(np.float64)
     mean_r, mean_c = by_label(rows) / area, by_label(cols) / area
     # central second moments over the area: skimage's inertia tensor, whose eigenvalues give the eccentricity

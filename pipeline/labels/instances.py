@@ -207,22 +207,21 @@ def split_clumps(labels: np.ndarray, border: np.ndarray | None = None, min_area_
     Roszkowiak et al. 2020), kept to objects that are both large and non-convex: in densely packed stained
     tissue two touching nuclei often share one seed, and a split of every object would break single ones.
     """
-    labels = np.asarray(labels)
-    areas = np.bincount(labels.ravel())[1:]
-    areas = areas[areas > 0]
+    result = np.asarray(labels).astype(np.int32, copy=True)
+    counts = np.bincount(result.ravel())
+    areas = counts[1:][counts[1:] > 0]
     if areas.size == 0:
-        return labels.astype(np.int32)
+        return result
     median = float(np.median(areas))
     radius = np.sqrt(median / np.pi)
-    result = labels.astype(np.int32, copy=True)
     next_label = int(result.max()) + 1
-    large = np.bincount(result.ravel()) >= min_area_ratio * median  # only these may be clumps: no hull for the rest
+    large = counts >= min_area_ratio * median  # only these may be clumps: no hull for the rest
     large[0] = False
     if not large.any():
         return sequential(result).astype(np.int32, copy=False)
     candidates = np.where(large[result], result, 0)
     present = np.flatnonzero(large)  # label order, as regionprops'
-    solidity = np.bincount(candidates.ravel())[present] / convex_areas(candidates)  # regionprops' solidity, sooner
+    solidity = counts[present] / convex_areas(candidates)  # regionprops' solidity, sooner
     boxes = ndimage.find_objects(candidates)
     for label in present[solidity < max_solidity]:
         box = boxes[label - 1]

@@ -73,7 +73,7 @@ def refiner_cross_validation(truths, labels, probabilities, images, folds: int =
         for i in np.flatnonzero(fold_of == fold):
             if not len(targets[i]):
                 continue
-            probability = keep_probability(bands[i][0].astype(np.float64), params)
+            probability = keep_probability(bands[i][0], params)
             for cutoff in REFINER_CUTOFFS:
                 refined[cutoff][i] = relabel(labels[i], bands[i][1], probability, cutoff, expanded=bands[i][2])
     return {"by_cutoff": {cutoff: mean_score(truths, refined[cutoff]) for cutoff in REFINER_CUTOFFS},
