@@ -380,6 +380,39 @@ def test_onnx_export_refuses_a_model_that_disagrees(model_path, synthetic_folder
     assert not os.path.exists(tmp_path / "m.onnx")
 
 
+def test_a_models_onnx_twins_run_on_cpus_without_tensorflow(model_path, synthetic_folder, tmp_path):
+    """jobs/package.py --onnx: the exports beside a Keras model are what a CPU Segmenter runs (no TensorFlow in its
+    process), with TensorFlow's labels; a changed export is refused."""
+    from pipeline.api import Segmenter
+    from pipeline.model.network import package_model
+    from pipeline.model.onnx import add_onnx_twins
+    from pipeline.model.registry import ModelFileError, read_model_info
+    from pipeline.io.sources import list_images, load_sample
+
+    folder = str(tmp_path / "shipped")
+    package_model(model_path, folder)
+    images = [load_sample(ref, with_masks=False).image for ref in list_images(synthetic_folder).refs[:3]]
+    twins = add_onnx_twins(os.path.join(folder, "model.keras"), [image.astype(np.float32) / 255 for image in images])
+    assert twins["files"] == [os.path.join(folder, "model.onnx")] and twins["max_abs_difference"] < 1e-4
+    assert read_model_info(os.path.join(folder, "model.keras")).onnx == {"model.keras": "model.onnx"}
+    np.savez(tmp_path / "images.npz", *images)
+    script = ("import sys, numpy as np; from pipeline.api import Segmenter; "
+              f"s = Segmenter.load({os.path.join(folder, 'model.keras')!r}); "
+              f"images = np.load({str(tmp_path / 'images.npz')!r}); "
+              f"np.savez({str(tmp_path / 'labels.npz')!r}, *[s.segment(images[key]) for key in images.files]); "
+              "print('tensorflow' in sys.modules)")
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert ran.stdout.strip().splitlines()[-1] == "False"
+    keras = Segmenter.load(model_path)  # the run's own folder records no export: TensorFlow
+    found = np.load(tmp_path / "labels.npz")
+    for image, key in zip(images, found.files):
+        assert np.mean(keras.segment(image) == found[key]) > 0.999 and found[key].max() > 0
+    with open(os.path.join(folder, "model.onnx"), "ab") as stream:
+        stream.write(b"\0")
+    with pytest.raises(ModelFileError, match="sha256 differs"):
+        Segmenter.load(os.path.join(folder, "model.keras"))
+
+
 def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tmp_path, ray_session, capsys):
     from jobs.segment import main as segment_job
 

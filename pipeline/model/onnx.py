@@ -105,6 +105,36 @@ def export_onnx(model_path: str, output: str, check_images: list[np.ndarray], to
             "onnx": output, "json": info_path(output), "specialists": [files[kind] for kind in converted if kind]}
 
 
+def add_onnx_twins(model_path: str, check_images: list[np.ndarray], tolerance: float = 1e-4) -> dict:
+    """Export a Keras model and each of its kind specialists to ONNX beside them (`model.onnx`,
+    `specialist-<kind>.onnx`), each checked against TensorFlow on `check_images` as export_onnx does, and record
+    them in its run.json (`onnx`, sha256): CPU inference then runs them with ONNX Runtime (pipeline.model.registry's
+    onnx_twin). Nothing is written if any disagrees. Returns {'max_abs_difference', 'images', 'files'}."""
+    import onnx
+
+    from pipeline.model.network import load_model  # here: exporting needs TensorFlow, running ONNX never does
+
+    folder, info = os.path.dirname(os.path.abspath(model_path)), read_model_info(model_path)
+    sources = [os.path.abspath(model_path), *specialist_files(model_path, info).values()]
+    converted = {source: _converted_and_checked(load_model(source)[0], check_images, tolerance) for source in sources}
+    names = {source: os.path.splitext(os.path.basename(source))[0] + ".onnx" for source in sources}
+    metadata = info.to_dict()  # the settings travel inside each file too, its specialists named by their exports
+    metadata.pop("sha256", None)
+    metadata["postprocess"]["specialists"] = {kind: names[os.path.abspath(path)] for kind, path in
+                                              specialist_files(model_path, info).items()}
+    for source, (proto, _) in converted.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "run.json", json.dumps({**metadata, "exported_from": os.path.basename(source),
+                                                         "onnx_opset": OPSET})
+        onnx.checker.check_model(proto)
+        target = os.path.join(folder, names[source])
+        fileio.write_bytes_atomic(target, proto.SerializeToString())
+        info.onnx[os.path.basename(source)], info.sha256[names[source]] = names[source], sha256_of(target)
+    info.write(info_path(model_path))
+    return {"max_abs_difference": max(worst for _, worst in converted.values()), "images": len(check_images),
+            "files": [os.path.join(folder, names[source]) for source in sources]}
+
+
 def _converted_and_checked(model, check_images: list[np.ndarray], tolerance: float):
     """(ONNX proto, max |difference| of softmax from TensorFlow's on check_images); raises when they disagree."""
     import onnxruntime as ort

@@ -87,6 +87,30 @@ def reading_differences(theirs: RunInfo | dict, mine: RunInfo | dict) -> list[st
     return [key for key in READING if getattr(theirs, key) != getattr(mine, key)]
 
 
+def onnx_twin(model_path: str) -> str | None:
+    """The ONNX export recorded beside a Keras model file (run.json `onnx`: jobs/package.py --onnx), checked against
+    its sha256, else None: CPU inference runs it with ONNX Runtime instead of TensorFlow (the same probabilities to
+    1e-4, checked when it was written; no TensorFlow import)."""
+    if not model_path.endswith(".keras"):
+        return None
+    folder = os.path.dirname(os.path.abspath(model_path))
+    run_json = os.path.join(folder, "run.json")
+    if not os.path.isfile(run_json):
+        return None
+    info = RunInfo.read(run_json)
+    name = info.onnx.get(os.path.basename(model_path))
+    if not name:
+        return None
+    if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".onnx"):
+        raise ModelFileError(f"{run_json}: onnx export {name!r}: must be an .onnx file beside the model")
+    path = os.path.join(folder, name)
+    expected = info.sha256.get(name)
+    if not os.path.isfile(path) or not expected or sha256_of(path) != expected:
+        raise ModelFileError(f"{path}: the ONNX export named in {run_json} is missing or its sha256 differs from the "
+                             f"recorded one; refusing to load it")
+    return path
+
+
 def specialist_files(model_path: str, info: RunInfo | dict) -> dict[str, str]:
     """{kind: path} of the model's kind specialists (run.json `postprocess.specialists`: kind -> a file beside the
     model), each checked against the sha256 in the model's run.json; a name that leaves the folder is refused."""

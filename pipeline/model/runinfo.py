@@ -261,6 +261,7 @@ class RunInfo(_Record):
     packaged_from: str | None = _item(None, _optional(_text))  # jobs/package.py: the run's model file
     exported_from: str | None = _item(None, _optional(_text))  # jobs/export.py: the Keras model file
     onnx_opset: int | None = _item(None, _optional(_integer))  # jobs/export.py: the ONNX opset
+    onnx: dict[str, str] = _item(None, _mapping, dict)  # {model file beside run.json: its ONNX export beside it}
     extra: dict = field(default_factory=dict)  # keys this version does not know (e.g. "fine_head"), kept as read
 
     @classmethod
