@@ -12,8 +12,9 @@ import os
 import sys
 
 from pipeline.cli import run_job
-from pipeline.config import PackageConfig, parse_args
+from pipeline.config import ExportConfig, PackageConfig, parse_args
 from pipeline.io.fileio import check_relative
+from pipeline.model.onnx import add_onnx_twins, check_images_for
 from pipeline.model.registry import MODELS_DIR
 
 
@@ -30,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         for kind, name in info.postprocess.specialists.items():
             print(f"wrote {folder}/{name} (the {kind} specialist, sha256 {info.sha256[name]})")
         if args.onnx:
-            from pipeline.config import ExportConfig
-            from pipeline.model.onnx import add_onnx_twins, check_images_for
-
             source, images = check_images_for(ExportConfig(), info)
             twins = add_onnx_twins(os.path.join(folder, "model.keras"), images)
             print(f"wrote {', '.join(twins['files'])}: max |TensorFlow - ONNX Runtime| = "

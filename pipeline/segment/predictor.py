@@ -42,9 +42,7 @@ def _file_state(path: str) -> tuple[int, int] | None:
 def _opened(path: str, model_state, info_state, threads: int, use_gpu: bool) -> tuple[RunInfo, int, object]:
     twin = None if use_gpu else onnx_twin(path)
     if twin:  # on CPUs a Keras model's recorded ONNX export: 0.8x the forward pass's time, no TensorFlow import
-        from pipeline.model import onnx
-
-        _, classes, forward = onnx.open_forward(twin, threads)
+        _, classes, forward = _runtime(twin).open_forward(twin, threads)
         return read_model_info(path), classes, forward
     return _runtime(path).open_forward(path, threads, use_gpu)
 
