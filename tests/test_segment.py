@@ -437,7 +437,8 @@ def test_segment_needs_no_model_flag_with_the_shipped_model(synthetic_folder, tm
 
 def test_replicas_are_one_thread_per_cpu_one_per_gpu_and_what_the_flags_say():
     """--concurrency / --cpus-per-actor 0 (the defaults): one replica per GPU, else one-thread replicas reserving
-    half the CPUs, as many as the memory holds and the images need; given values are kept."""
+    half the CPUs, as many as the memory holds and the images need; given values are kept, unless they leave reading
+    no CPU."""
     from pipeline.config import SegmentConfig
     from pipeline.segment.run import IMAGES_PER_REPLICA, REPLICA_MEMORY, Replicas, plan_replicas
 
@@ -452,7 +453,10 @@ def test_replicas_are_one_thread_per_cpu_one_per_gpu_and_what_the_flags_say():
     given = SegmentConfig(concurrency=1, cpus_per_actor=1.0)
     assert plan_replicas(given, cpus=2, gpus=0, memory=memory, images=many) == Replicas(1, 1.0, False)
     assert plan_replicas(given, cpus=2, gpus=0, memory=memory, images=many).threads == 2
-    assert plan_replicas(SegmentConfig(concurrency=3), cpus=2, gpus=0, memory=memory, images=1).count == 3
+    assert plan_replicas(SegmentConfig(concurrency=3), cpus=4, gpus=0, memory=memory, images=1).count == 3
+    with pytest.raises(ValueError, match="reading the images needs 1"):  # 1.5 of 2 CPUs: the read tasks never start
+        plan_replicas(SegmentConfig(concurrency=3), cpus=2, gpus=0, memory=memory, images=many)
+    assert plan_replicas(auto, cpus=1, gpus=0, memory=memory, images=many) == Replicas(1, 0.0, False)  # one CPU
     assert plan_replicas(SegmentConfig(cpus_per_actor=1.0), cpus=8, gpus=0, memory=memory, images=many).count == 4
     assert not plan_replicas(SegmentConfig(concurrency=3), cpus=8, gpus=2, memory=memory, images=many).gpu  # a GPU each
 

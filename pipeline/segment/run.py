@@ -228,6 +228,7 @@ def _still_to_do(listing, config: SegmentConfig, output: str, encoder, result: S
     return todo
 
 
+READING_CPUS = 1.0  # what Ray Data's read-and-decode tasks reserve (its default): a plan leaves them that much
 REPLICA_MEMORY = 3 * 2 ** 30  # memory per replica started by default (600 shared images: peaks of 1.4-1.6 GiB)
 # Images per replica started by default: a replica's start (TensorFlow and the model, ~6 CPU-seconds) pays for itself
 # from about 35 DSB2018-sized images (0.17 s each on one thread), so a small folder gets fewer replicas.
@@ -252,13 +253,21 @@ def plan_replicas(config: SegmentConfig, cpus: float, gpus: float, memory: float
     """--concurrency, --cpus-per-actor and --gpu against the cluster's CPUs, GPUs and memory (bytes) and the number of
     images. By default one replica per GPU; without GPUs, replicas of one thread that reserve half the CPUs, the other
     half left for reading and writing (on two cores two replicas overlap one's forward pass with the other's
-    post-processing); never more than one per IMAGES_PER_REPLICA images."""
+    post-processing); never more than one per IMAGES_PER_REPLICA images. A plan that leaves reading no whole CPU is
+    refused: Ray Data's read tasks would never start."""
     enough = max(1, math.ceil(images / IMAGES_PER_REPLICA))
     if config.gpu == "yes" or (config.gpu == "auto" and gpus >= max(1, config.concurrency)):
-        return Replicas(config.concurrency or max(1, min(int(gpus), enough)), config.cpus_per_actor or 1.0, True)
-    each = config.cpus_per_actor or 0.5
-    fit = int(memory // REPLICA_MEMORY) if memory else 1
-    return Replicas(config.concurrency or max(1, min(int(cpus / (2 * each)), fit, enough)), each, False)
+        plan = Replicas(config.concurrency or max(1, min(int(gpus), enough)), config.cpus_per_actor or 1.0, True)
+    else:
+        each = config.cpus_per_actor or min(0.5, max(0.0, cpus - READING_CPUS))  # one CPU: the replica reserves none
+        fit = int(memory // REPLICA_MEMORY) if memory else 1
+        plan = Replicas(config.concurrency or max(1, min(int(cpus / (2 * each)) if each else 1, fit, enough)), each,
+                        False)
+    if plan.count * plan.cpus > cpus - READING_CPUS + 1e-9:
+        raise ValueError(f"--concurrency {plan.count} x --cpus-per-actor {plan.cpus:g} reserve {plan.count * plan.cpus:g} "
+                         f"of the cluster's {cpus:g} CPUs, and reading the images needs {READING_CPUS:g} of its own "
+                         f"(else the run waits for ever): give fewer replicas or a smaller --cpus-per-actor")
+    return plan
 
 
 def _segment_images(todo: list[SampleRef], config: SegmentConfig, model_path: str, info: RunInfo, output: str,
