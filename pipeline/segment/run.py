@@ -230,8 +230,9 @@ def _still_to_do(listing, config: SegmentConfig, output: str, encoder, result: S
 
 READING_CPUS = 1.0  # what Ray Data's read-and-decode tasks reserve (its default): a plan leaves them that much
 REPLICA_MEMORY = 3 * 2 ** 30  # memory per replica started by default (600 shared images: peaks of 1.4-1.6 GiB)
-# Images per replica started by default: a replica's start (TensorFlow and the model, ~6 CPU-seconds) pays for itself
-# from about 35 DSB2018-sized images (0.17 s each on one thread), so a small folder gets fewer replicas.
+# Images per replica started by default: a replica's start (TensorFlow and the model, ~6 CPU-seconds; less with ONNX
+# Runtime) pays for itself from about 35 DSB2018-sized images (0.17 s each on one thread), so a small folder gets fewer
+# replicas.
 IMAGES_PER_REPLICA = 32
 
 
