@@ -83,8 +83,6 @@ def export_onnx(model_path: str, output: str, check_images: list[np.ndarray], to
     named in the settings. Returns {'max_abs_difference', 'images', 'onnx', 'json', 'specialists'}; raises (writing
     nothing) if any model's outputs differ by more than `tolerance` (softmax probabilities) on any image.
     """
-    import onnx
-
     from pipeline.model.network import load_model  # here: exporting needs TensorFlow, running ONNX never does
 
     model, info = load_model(model_path)
@@ -98,10 +96,7 @@ def export_onnx(model_path: str, output: str, check_images: list[np.ndarray], to
         info.postprocess.specialists = {kind: os.path.basename(files[kind]) for kind in converted if kind}
     metadata = {key: value for key, value in info.to_dict().items() if key != "sha256"}  # the files' hashes: beside
     for kind, (proto, _) in converted.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "run.json", json.dumps(metadata)
-        onnx.checker.check_model(proto)
-        fileio.write_bytes_atomic(files[kind], proto.SerializeToString())
+        _write_with_settings(proto, metadata, files[kind])
     info.sha256 = {os.path.basename(path): sha256_of(path) for path in files.values()}
     info.write(info_path(output))
     return {"max_abs_difference": max(worst for _, worst in converted.values()), "images": len(check_images),
@@ -113,29 +108,34 @@ def add_onnx_twins(model_path: str, check_images: list[np.ndarray], tolerance: f
     `specialist-<kind>.onnx`), each checked against TensorFlow on `check_images` as export_onnx does, and record
     them in its run.json (`onnx`, sha256): CPU inference then runs them with ONNX Runtime (pipeline.model.registry's
     onnx_twin). Nothing is written if any disagrees. Returns {'max_abs_difference', 'images', 'files'}."""
-    import onnx
-
     from pipeline.model.network import load_model  # here: exporting needs TensorFlow, running ONNX never does
 
     folder, info = os.path.dirname(os.path.abspath(model_path)), read_model_info(model_path)
-    sources = [os.path.abspath(model_path), *specialist_files(model_path, info).values()]
+    specialists = specialist_files(model_path, info)
+    sources = [os.path.abspath(model_path), *specialists.values()]
     converted = {source: _converted_and_checked(load_model(source)[0], check_images, tolerance) for source in sources}
     names = {source: os.path.splitext(os.path.basename(source))[0] + ".onnx" for source in sources}
     metadata = info.to_dict()  # the settings travel inside each file too, its specialists named by their exports
     metadata.pop("sha256", None)
-    metadata["postprocess"]["specialists"] = {kind: names[os.path.abspath(path)] for kind, path in
-                                              specialist_files(model_path, info).items()}
+    metadata["postprocess"]["specialists"] = {kind: names[path] for kind, path in specialists.items()}
     for source, (proto, _) in converted.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "run.json", json.dumps({**metadata, "exported_from": os.path.basename(source),
-                                                         "onnx_opset": OPSET})
-        onnx.checker.check_model(proto)
         target = os.path.join(folder, names[source])
-        fileio.write_bytes_atomic(target, proto.SerializeToString())
+        _write_with_settings(proto, {**metadata, "exported_from": os.path.basename(source), "onnx_opset": OPSET},
+                             target)
         info.onnx[os.path.basename(source)], info.sha256[names[source]] = names[source], sha256_of(target)
     info.write(info_path(model_path))
     return {"max_abs_difference": max(worst for _, worst in converted.values()), "images": len(check_images),
             "files": [os.path.join(folder, names[source]) for source in sources]}
+
+
+def _write_with_settings(proto, settings: dict, target: str) -> None:
+    """An exported model written to `target` with its run.json settings in its metadata (`run.json` key), checked."""
+    import onnx
+
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "run.json", json.dumps(settings)
+    onnx.checker.check_model(proto)
+    fileio.write_bytes_atomic(target, proto.SerializeToString())
 
 
 def _converted_and_checked(model, check_images: list[np.ndarray], tolerance: float):
