@@ -101,6 +101,13 @@ def test_size_normalisation_zooms_an_image_so_its_median_nucleus_has_the_target_
     seen.clear()
     kept = predict_scales(image, forward, (1.0,), size_normalisation={"nucleus_area": 200, "within": (40, 60)})
     assert seen == [(96, 96)] and kept.shape == (96, 96, 3)  # in range: the measuring pass is the prediction
+    from pipeline.data.augment import size_normalisation_for
+
+    stored = {"nucleus_area": 200, "within": (40, 60), "by_kind": {"stained": {"nucleus_area": 400, "within": [100, 800]}}}
+    assert size_normalisation_for(stored, "fluorescence") == {"nucleus_area": 200, "within": (40, 60)}
+    seen.clear()  # a stained image's ~49-pixel nuclei are under the sizes of stained training images: zoomed to 400
+    predict_scales(image, forward, (1.0,), size_normalisation=size_normalisation_for(stored, "stained"))
+    assert seen == [(96, 96), (192, 192)]
     from pipeline.segment.postprocess import PostSettings, labels_at_zoom
 
     in_range = predict_scales(image, forward, (1.0,), keep_zoom=True, size_normalisation={
@@ -148,13 +155,15 @@ def _run_json(folder, holdout, postprocess, **config):
     return folder / "model.keras"
 
 
-def test_the_size_range_is_the_training_images_nucleus_sizes_and_starts_higher_after_coarse_crops(tmp_path,
-                                                                                                  synthetic_folder):
+def test_the_size_range_is_the_training_images_nucleus_sizes_and_starts_higher_after_coarse_crops(
+        tmp_path, synthetic_folder, monkeypatch):
     """Images inside the sizes a model trained on are left as they are; one trained with --low-resolution is zoomed
-    up from the 10th percentile of its training images' median nucleus areas instead of the 2nd."""
+    up from the 10th percentile of its training images' median nucleus areas instead of the 2nd. A kind with a
+    specialist gets the range of its own training images."""
     import numpy as np
 
     from pipeline.data.augment import true_median_area
+    from pipeline.data.protocol import image_kind
     from pipeline.io.sources import load_sample
     from pipeline.model.registry import read_model_info
     from pipeline.train.size_range import size_range, store_size_range, trained_refs
@@ -174,6 +183,15 @@ def test_the_size_range_is_the_training_images_nucleus_sizes_and_starts_higher_a
                                                                          "min_size": 20})
     assert (measured_as_tuned["threshold"], measured_as_tuned["seed_threshold"], measured_as_tuned["min_size"]) == (
         0.4, 0.3, 20)  # the tune step measures nuclei with the settings it chose
+    assert "by_kind" not in stored  # no specialist: one range
+    kinds = [image_kind(load_sample(ref).image) for ref in refs]
+    kind = max(set(kinds), key=kinds.count)
+    own = [area for area, of in zip(areas, kinds) if of == kind]
+    assert "by_kind" not in size_range(read_model_info(str(coarse)), kinds=(kind,))  # too few of its kind
+    monkeypatch.setattr("pipeline.train.size_range.MIN_IMAGES_OF_KIND", len(own))
+    by_kind = size_range(read_model_info(str(coarse)), kinds=(kind,))["by_kind"]
+    assert by_kind == {kind: {"nucleus_area": round(float(np.median(own)), 1),  # a specialist's kind: its own sizes
+                              "within": [round(float(np.percentile(own, q)), 1) for q in (2, 98)]}}
 
 
 def test_a_refit_run_takes_its_protocol_siblings_tuned_settings(tmp_path):

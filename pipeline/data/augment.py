@@ -213,6 +213,16 @@ def size_normalising_zoom(median_area: float, nucleus_area: float,
     return float(np.clip(np.sqrt(nucleus_area / median_area), *limits))
 
 
+def size_normalisation_for(size_normalisation: dict | None, kind: str) -> dict | None:
+    """An image of `kind`'s size normalisation: the stored one with its kind's own target and range (`by_kind`: the
+    sizes of that kind's training images, which its specialist knows) where it has them."""
+    if not size_normalisation:
+        return size_normalisation
+    own = dict(size_normalisation)
+    own.update((own.pop("by_kind", None) or {}).get(kind, {}))
+    return own
+
+
 def true_median_area(labels: np.ndarray) -> float:
     """Median area in pixels of the nuclei of an instance label image (0 when it has none)."""
     areas = np.bincount(np.asarray(labels).ravel())[1:]

@@ -17,7 +17,8 @@ import time
 import cv2
 import numpy as np
 
-from pipeline.data.augment import apply_appearance, fit_appearance, median_nucleus_area, size_normalising_zoom
+from pipeline.data.augment import (apply_appearance, fit_appearance, median_nucleus_area, size_normalisation_for,
+                                   size_normalising_zoom)
 from pipeline.data.protocol import image_kind
 from pipeline.io import fileio
 from pipeline.io.blocks import (ALIGN, ArrayWindows, Block, LabelCanvas, keep_core_nuclei, local_window_path, open_windows,
@@ -226,7 +227,7 @@ def _whole_image_size(sample, model_path: str, config, info: RunInfo, kind: str,
     stored range measured once on the image's sample mosaic, then given to the blocks as a diameter, or turned off."""
     import ray
 
-    size = prediction_settings(config, info)["size_normalisation"]
+    size = size_normalisation_for(prediction_settings(config, info)["size_normalisation"], kind)
     if not size or config.diameter:
         return {}
     threads = threads_for(cpus)

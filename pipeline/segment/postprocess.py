@@ -145,6 +145,7 @@ def prediction_settings(config: SegmentConfig, info: RunInfo | dict) -> dict:
                               "min_size": saved.min_size, **stored, "nucleus_area": nucleus_area}
         if config.nucleus_area is not None:
             size_normalisation.pop("within", None)
+            size_normalisation.pop("by_kind", None)
         if config.diameter:
             size_normalisation["diameter"] = float(config.diameter)
     return {"tta": saved.tta if config.tta is None else config.tta, "scales": scales,

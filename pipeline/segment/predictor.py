@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from pipeline.data.augment import apply_appearance, flip_average, predict_scales
+from pipeline.data.augment import apply_appearance, flip_average, predict_scales, size_normalisation_for
 from pipeline.io.images import normalise
 from pipeline.model.registry import info_path, onnx_twin, read_model_info, resolve_model, specialist_files
 from pipeline.model.runinfo import DEFAULT_TILE, RunInfo
@@ -115,7 +115,8 @@ class Predictor:
         `keep_zoom`: an AtZoom (probabilities at the size normalisation's zoom, the zoom, the size measurement's
         nuclei), for labels_at_zoom."""
         return predict_scales(np.asarray(image, np.float32), self.forward_for(kind), self.scales, self.tile,
-                              self.overlap, self.tta, self.size_normalisation, keep_zoom=keep_zoom)
+                              self.overlap, self.tta, size_normalisation_for(self.size_normalisation, kind),
+                              keep_zoom=keep_zoom)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], bool)

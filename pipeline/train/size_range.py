@@ -8,8 +8,9 @@ import numpy as np
 
 from pipeline.data.augment import true_median_area
 from pipeline.data.datasets import protocol_refs, split_refs, training_refs
+from pipeline.data.protocol import image_kind
 from pipeline.io.sources import load_sample
-from pipeline.model.registry import info_path, read_model_info, resolve_model
+from pipeline.model.registry import info_path, read_model_info, resolve_model, specialist_files
 from pipeline.model.runinfo import RunInfo
 
 SIZE_RANGE_PERCENTILES = (2, 98)  # the nucleus sizes a model knows: 96% of its training images' median sizes
@@ -17,6 +18,7 @@ SIZE_RANGE_PERCENTILES = (2, 98)  # the nucleus sizes a model knows: 96% of its 
 # images are zoomed up from the 10th percentile: on the tune split x0.5 0.590 -> 0.598, plain 0.642 -> 0.640
 # (docs/accuracy-trials.md).
 COARSE_SIZE_RANGE_PERCENTILES = (10, 98)
+MIN_IMAGES_OF_KIND = 20  # fewer training images of a kind give it no range of its own
 
 
 def trained_refs(info: RunInfo, data: str = "") -> list:
@@ -32,21 +34,35 @@ def trained_refs(info: RunInfo, data: str = "") -> list:
     return split_refs(refs, float(trained.get("val_fraction", 0.2)), int(trained.get("seed", 42)))[0]
 
 
-def size_range(info: RunInfo, data: str = "", measure: dict | None = None) -> dict:
+def size_range(info: RunInfo, data: str = "", measure: dict | None = None, kinds: tuple[str, ...] = ()) -> dict:
     """Size normalisation that zooms only images whose median nucleus is outside the sizes the model trained on
     (the 2nd-98th percentiles of its training images' median true nucleus areas; the 10th-98th for a model trained
     with --low-resolution), towards their median: on the tune split, x0.5 images 0.473 -> 0.566 with the plain
-    images unchanged (docs/accuracy-trials.md). A nucleus is measured with `measure`'s threshold, seed_threshold and
-    min_size (the tuned settings), else with the stored ones."""
+    images unchanged (docs/accuracy-trials.md). Each of `kinds` (those with a specialist) gets its own range and
+    target (`by_kind`), the 2nd-98th percentiles and median of its training images: stained nuclei are larger than
+    most, and half-size stained images were left unzoomed (tune split x0.5 0.563 -> 0.570, plain unchanged). A
+    nucleus is measured with `measure`'s threshold, seed_threshold and min_size (the tuned settings), else with the
+    stored ones."""
     refs = trained_refs(info, data)
-    areas = [true_median_area(load_sample(ref).labels) for ref in refs]
+    samples = [load_sample(ref) for ref in refs]
+    areas = np.array([true_median_area(sample.labels) for sample in samples])
     keys = ("threshold", "seed_threshold", "min_size")
     measuring = {key: measure[key] if measure else getattr(info.postprocess, key) for key in keys}
     coarse = float((info.config or {}).get("low_resolution") or 0.0) > 0
-    low, high = (round(float(np.percentile(areas, q)), 1)
-                 for q in (COARSE_SIZE_RANGE_PERCENTILES if coarse else SIZE_RANGE_PERCENTILES))
-    return {**measuring, "nucleus_area": round(float(np.median(areas)), 1), "within": [low, high],
-            "measured_on": f"median true nucleus areas of the {len(refs)} images it trained on"}
+    stored = {**measuring, **_known_sizes(areas, COARSE_SIZE_RANGE_PERCENTILES if coarse else SIZE_RANGE_PERCENTILES)}
+    if kinds:
+        of = np.array([image_kind(sample.image) for sample in samples])
+        by_kind = {kind: _known_sizes(areas[of == kind], SIZE_RANGE_PERCENTILES)
+                   for kind in sorted(kinds) if (of == kind).sum() >= MIN_IMAGES_OF_KIND}
+        if by_kind:
+            stored["by_kind"] = by_kind
+    return {**stored, "measured_on": f"median true nucleus areas of the {len(refs)} images it trained on"}
+
+
+def _known_sizes(areas: np.ndarray, percentiles: tuple[float, float]) -> dict:
+    """The target (the median) and the range (`percentiles`) of the median nucleus areas of training images."""
+    low, high = (round(float(np.percentile(areas, q)), 1) for q in percentiles)
+    return {"nucleus_area": round(float(np.median(areas)), 1), "within": [low, high]}
 
 
 def store_size_range(model: str, data: str = "") -> dict:
@@ -57,6 +73,6 @@ def store_size_range(model: str, data: str = "") -> dict:
     if stored and "within" not in stored:
         raise ValueError(f"{model}: its run.json zooms every image to {stored.get('nucleus_area')} pixels (chosen "
                          "on the tune split); --nucleus-area 0 turns that off, or retune")
-    info.postprocess.size_normalisation = size_range(info, data)
+    info.postprocess.size_normalisation = size_range(info, data, kinds=tuple(specialist_files(model_path, info)))
     info.write(info_path(model_path))
     return info.postprocess.size_normalisation

@@ -370,7 +370,7 @@ def tune(model: str, data: str = "", write: bool = True, min_gain: float = MIN_G
         step(run)
     settings = run.log["settings"] = tuned_settings(run)
     if not settings["size_normalisation"]:
-        settings["size_normalisation"] = size_range(run.info, data, settings)
+        settings["size_normalisation"] = size_range(run.info, data, settings, tuple(run.routed))
     if keeps_stored(run, settings):
         write = False
     run.log["seconds"] = round(time.time() - run.started, 1)
