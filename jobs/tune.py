@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         if config.size_range:
             stored = store_size_range(config.model, config.data)
-            print(f"size normalisation stored: images whose median nucleus is outside {stored['within'][0]:g}-"
-                  f"{stored['within'][1]:g} pixels are zoomed towards {stored['nucleus_area']:g}")
+            for kind, sizes in [("", stored), *sorted(stored.get("by_kind", {}).items())]:
+                print(f"size normalisation stored: {kind or 'images'}{' images' if kind else ''} whose median nucleus "
+                      f"is outside {sizes['within'][0]:g}-{sizes['within'][1]:g} pixels are zoomed towards "
+                      f"{sizes['nucleus_area']:g}")
             return
         if config.settings_from:
             settings = copy_settings(config.model, config.settings_from, parse_specialists(config.specialists))
