@@ -180,3 +180,17 @@ def test_a_job_joins_a_cluster_only_where_ray_init_would(monkeypatch, tmp_path):
     assert not _joins_a_cluster(2)  # tests: a Ray of the process's own
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert _joins_a_cluster(2)
+
+
+def test_a_relative_encoder_weights_path_reaches_rays_workers_whole(ray_session, monkeypatch, tmp_path):
+    """$NUCLEI_BACKBONE_WEIGHTS as the README sets it (relative to where the job starts) is made absolute before Ray's
+    workers, which run in folders of their own, read it: a training worker found no file and started from random
+    weights."""
+    import os
+
+    from pipeline.data.datasets import ensure_ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NUCLEI_BACKBONE_WEIGHTS", "../shared/weights/mobilenet_v2")
+    ensure_ray()
+    assert os.environ["NUCLEI_BACKBONE_WEIGHTS"] == str(tmp_path.parent / "shared" / "weights" / "mobilenet_v2")

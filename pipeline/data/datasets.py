@@ -35,6 +35,8 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = False) -> None
     import ray
 
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    if os.environ.get("NUCLEI_BACKBONE_WEIGHTS"):  # as the user's shell meant it: Ray's workers run elsewhere
+        os.environ["NUCLEI_BACKBONE_WEIGHTS"] = os.path.abspath(os.environ["NUCLEI_BACKBONE_WEIGHTS"])
     if ray.is_initialized():
         return
     quiet = dict(logging_level=logging.ERROR, log_to_driver=log_to_driver or os.environ.get("NUCLEI_RAY_LOGS") == "1")
