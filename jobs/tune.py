@@ -7,8 +7,8 @@ flips and scales cost 2-13 forward passes per image: they are tried only within 
 costlier way of predicting is kept only where it gains 0.005 over the cheaper one.
 Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
 evaluate.py use them with no flag.
-Images whose nuclei are outside the sizes the model trained on are zoomed towards them (`--size-range` stores only
-that). A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
+Images whose nuclei are outside the sizes the model trained on are zoomed towards them, a kind with a specialist
+by its own training images' sizes (`--size-range` stores only that). A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
 with the sibling's specialists, or with --specialists its own (the same recipe, --holdout refit, --init-from the refit).
 `--specialists stained=ST/model.keras` routes stained images to a model fine-tuned for them (jobs/train.py
 --init-from RUN/model.keras --kinds stained), if it beats this model on the tune split's stained images.

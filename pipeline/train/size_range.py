@@ -44,14 +44,17 @@ def size_range(info: RunInfo, data: str = "", measure: dict | None = None, kinds
     nucleus is measured with `measure`'s threshold, seed_threshold and min_size (the tuned settings), else with the
     stored ones."""
     refs = trained_refs(info, data)
-    samples = [load_sample(ref) for ref in refs]
-    areas = np.array([true_median_area(sample.labels) for sample in samples])
+    areas, of = [], []
+    for ref in refs:  # one image in memory at a time
+        sample = load_sample(ref)
+        areas.append(true_median_area(sample.labels))
+        of.append(image_kind(sample.image) if kinds else "")
+    areas, of = np.array(areas), np.array(of)
     keys = ("threshold", "seed_threshold", "min_size")
     measuring = {key: measure[key] if measure else getattr(info.postprocess, key) for key in keys}
     coarse = float((info.config or {}).get("low_resolution") or 0.0) > 0
     stored = {**measuring, **_known_sizes(areas, COARSE_SIZE_RANGE_PERCENTILES if coarse else SIZE_RANGE_PERCENTILES)}
     if kinds:
-        of = np.array([image_kind(sample.image) for sample in samples])
         by_kind = {kind: _known_sizes(areas[of == kind], SIZE_RANGE_PERCENTILES)
                    for kind in sorted(kinds) if (of == kind).sum() >= MIN_IMAGES_OF_KIND}
         if by_kind:
@@ -66,7 +69,8 @@ def _known_sizes(areas: np.ndarray, percentiles: tuple[float, float]) -> dict:
 
 
 def store_size_range(model: str, data: str = "") -> dict:
-    """Write size_range into a model's run.json, unless the tune step chose a size normalisation of its own."""
+    """Write size_range into a model's run.json (a range of their own for its specialists' kinds), unless the tune
+    step chose a size normalisation of its own."""
     model_path = os.path.abspath(resolve_model(model))
     info = read_model_info(model_path)
     stored = info.postprocess.size_normalisation
