@@ -8,8 +8,9 @@ costlier way of predicting is kept only where it gains 0.005 over the cheaper on
 Writes RUN/tuning.json (every score) and the chosen settings into RUN/run.json, so segment.py, submit.py and
 evaluate.py use them with no flag.
 Images whose nuclei are outside the sizes the model trained on are zoomed towards them, a kind with a specialist
-by its own training images' sizes (`--size-range` stores only that). A --holdout refit run (trained on the tune split too) takes its sibling's settings: --settings-from SIBLING/model.keras,
-with the sibling's specialists, or with --specialists its own (the same recipe, --holdout refit, --init-from the refit).
+by its own training images' sizes (`--size-range` stores only that). A --holdout refit run (trained on the tune
+split too) takes its sibling's settings: --settings-from SIBLING/model.keras, with the sibling's specialists, or
+with --specialists its own (the same recipe, --holdout refit, --init-from the refit).
 `--specialists stained=ST/model.keras` routes stained images to a model fine-tuned for them (jobs/train.py
 --init-from RUN/model.keras --kinds stained), if it beats this model on the tune split's stained images.
 """
@@ -30,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         if config.size_range:
             stored = store_size_range(config.model, config.data)
-            for kind, sizes in [("", stored), *sorted(stored.get("by_kind", {}).items())]:
-                print(f"size normalisation stored: {kind or 'images'}{' images' if kind else ''} whose median nucleus "
-                      f"is outside {sizes['within'][0]:g}-{sizes['within'][1]:g} pixels are zoomed towards "
-                      f"{sizes['nucleus_area']:g}")
+            by_kind = sorted(stored.get("by_kind", {}).items())
+            ranges = {"images": stored, **{f"{kind} images": own for kind, own in by_kind}}
+            for images, sizes in ranges.items():
+                print(f"size normalisation stored: {images} whose median nucleus is outside {sizes['within'][0]:g}-"
+                      f"{sizes['within'][1]:g} pixels are zoomed towards {sizes['nucleus_area']:g}")
             return
         if config.settings_from:
             settings = copy_settings(config.model, config.settings_from, parse_specialists(config.specialists))

@@ -182,7 +182,7 @@ def test_a_job_joins_a_cluster_only_where_ray_init_would(monkeypatch, tmp_path):
     assert _joins_a_cluster(2)
 
 
-def test_a_relative_encoder_weights_path_reaches_rays_workers_whole(ray_session, monkeypatch, tmp_path):
+def test_a_relative_encoder_weights_path_is_made_absolute_before_ray_starts(ray_session, monkeypatch, tmp_path):
     """$NUCLEI_BACKBONE_WEIGHTS as the README sets it (relative to where the job starts) is made absolute before Ray's
     workers, which run in folders of their own, read it: a training worker found no file and started from random
     weights."""
