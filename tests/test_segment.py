@@ -1,5 +1,6 @@
 """segment.py and submit.py end to end: original sizes, manifests, bad files, reruns, kills, submissions."""
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -130,6 +131,12 @@ def test_segment_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session):
 
     rerun = run_segmentation(config, output)  # everything finished is skipped
     assert sum(row["status"] == "existing" for row in rerun.rows) == 24
+    # Labels of two settings never mix: a rerun with another threshold is refused before any file changes.
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(output) for name in names]
+    before = {path: os.path.getmtime(path) for path in files}
+    with pytest.raises(ValueError, match=r"another model or options \(threshold\).*--redo"):
+        run_segmentation(dataclasses.replace(config, threshold=0.9), output)
+    assert len(before) > 24 and before == {path: os.path.getmtime(path) for path in files}
 
 
 def test_submit_lists_every_test_image_of_a_mixed_folder(model_path, bad_corpus, tmp_path, ray_session, capsys):

@@ -4,11 +4,12 @@ read -> decode -> a pool of model replicas (actors, the model loaded once per ac
 replica of a native-mode model segments each image and writes its files itself (Labeller: only manifest rows leave
 it); a GPU replica or a resize-mode batch sends probabilities on to output tasks, which make the nuclei at each
 image's size and write them.
-Large images go block by block (pipeline.segment.blockwise). Finished images are skipped on a rerun; every bad
-file becomes a manifest line, never a stop.
+Large images go block by block (pipeline.segment.blockwise). Finished images are skipped on a rerun with the same
+model and options (made_with.json); every bad file becomes a manifest line, never a stop.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -22,7 +23,7 @@ from pipeline.io import fileio
 from pipeline.io.blocks import image_shape, is_large
 from pipeline.io.images import READING_COLUMNS, encode_png
 from pipeline.io.sources import SampleRef, list_images, load_sample, pixel_size_of
-from pipeline.model.registry import resolve_model
+from pipeline.model.registry import info_path, resolve_model, sha256_of, specialist_files
 from pipeline.model.runinfo import RunInfo
 from pipeline.outputs.exports import parse_exports
 from pipeline.outputs.folder import (clear_measurements, find_labels, measured_image_ids, output_file, output_paths,
@@ -182,6 +183,7 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
     model_path = os.path.abspath(resolve_model(config.model))
     info = inspect_model(model_path)  # fail fast, on the driver, with a clear message for a bad model file
     fileio.remove_partials(output, older_than=started)  # half-written files of an earlier run that was killed
+    _check_made_with(output, config, model_path, info)
     listing = list_images(config.input)
     result = SegmentationResult()
     todo = _still_to_do(listing, config, output, encoder, result)
@@ -202,6 +204,37 @@ def run_segmentation(config: SegmentConfig, output: str, encoder=None) -> Segmen
                      channel=config.nuclear_channel)
     result.seconds = time.time() - started
     return result
+
+
+MADE_WITH = "made_with.json"  # in the output folder: the model files and settings its labels were made with
+# the options that change the labels (the others change how fast, or what else is written)
+LABEL_OPTIONS = ("min_size", "threshold", "seed_threshold", "tta", "scales", "nucleus_area", "diameter",
+                 "instance_filter", "split_clumps", "refine_outlines", "tile", "overlap", "block_size",
+                 "nuclear_channel", "pixel_size")
+
+
+def made_with(config: SegmentConfig, model_path: str, info: RunInfo) -> dict:
+    """What an output folder's labels depend on: the sha256 of the model, its run.json and its specialists, and the
+    options that change labels."""
+    files = {"model": model_path, "run.json": info_path(model_path), **specialist_files(model_path, info)}
+    return {"files": {name: sha256_of(path) for name, path in files.items() if os.path.isfile(path)},
+            "options": {name: getattr(config, name) for name in LABEL_OPTIONS}}
+
+
+def _check_made_with(output: str, config: SegmentConfig, model_path: str, info: RunInfo) -> None:
+    """A rerun into a folder resumes only with the model and options its labels were made with (else one error,
+    nothing overwritten): finished images are skipped, so labels of two models must not mix. --redo remakes them."""
+    record, wanted = output_file(output, MADE_WITH), made_with(config, model_path, info)
+    if not config.redo and fileio.exists(record):
+        earlier = json.loads(fileio.read_bytes(record))
+        if earlier != wanted:
+            changed = sorted({*(name for name in wanted["options"] if earlier.get("options", {}).get(name)
+                                != wanted["options"][name]),
+                              *(name for name in {*wanted["files"], *earlier.get("files", {})}
+                                if earlier.get("files", {}).get(name) != wanted["files"].get(name))})
+            raise ValueError(f"{output} holds labels made with another model or options ({', '.join(changed)}): "
+                             f"give --redo to make them again, or another --output")
+    fileio.write_text_atomic(record, json.dumps(wanted, indent=1, sort_keys=True))
 
 
 def _still_to_do(listing, config: SegmentConfig, output: str, encoder, result: SegmentationResult) -> list[SampleRef]:
