@@ -213,7 +213,7 @@ LABEL_OPTIONS = ("min_size", "threshold", "seed_threshold", "tta", "scales", "nu
                  "nuclear_channel", "pixel_size")
 
 
-def made_with(config: SegmentConfig, model_path: str, info: RunInfo) -> dict:
+def _made_with(config: SegmentConfig, model_path: str, info: RunInfo) -> dict:
     """What an output folder's labels depend on: the sha256 of the model, its run.json and its specialists, and the
     options that change labels."""
     files = {"model": model_path, "run.json": info_path(model_path), **specialist_files(model_path, info)}
@@ -224,7 +224,7 @@ def made_with(config: SegmentConfig, model_path: str, info: RunInfo) -> dict:
 def _check_made_with(output: str, config: SegmentConfig, model_path: str, info: RunInfo) -> None:
     """A rerun into a folder resumes only with the model and options its labels were made with (else one error,
     nothing overwritten): finished images are skipped, so labels of two models must not mix. --redo remakes them."""
-    record, wanted = output_file(output, MADE_WITH), made_with(config, model_path, info)
+    record, wanted = output_file(output, MADE_WITH), _made_with(config, model_path, info)
     if not config.redo and fileio.exists(record):
         earlier = json.loads(fileio.read_bytes(record))
         if earlier != wanted:
