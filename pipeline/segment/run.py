@@ -214,10 +214,11 @@ LABEL_OPTIONS = ("min_size", "threshold", "seed_threshold", "tta", "scales", "nu
 
 
 def _made_with(config: SegmentConfig, model_path: str, info: RunInfo) -> dict:
-    """What an output folder's labels depend on: the sha256 of the model, its run.json and its specialists, and the
-    options that change labels."""
+    """What an output folder's labels depend on: the sha256 of the model, its run.json and its specialists (those
+    run.json records, checked when the model was inspected, are taken from it), and the options that change labels."""
     files = {"model": model_path, "run.json": info_path(model_path), **specialist_files(model_path, info)}
-    return {"files": {name: sha256_of(path) for name, path in files.items() if os.path.isfile(path)},
+    return {"files": {name: info.sha256.get(os.path.basename(path)) or sha256_of(path)
+                      for name, path in files.items() if os.path.isfile(path)},
             "options": {name: getattr(config, name) for name in LABEL_OPTIONS}}
 
 
@@ -227,11 +228,9 @@ def _check_made_with(output: str, config: SegmentConfig, model_path: str, info: 
     record, wanted = output_file(output, MADE_WITH), _made_with(config, model_path, info)
     if not config.redo and fileio.exists(record):
         earlier = json.loads(fileio.read_bytes(record))
-        if earlier != wanted:
-            changed = sorted({*(name for name in wanted["options"] if earlier.get("options", {}).get(name)
-                                != wanted["options"][name]),
-                              *(name for name in {*wanted["files"], *earlier.get("files", {})}
-                                if earlier.get("files", {}).get(name) != wanted["files"].get(name))})
+        before, now = ({**made.get("files", {}), **made.get("options", {})} for made in (earlier, wanted))
+        changed = sorted(name for name in {*before, *now} if before.get(name) != now.get(name))
+        if changed:
             raise ValueError(f"{output} holds labels made with another model or options ({', '.join(changed)}): "
                              f"give --redo to make them again, or another --output")
     fileio.write_text_atomic(record, json.dumps(wanted, indent=1, sort_keys=True))
